@@ -1,0 +1,158 @@
+"""Test helpers for the data layer: tiny generated Omniglot-layout archives and the real data path.
+
+Helpers are plain functions; the fixtures at the bottom wrap them. A test module uses a fixture
+by binding it at module level (``fake_omniglot = data_fixtures.fake_omniglot``), or
+``tests/conftest.py`` can register them all with ``from data_fixtures import *``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from sharebone.data.archives import ArchiveSpec
+
+#: What ``from data_fixtures import *`` (e.g. in conftest.py) registers: the fixtures only.
+__all__ = ["fake_omniglot", "fake_omniglot_mirror", "shared_data_dir"]
+
+#: Where the real data lives: ``../shared/data`` from the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+#: Two small archives sharing the "Greek" alphabet (same drawings in both, as in the real small
+#: sets). Archive name -> alphabet -> number of characters.
+FAKE_LAYOUT: dict[str, dict[str, int]] = {
+    "fake_background": {"Greek": 2, "Alpha_(test)": 3},
+    "fake_evaluation": {"Zeta": 3, "Greek": 2},
+}
+FAKE_IMAGES_PER_CHARACTER = 4
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def draw_character(key: str, size: int = 105) -> bytes:
+    """A deterministic 1-bit PNG for ``key``: black strokes on white, like Omniglot."""
+    rng = random.Random(zlib.crc32(key.encode()))
+    img = Image.new("1", (size, size), 1)
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        points = [(rng.randrange(10, size - 10), rng.randrange(10, size - 10)) for _ in range(4)]
+        draw.line(points, fill=0, width=4)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def omniglot_zip_bytes(
+    top: str, alphabets: dict[str, int], n_images: int = FAKE_IMAGES_PER_CHARACTER
+) -> bytes:
+    """An Omniglot-layout zip: ``top/<alphabet>/characterNN/<id>_<drawer>.png``.
+
+    A drawing depends only on (alphabet, character, drawer), so an alphabet present in two
+    archives has the same drawings in both.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{top}/", b"")
+        for alphabet, n_characters in alphabets.items():
+            zf.writestr(f"{top}/{alphabet}/", b"")
+            for c in range(1, n_characters + 1):
+                folder = f"{top}/{alphabet}/character{c:02d}"
+                zf.writestr(f"{folder}/", b"")
+                for d in range(1, n_images + 1):
+                    png = draw_character(f"{alphabet}/{c}/{d}")
+                    zf.writestr(f"{folder}/{1000 + c:04d}_{d:02d}.png", png)
+    return buffer.getvalue()
+
+
+def write_archive(folder: Path, name: str, data: bytes) -> ArchiveSpec:
+    """Write ``data`` as ``folder/<name>.zip``; its spec has the right md5 and a file:// URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.zip"
+    path.write_bytes(data)
+    return ArchiveSpec(name=name, url=path.as_uri(), md5=md5_bytes(data), filename=path.name)
+
+
+def zip_with_members(members: dict[str, bytes]) -> bytes:
+    """A zip holding exactly ``members`` (names kept verbatim, even unsafe ones)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+    return buffer.getvalue()
+
+
+def tree(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative, sorted); [] if the folder does not exist."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class FakeOmniglot:
+    """Generated archives served from ``mirror`` (file:// URLs) and copied to ``data_dir``."""
+
+    mirror: Path
+    data_dir: Path
+    cache_dir: Path
+    archives: dict[str, ArchiveSpec]
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "omniglot"
+
+
+def make_fake_omniglot(root: Path, install: bool = True) -> FakeOmniglot:
+    """Build the :data:`FAKE_LAYOUT` archives under ``root``.
+
+    With ``install`` the archives are also placed in ``data_dir/omniglot`` (else that folder is
+    absent and a load must download them from the mirror).
+    """
+    mirror = root / "mirror"
+    archives = {
+        name: write_archive(mirror, name, omniglot_zip_bytes(name, layout))
+        for name, layout in FAKE_LAYOUT.items()
+    }
+    fake = FakeOmniglot(mirror, root / "data", root / "cache", archives)
+    if install:
+        fake.archive_dir.mkdir(parents=True)
+        for spec in archives.values():
+            (fake.archive_dir / spec.filename).write_bytes((mirror / spec.filename).read_bytes())
+    return fake
+
+
+def require_shared_data() -> Path:
+    """The real data folder, or skip the test with the reason."""
+    folder = SHARED_DATA / "omniglot"
+    if not (folder / "images_background_small1.zip").exists():
+        pytest.skip(f"real Omniglot archives not found in {folder} (../shared/data from the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def fake_omniglot(tmp_path: Path) -> FakeOmniglot:
+    """Fake Omniglot archives installed in ``data_dir/omniglot``; empty cache."""
+    return make_fake_omniglot(tmp_path)
+
+
+@pytest.fixture
+def fake_omniglot_mirror(tmp_path: Path) -> FakeOmniglot:
+    """Fake Omniglot archives only on the file:// mirror; ``data_dir`` is empty."""
+    return make_fake_omniglot(tmp_path, install=False)
+
+
+@pytest.fixture
+def shared_data_dir() -> Path:
+    """``../shared/data`` holding the real Omniglot small archives; skips when absent."""
+    return require_shared_data()
