@@ -1,0 +1,542 @@
+"""Omniglot (Lake et al., 2015) as compact uint8 tensors, with the usual few-shot splits.
+
+Omniglot has 1623 handwritten characters from 50 alphabets, 20 drawings each (105x105, 1-bit
+PNG), shipped as zip archives laid out ``<archive>/<alphabet>/<characterNN>/<id>_<drawer>.png``.
+A *class* is a character, identified as ``"<alphabet>/<characterNN>"``; with rotation
+augmentation (Santoro et al., 2016; Vinyals et al., 2016) each rotation of a character is a class
+of its own, ``"<alphabet>/<characterNN>/rot90"``.
+
+Preprocessing (:func:`load_image`): grayscale, **inverted** so that strokes are bright (255) and
+the background is 0 (the usual convention for Omniglot models), then resized to
+``image_size x image_size`` with Lanczos antialiasing; pixels are stored as uint8 0..255.
+
+Each archive is decoded once and cached in ``cache_dir`` as a ``.pt`` file keyed by the archive's
+md5 and the image size; later loads read that file (milliseconds) and do not need the archive.
+
+Example (the two "small" background sets, 242 characters)::
+
+    split = load_split(
+        {"archives": ["images_background_small1", "images_background_small2"]},
+        data_dir="../shared/data", cache_dir="~/.cache/sharebone",
+    )
+    split.images.shape  # torch.Size([4840, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageOps
+
+from sharebone.data.archives import (
+    ArchiveSpec,
+    CorruptArchiveError,
+    DataError,
+    SafeZip,
+    ensure_archives,
+    resolve_data_dir,
+)
+
+log = logging.getLogger(__name__)
+
+_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+
+
+def _official(name: str, md5: str) -> ArchiveSpec:
+    return ArchiveSpec(name=name, url=f"{_BASE_URL}/{name}.zip", md5=md5, filename=f"{name}.zip")
+
+
+#: The official archives (brendenlake/omniglot, folder python/). The md5s of the full sets are
+#: the ones torchvision's ``Omniglot`` uses; the small sets' are those of ../shared/data.
+OMNIGLOT_ARCHIVES: dict[str, ArchiveSpec] = {
+    spec.name: spec
+    for spec in (
+        _official("images_background", "68d2efa1b9178cc56df9314c21c6e718"),
+        _official("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811"),
+        _official("images_background_small1", "e704a628b5459e08445c13499850abc4"),
+        _official("images_background_small2", "b75a71a51d3b13f821f212756fe481fd"),
+    )
+}
+
+#: Rotations (degrees, counter-clockwise) a split may ask for.
+ROTATIONS = (0, 90, 180, 270)
+
+#: Keys a split spec may have.
+SPLIT_KEYS = ("archives", "alphabets", "exclude_alphabets", "characters", "rotations")
+
+#: Subfolder of ``data_dir`` that holds the archives.
+DATASET_DIR = "omniglot"
+
+_CACHE_FORMAT = "sharebone.omniglot.v1"
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """A labelled image set held in memory, ready for episode sampling by tensor indexing.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]``, pixel values 0..255, sorted by label.
+        labels: int64 ``[N]``, classes ``0 .. n_classes - 1``, each present, non-decreasing.
+        class_names: ``class_names[c]`` names class ``c`` (e.g. ``"Greek/character01"``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be int64 [N] with N={self.images.shape[0]}, got {self.labels.dtype} "
+                f"{tuple(self.labels.shape)}"
+            )
+        n = len(self.class_names)
+        if len(self.labels) and bool((self.labels[1:] < self.labels[:-1]).any()):
+            raise ValueError("images must be sorted by label")
+        if len(self.labels) and (int(self.labels[0]) != 0 or int(self.labels[-1]) != n - 1):
+            raise ValueError(f"labels must span 0..{n - 1} (one per class name)")
+        if len(self.labels) == 0 and n:
+            raise ValueError("an empty image set has no classes")
+        if n and not bool((self.class_counts > 0).all()):
+            raise ValueError("every class must have at least one image")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """int64 ``[n_classes]``: number of images of each class."""
+        return torch.bincount(self.labels, minlength=self.n_classes)
+
+    @property
+    def class_offsets(self) -> torch.Tensor:
+        """int64 ``[n_classes + 1]``: class ``c`` is ``images[offsets[c] : offsets[c + 1]]``."""
+        return torch.cat([torch.zeros(1, dtype=torch.int64), self.class_counts.cumsum(0)])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageSet(images={tuple(self.images.shape)} uint8, n_classes={self.n_classes}, "
+            f"first={self.class_names[:1]})"
+        )
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+
+def _decode_array(
+    source: str | os.PathLike[str] | bytes, image_size: int, channels: int, invert: bool
+) -> np.ndarray:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    with Image.open(fp) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            # Transparent background (common in user drawings): composite onto white.
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        img = img.convert("L" if channels == 1 else "RGB")
+        if invert:
+            img = ImageOps.invert(img)
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(
+    source: str | os.PathLike[str] | bytes,
+    image_size: int = 28,
+    channels: int = 1,
+    *,
+    invert: bool = True,
+) -> torch.Tensor:
+    """Decode one image with Omniglot's preprocessing: uint8 ``[channels, image_size, image_size]``.
+
+    Steps: decode (PNG or any format PIL reads; a transparent background is composited onto
+    white), convert to grayscale (``channels=1``) or RGB (``channels=3``), invert (dark strokes
+    on a light background become bright strokes on 0), resize to a square ``image_size`` with
+    Lanczos antialiasing. Use the same function for one's own drawings so that they match the
+    training data.
+
+    Args:
+        source: a file path or the file's bytes.
+        image_size: output height and width (the aspect ratio is not kept).
+        channels: 1 (grayscale) or 3 (RGB).
+        invert: invert intensities (default True, as for Omniglot: strokes bright).
+
+    Raises:
+        DataError: the image cannot be decoded.
+    """
+    try:
+        array = _decode_array(source, image_size, channels, invert)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        where = "image bytes" if isinstance(source, bytes | bytearray) else str(source)
+        raise DataError(f"Cannot decode {where} as an image: {e}") from e
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _natural_key(text: str) -> tuple[tuple[Any, ...], str]:
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(p) if p.isdigit() else p.lower() for p in parts), text
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedArchive:
+    """One Omniglot archive decoded: images grouped by character.
+
+    Attributes:
+        images: uint8 ``[N, 1, S, S]``, character by character.
+        offsets: int64 ``[n_characters + 1]``; character ``i`` is
+            ``images[offsets[i] : offsets[i + 1]]``.
+        characters: ``"<alphabet>/<character>"`` per character, sorted by (alphabet, character).
+    """
+
+    images: torch.Tensor
+    offsets: torch.Tensor
+    characters: list[str]
+
+
+def decode_archive(path: str | os.PathLike[str], image_size: int = 28) -> DecodedArchive:
+    """Decode every drawing of an Omniglot-layout zip (no extraction to disk).
+
+    Raises:
+        UnsafeArchiveError: a member path is absolute or contains ``..``.
+        CorruptArchiveError: the zip is corrupt, a PNG cannot be decoded, or the layout is not
+            ``<archive>/<alphabet>/<character>/<file>.png``.
+    """
+    path = Path(path)
+    start = time.perf_counter()
+    with SafeZip(path) as archive:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for name in archive.names(suffix=".png"):
+            parts = name.split("/")
+            if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
+                continue
+            if len(parts) != 4 or not all(parts):
+                raise CorruptArchiveError(
+                    f"Archive {path}: member {name!r} is not laid out as "
+                    "<archive>/<alphabet>/<character>/<file>.png; is this an Omniglot archive?"
+                )
+            groups.setdefault((parts[1], parts[2]), []).append(name)
+        if not groups:
+            raise CorruptArchiveError(
+                f"Archive {path} holds no PNG drawings; is this an Omniglot archive?"
+            )
+        keys = sorted(groups, key=lambda k: (_natural_key(k[0]), _natural_key(k[1])))
+        out = np.empty((sum(len(v) for v in groups.values()), image_size, image_size), np.uint8)
+        counts = []
+        i = 0
+        for key in keys:
+            members = sorted(groups[key])
+            for name in members:
+                try:
+                    out[i] = _decode_array(archive.read(name), image_size, 1, True)
+                except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+                    raise CorruptArchiveError(
+                        f"Archive {path}: cannot decode {name!r} ({e}). Fix: delete the archive "
+                        "and download it again."
+                    ) from e
+                i += 1
+            counts.append(len(members))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(counts).cumsum(0)])
+    log.info(
+        "Decoded %s: %d characters, %d images in %.2fs",
+        path.name,
+        len(keys),
+        len(out),
+        time.perf_counter() - start,
+    )
+    return DecodedArchive(
+        images=torch.from_numpy(out).unsqueeze(1),
+        offsets=offsets,
+        characters=[f"{a}/{c}" for a, c in keys],
+    )
+
+
+# -------------------------------------------------------------------------------------- cache
+
+
+def cache_path(spec: ArchiveSpec, cache_dir: str | os.PathLike[str], image_size: int) -> Path:
+    """Where the decoded ``spec`` at ``image_size`` is cached (keyed by md5 and image size)."""
+    return (
+        Path(cache_dir).expanduser()
+        / DATASET_DIR
+        / f"{spec.name}-{spec.md5}-{image_size}px-{_CACHE_FORMAT.rsplit('.', 1)[-1]}.pt"
+    )
+
+
+def _validate_cached(obj: Any, spec: ArchiveSpec, image_size: int) -> DecodedArchive:
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a dict but {type(obj).__name__}")
+    if obj.get("format") != _CACHE_FORMAT or obj.get("md5") != spec.md5:
+        raise ValueError("format or md5 mismatch")
+    if obj.get("image_size") != image_size:
+        raise ValueError("image size mismatch")
+    images, offsets, characters = obj["images"], obj["offsets"], obj["characters"]
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+        raise ValueError("images are not a uint8 tensor")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, image_size, image_size):
+        raise ValueError(f"images have shape {tuple(images.shape)}")
+    if not (isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64):
+        raise ValueError("offsets are not an int64 tensor")
+    if not (isinstance(characters, list) and all(isinstance(c, str) for c in characters)):
+        raise ValueError("characters are not a list of str")
+    if offsets.shape != (len(characters) + 1,) or int(offsets[0]) != 0:
+        raise ValueError("offsets do not match characters")
+    if int(offsets[-1]) != images.shape[0] or not bool((offsets[1:] > offsets[:-1]).all()):
+        raise ValueError("offsets do not match images")
+    return DecodedArchive(images=images, offsets=offsets, characters=characters)
+
+
+def _read_cache(path: Path, spec: ArchiveSpec, image_size: int) -> DecodedArchive | None:
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _validate_cached(obj, spec, image_size)
+    except Exception as e:  # any failure at all means: do not trust this file
+        log.warning("Cache file %s is corrupt or stale (%s); removing it and rebuilding.", path, e)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as unlink_error:
+            log.warning("Cannot remove %s: %s", path, unlink_error)
+        return None
+
+
+def _write_cache(path: Path, spec: ArchiveSpec, image_size: int, decoded: DecodedArchive) -> None:
+    obj = {
+        "format": _CACHE_FORMAT,
+        "md5": spec.md5,
+        "image_size": image_size,
+        "images": decoded.images,
+        "offsets": decoded.offsets,
+        "characters": decoded.characters,
+    }
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; let other users share the cache
+        os.replace(tmp, path)
+    except OSError as e:
+        # The cache only saves time: a read-only or full cache folder must not stop a run.
+        log.warning("Cannot write the cache file %s (%s); continuing without it.", path, e)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def load_archive(
+    spec: ArchiveSpec,
+    data_dir: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    image_size: int = 28,
+    download: bool = True,
+) -> DecodedArchive:
+    """One archive decoded, from the cache if there is a valid entry, else from the zip.
+
+    The zip is looked up (and downloaded if missing and ``download``) at
+    ``<data_dir>/omniglot/<spec.filename>``. A cache hit does not touch the zip. A cache file that
+    cannot be loaded or fails validation is removed and rebuilt. ``cache_dir=None`` disables the
+    cache.
+    """
+    path = cache_path(spec, cache_dir, image_size) if cache_dir is not None else None
+    if path is not None and (cached := _read_cache(path, spec, image_size)) is not None:
+        return cached
+    root = resolve_data_dir(data_dir) / DATASET_DIR
+    (archive,) = ensure_archives([spec], root, download=download)
+    decoded = decode_archive(archive, image_size)
+    if path is not None:
+        _write_cache(path, spec, image_size, decoded)
+    return decoded
+
+
+# ------------------------------------------------------------------------------------- splits
+
+
+def _as_plain(spec: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(spec, DictConfig):
+        return OmegaConf.to_container(spec, resolve=True)  # type: ignore[return-value]
+    if not isinstance(spec, Mapping):
+        raise DataError(f"A split spec must be a mapping, got {type(spec).__name__}: {spec!r}")
+    return {
+        k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
+        for k, v in spec.items()
+    }
+
+
+def _str_list(spec: dict[str, Any], key: str) -> list[str] | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"Split key {key!r} must be a list of names, got {value!r}")
+    return value
+
+
+def _parse_slice(value: Any) -> slice:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in value)
+    ):
+        raise DataError(
+            f"Split key 'characters' must be [start, stop] (ints or null, a Python slice), got "
+            f"{value!r}"
+        )
+    return slice(value[0], value[1])
+
+
+def _parse_rotations(value: Any) -> list[int]:
+    if value is None:
+        return [0]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(v not in ROTATIONS or isinstance(v, bool) for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise DataError(
+            f"Split key 'rotations' must be a non-empty list of distinct values from "
+            f"{list(ROTATIONS)}, got {value!r}"
+        )
+    return [int(v) for v in value]
+
+
+def load_split(
+    spec: Mapping[str, Any],
+    data_dir: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    image_size: int = 28,
+    download: bool = True,
+    archives: Mapping[str, ArchiveSpec] | None = None,
+) -> ImageSet:
+    """The images of one split of Omniglot, described by ``spec`` (a dict or Hydra DictConfig).
+
+    Spec keys:
+        archives: list of archive names (required), keys of ``OMNIGLOT_ARCHIVES``. A character
+            present in several archives (by ``(alphabet, character)``, e.g. Greek and Latin in
+            both small sets) is taken once, from the first archive listed.
+        alphabets: keep only these alphabets (optional).
+        exclude_alphabets: drop these alphabets (optional).
+        characters: ``[start, stop]``, a Python slice over the selected characters in the order
+            (archive of first appearance, alphabet, character) (optional); e.g. ``[0, 1200]`` and
+            ``[1200, null]`` over both full archives give the Vinyals et al. (2016) split.
+        rotations: list from ``[0, 90, 180, 270]`` (default ``[0]``); each rotation of each
+            character is its own class, rotated counter-clockwise (``torch.rot90`` with
+            ``k = degrees // 90`` over the image dimensions) and named ``".../rot90"``.
+
+    Classes are numbered character by character, and rotation by rotation within a character.
+
+    Args:
+        data_dir: folder holding ``omniglot/<archive>.zip`` (``None``: ``$SHAREBONE_DATA_DIR``).
+        cache_dir: where decoded archives are cached (``None``: no cache). May differ from
+            ``data_dir``, which may be read-only.
+        image_size: side of the square images.
+        download: download missing archives from the official URLs.
+        archives: archive registry (default ``OMNIGLOT_ARCHIVES``).
+
+    Raises:
+        DataError (or a subclass): bad spec (unknown key, archive or alphabet; the message
+            lists the valid ones), missing/corrupt archives, or an empty selection.
+    """
+    registry = OMNIGLOT_ARCHIVES if archives is None else archives
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise DataError(f"image_size must be a positive int, got {image_size!r}")
+    spec = _as_plain(spec)
+    unknown = sorted(set(spec) - set(SPLIT_KEYS))
+    if unknown:
+        raise DataError(f"Unknown split key(s) {unknown}; valid keys: {list(SPLIT_KEYS)}")
+    names = _str_list(spec, "archives")
+    if not names:
+        raise DataError(
+            f"A split spec needs 'archives': a non-empty list from {sorted(registry)}; got {spec!r}"
+        )
+    bad = [n for n in names if n not in registry]
+    if bad:
+        raise DataError(f"Unknown Omniglot archive(s) {bad}; valid: {sorted(registry)}")
+    keep = _str_list(spec, "alphabets")
+    exclude = _str_list(spec, "exclude_alphabets") or []
+    char_slice = _parse_slice(spec["characters"]) if spec.get("characters") is not None else None
+    rotations = _parse_rotations(spec.get("rotations"))
+
+    decoded = [
+        load_archive(registry[n], data_dir, cache_dir, image_size, download)
+        for n in dict.fromkeys(names)
+    ]
+
+    available = sorted(
+        {c.split("/", 1)[0] for d in decoded for c in d.characters}, key=_natural_key
+    )
+    bad = [a for a in [*(keep or []), *exclude] if a not in available]
+    if bad:
+        raise DataError(
+            f"Unknown alphabet(s) {bad} in archives {names}; valid alphabets: {available}"
+        )
+
+    # (name, archive index, character index), deduplicated by name, first archive wins.
+    seen: set[str] = set()
+    selected: list[tuple[str, int, int]] = []
+    for a, d in enumerate(decoded):
+        for c, name in enumerate(d.characters):
+            alphabet = name.split("/", 1)[0]
+            if name in seen or (keep is not None and alphabet not in keep) or alphabet in exclude:
+                continue
+            seen.add(name)
+            selected.append((name, a, c))
+    if char_slice is not None:
+        selected = selected[char_slice]
+    if not selected:
+        raise DataError(f"Split {spec!r} selects no characters")
+
+    blocks = [
+        decoded[a].images[decoded[a].offsets[c] : decoded[a].offsets[c + 1]] for _, a, c in selected
+    ]
+    counts = torch.tensor([len(b) for b in blocks])
+    base = torch.cat(blocks)
+    base_labels = torch.repeat_interleave(torch.arange(len(selected)), counts)
+    n_rot = len(rotations)
+    if n_rot == 1 and rotations[0] == 0:
+        images, labels = base, base_labels
+    else:
+        rotated = torch.stack([torch.rot90(base, r // 90, dims=(2, 3)) for r in rotations])
+        labels = (base_labels * n_rot + torch.arange(n_rot).unsqueeze(1)).flatten()
+        order = torch.argsort(labels, stable=True)
+        images = rotated.flatten(0, 1)[order].contiguous()
+        labels = labels[order]
+    class_names = [
+        name if r == 0 else f"{name}/rot{r}" for name, _, _ in selected for r in rotations
+    ]
+    return ImageSet(images=images, labels=labels, class_names=class_names)
