@@ -1,0 +1,63 @@
+"""The LightningDataModule that feeds episodes to every regime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from sharebone.data.tasks import EpochOffsetSampler, MetaBatches, TaskFamily
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Train, validation and test episodes of one task family.
+
+    Training meta-batch ``b`` of epoch ``e`` holds episodes ``(e * n + b) * size ...`` under
+    ``seed``; validation and test episodes are fixed by ``eval_seed`` so that every run and
+    every regime is scored on the same tasks.
+
+    Args:
+        family: the task family (e.g. :class:`~sharebone.data.tasks.OmniglotTasks`).
+        train, val: ``{"n_way", "k_shot", "q_query"}`` for the split's episodes.
+        meta_batch_size: episodes (tasks) per optimizer step.
+        batches_per_epoch: training meta-batches per epoch.
+        val_episodes: fixed validation episodes, scored after each epoch.
+        seed: training episode stream; eval_seed: validation/test episodes.
+    """
+
+    def __init__(self, family: TaskFamily, train: dict[str, int], val: dict[str, int],
+                 meta_batch_size: int = 1, batches_per_epoch: int = 100, val_episodes: int = 100,
+                 seed: int = 0, eval_seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.family = family
+        self.train_setting, self.val_setting = dict(train), dict(val)
+        self.meta_batch_size = meta_batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.val_episodes = val_episodes
+        self.seed, self.eval_seed = seed, eval_seed
+        self.num_workers = num_workers
+
+    def _ddp(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": trainer.global_rank, "world_size": trainer.world_size}
+
+    def _loader(self, dataset: MetaBatches, sampler: Any = None) -> DataLoader:
+        # batch_size=None: each dataset item already is a whole meta-batch.
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        source = self.family.sampler("train", seed=self.seed, **self.train_setting)
+        dataset = MetaBatches(source, self.meta_batch_size, self.batches_per_epoch, **self._ddp())
+        return self._loader(dataset, EpochOffsetSampler(self.batches_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        source = self.family.sampler("val", seed=self.eval_seed, **self.val_setting)
+        ddp = self._ddp()
+        size = max(self.meta_batch_size, ddp["world_size"])
+        size -= size % ddp["world_size"]
+        dataset = MetaBatches(source, size, max(1, self.val_episodes // size), **ddp)
+        return self._loader(dataset)

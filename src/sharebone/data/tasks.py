@@ -1,0 +1,130 @@
+"""Task families: where episodes of each split come from.
+
+A task family turns ``(split, n_way, k_shot, q_query, seed)`` into an episode source with a
+``batch(indices) -> Episode`` method. Image families preload each split once as uint8 tensors
+and hand them to :class:`~sharebone.data.episodes.EpisodeSampler`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from sharebone.data.episodes import Episode, EpisodeSampler
+
+
+class EpisodeSource(Protocol):
+    def batch(self, indices: Any) -> Episode: ...
+
+
+class TaskFamily(Protocol):
+    """Anything that can hand out addressable episodes for a split."""
+
+    input_shape: tuple[int, ...]
+
+    def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
+                seed: int) -> EpisodeSource: ...
+
+
+def default_data_dir() -> Path:
+    """``$SHAREBONE_DATA_DIR``, else ``./data``."""
+    return Path(os.environ.get("SHAREBONE_DATA_DIR", "data")).expanduser()
+
+
+def default_cache_dir() -> Path:
+    """``$SHAREBONE_CACHE_DIR``, else ``~/.cache/sharebone``."""
+    return Path(os.environ.get("SHAREBONE_CACHE_DIR", "~/.cache/sharebone")).expanduser()
+
+
+class OmniglotTasks:
+    """Omniglot characters as classes, one image split per ``splits`` entry.
+
+    Args:
+        splits: split name -> split spec (archives, alphabets, characters, rotations); see
+            :func:`sharebone.data.omniglot.load_split` and the files in ``tasks/``.
+        data_dir: folder holding ``omniglot/<archive>.zip`` (downloaded there when missing).
+        cache_dir: where decoded uint8 tensors are cached.
+        image_size: side of the square images fed to the backbone.
+        download: fetch missing archives from the official source (md5-checked).
+    """
+
+    def __init__(self, splits: Mapping[str, Mapping[str, Any]], data_dir: str | None = None,
+                 cache_dir: str | None = None, image_size: int = 28, download: bool = True) -> None:
+        self.splits = {name: dict(spec) for name, spec in splits.items()}
+        self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.image_size = image_size
+        self.download = download
+        self.input_shape = (1, image_size, image_size)
+        self._loaded: dict[str, Any] = {}
+
+    def images(self, split: str):
+        """The split's :class:`~sharebone.data.omniglot.ImageSet`, decoded once per process."""
+        from sharebone.data.omniglot import load_split
+
+        if split not in self.splits:
+            raise KeyError(f"Unknown split '{split}'. This task family has: {sorted(self.splits)}.")
+        if split not in self._loaded:
+            self._loaded[split] = load_split(self.splits[split], data_dir=self.data_dir,
+                                             cache_dir=self.cache_dir, image_size=self.image_size,
+                                             download=self.download)
+        return self._loaded[split]
+
+    def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
+                seed: int) -> EpisodeSampler:
+        data = self.images(split)
+        return EpisodeSampler(data.images, data.labels, n_way, k_shot, q_query, seed=seed,
+                              split=split)
+
+
+class MetaBatches(torch.utils.data.Dataset):
+    """Item ``b`` is meta-batch ``b``: episodes ``[b * size, (b + 1) * size)`` of ``source``.
+
+    Under DDP, rank ``r`` of ``w`` takes its contiguous share of each meta-batch, so the ranks
+    together see exactly the episodes one process would.
+    """
+
+    def __init__(self, source: EpisodeSource, size: int, length: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if size % world_size:
+            raise ValueError(f"meta_batch_size={size} does not split evenly across {world_size} "
+                             f"processes; make it a multiple of {world_size}.")
+        self.source, self.size, self.length = source, size, length
+        self.share = size // world_size
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return self.length
+
+    def indices(self, b: int) -> torch.Tensor:
+        start = b * self.size + self.rank * self.share
+        return torch.arange(start, start + self.share)
+
+    def __getitem__(self, b: int) -> Episode:
+        return self.source.batch(self.indices(b))
+
+
+class EpochOffsetSampler(torch.utils.data.Sampler[int]):
+    """Yields meta-batch indices ``epoch * n .. epoch * n + n - 1``: fresh episodes each epoch.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so the episode a step sees depends
+    only on ``(epoch, step)``, never on what ran before.
+    """
+
+    def __init__(self, num_batches: int) -> None:
+        self.num_batches = num_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        start = self.epoch * self.num_batches
+        return iter(range(start, start + self.num_batches))
+
+    def __len__(self) -> int:
+        return self.num_batches

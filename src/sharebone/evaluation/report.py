@@ -1,0 +1,41 @@
+"""Write few-shot results next to a run: JSON for programs, CSV for spreadsheets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sharebone.evaluation.stats import FewShotResult
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(results: Sequence[FewShotResult], output_dir: str | Path,
+                  extra: Mapping[str, Any] | None = None, stem: str = "fewshot") -> dict[str, Path]:
+    """``<stem>.json`` (results plus run metadata) and ``<stem>.csv`` (a row per setting)."""
+    output_dir = Path(output_dir)
+    rows = [r.as_dict() for r in results]
+    paths = {"json": output_dir / f"{stem}.json", "csv": output_dir / f"{stem}.csv"}
+    _atomic_write(paths["json"], json.dumps({**dict(extra or {}), "results": rows}, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["setting"])
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(paths["csv"], buf.getvalue())
+    return paths

@@ -1,0 +1,54 @@
+"""Few-shot statistics as the field reports them: mean accuracy and 95% confidence interval."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FewShotResult:
+    """Accuracy over ``episodes`` test episodes of one (n_way, k_shot) setting.
+
+    ``ci95`` is the half-width ``1.96 * std / sqrt(episodes)`` (population std over episodes),
+    so results read ``mean ± ci95``.
+    """
+
+    n_way: int
+    k_shot: int
+    q_query: int
+    episodes: int
+    mean: float
+    std: float
+    ci95: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.n_way}w{self.k_shot}s"
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"setting": self.name, **asdict(self)}
+
+    def __str__(self) -> str:
+        return f"{self.name}: {100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+
+
+def summarize(accuracies: torch.Tensor, n_way: int, k_shot: int, q_query: int) -> FewShotResult:
+    """Mean and 95% CI of per-episode accuracies."""
+    acc = accuracies.double().flatten()
+    n = acc.numel()
+    if n == 0:
+        raise ValueError("No episodes to summarize.")
+    std = acc.std(unbiased=False).item() if n > 1 else 0.0
+    return FewShotResult(n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=n,
+                         mean=acc.mean().item(), std=std, ci95=1.96 * std / math.sqrt(n))
+
+
+def format_table(results: list[FewShotResult]) -> str:
+    """A Markdown table, one row per setting."""
+    lines = ["| setting | episodes | accuracy (%) | 95% CI (%) |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.episodes} | {100 * r.mean:.2f} | ± {100 * r.ci95:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Shared backbones: ``x -> features``, with ``num_features`` telling a head its input size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharebone.models.registry import Registry
+
+BACKBONES: Registry[nn.Module] = Registry("backbone")
+register_backbone = BACKBONES.register
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered backbone by name, e.g. ``create_backbone("conv4", in_channels=1)``."""
+    return BACKBONES.create(name, **kwargs)
+
+
+def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
+    """conv3x3 -> batch norm -> ReLU -> 2x2 max-pool, the block of the MAML/ProtoNet conv net."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """The 4-layer conv net of Vinyals et al. 2016, used by MAML and ProtoNet.
+
+    Four blocks of 64 3x3 filters, batch norm, ReLU and max-pooling; a 28x28 Omniglot image
+    becomes 64 features (1x1x64), an 84x84 miniImageNet image 1600 (5x5x64).
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4,
+                 image_size: int = 28) -> None:
+        super().__init__()
+        channels = [in_channels] + [hidden] * depth
+        self.blocks = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels, channels[1:])))
+        side = image_size
+        for _ in range(depth):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"image_size={image_size} is too small for {depth} pooling blocks.")
+        self.num_features = hidden * side * side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).flatten(1)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; the input is flattened first (the MAML sinusoid net is
+    ``MLP(in_features=1, hidden=[40, 40])``)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (256, 128, 64),
+                 batch_norm: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers.append(nn.Linear(width, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
+            width = h
+        self.layers = nn.Sequential(*layers)
+        self.num_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.flatten(1))
+
+
+@register_backbone("conv4")
+def conv4(in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> ConvNet:
+    return ConvNet(in_channels=in_channels, hidden=hidden, depth=4, image_size=image_size)
+
+
+@register_backbone("mlp")
+def mlp(in_features: int = 784, hidden: Sequence[int] = (256, 128, 64),
+        batch_norm: bool = False) -> MLP:
+    return MLP(in_features=in_features, hidden=list(hidden), batch_norm=batch_norm)

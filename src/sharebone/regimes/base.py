@@ -1,0 +1,98 @@
+"""What every regime shares: episodes in, per-task predictions out, one way to log them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from sharebone.data.episodes import Episode
+from sharebone.models import ParameterSharing, create_backbone
+from sharebone.models.registry import Registry
+
+REGIMES: Registry[type[pl.LightningModule]] = Registry("regime")
+
+
+def register_regime(name: str):
+    """Class decorator: make a regime buildable by name (and loadable from its checkpoints)."""
+
+    def decorator(cls: type[FewShotRegime]) -> type[FewShotRegime]:
+        REGIMES.register(name)(cls)
+        cls.regime_name = name
+        return cls
+
+    return decorator
+
+
+class FewShotRegime(pl.LightningModule):
+    """A shared backbone plus a rule for obtaining a task's specific part.
+
+    Subclasses answer the project's three questions: which parameters are shared
+    (:meth:`parameter_sharing`), how a task's part is obtained from its support set
+    (:meth:`predict_episode`), and which outer loss trains the shared part
+    (:meth:`episode_loss`). Training, validation and few-shot evaluation then work alike for
+    every regime: same episodes, same metrics.
+
+    Args:
+        backbone: the backbone's registry spec, e.g. ``{"name": "conv4", "in_channels": 1}``
+            (a spec, not a module, so a checkpoint can rebuild it).
+    """
+
+    regime_name: str = "base"
+    #: False when predicting needs gradients (MAML adapts on the support set).
+    predicts_without_grad: bool = True
+
+    def __init__(self, backbone: dict[str, Any]) -> None:
+        super().__init__()
+        spec = dict(backbone)
+        self.backbone = create_backbone(spec.pop("name"), **spec)
+
+    # -- what a regime defines ---------------------------------------------------------------
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        """Logits ``[T, n_way * q_query, n_way]`` for the query set of each task, given only
+        that task's support set."""
+        raise NotImplementedError
+
+    def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outer loss (a scalar) and query logits of a meta-batch. Default: cross-entropy."""
+        logits = self.predict_episode(episode)
+        loss = F.cross_entropy(logits.flatten(0, 1), episode.query_labels.flatten())
+        return loss, logits
+
+    def parameter_sharing(self) -> ParameterSharing:
+        raise NotImplementedError
+
+    # -- Lightning hooks shared by all regimes -------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Episodes travel as uint8 and become floats on the model's device.
+        return batch.to_float() if isinstance(batch, Episode) else batch
+
+    def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
+        loss, logits = self.episode_loss(episode)
+        acc = accuracy(logits, episode.query_labels).mean()
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True,
+                      batch_size=episode.num_tasks)
+        return loss
+
+    def validation_step(self, episode: Episode, batch_idx: int) -> None:
+        with torch.enable_grad() if not self.predicts_without_grad else torch.no_grad():
+            loss, logits = self.episode_loss(episode)
+        acc = accuracy(logits, episode.query_labels).mean()
+        self.log_dict({"val/loss": loss.detach(), "val/acc": acc}, prog_bar=True,
+                      batch_size=episode.num_tasks, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What `sharebone.checkpoints.load_regime` needs to rebuild this model by name, with
+        # plain types only so that the file loads with weights_only=True.
+        checkpoint["sharebone"] = {
+            "regime": self.regime_name,
+            "hparams": dict(self.hparams),
+            "config": getattr(self, "run_config", None),
+        }
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-task accuracy ``[T]`` of logits ``[T, Q, n_way]`` against labels ``[T, Q]``."""
+    return (logits.argmax(-1) == labels).float().mean(-1)

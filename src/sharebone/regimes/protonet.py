@@ -1,0 +1,84 @@
+"""Prototypical networks (Snell, Swersky & Zemel, NeurIPS 2017, arXiv:1703.05175)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sharebone.data.episodes import Episode
+from sharebone.models import ParameterSharing, count_parameters
+from sharebone.regimes.base import FewShotRegime, register_regime
+
+
+def prototypes(support_features: torch.Tensor, support_labels: torch.Tensor, n_way: int):
+    """Class means of support embeddings: ``[T, S, D]``, labels ``[T, S]`` -> ``[T, n_way, D]``."""
+    one_hot = torch.nn.functional.one_hot(support_labels, n_way).to(support_features.dtype)
+    sums = one_hot.transpose(1, 2) @ support_features
+    return sums / one_hot.sum(1).unsqueeze(-1)
+
+
+def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||x_i - y_j||^2`` for ``x [T, Q, D]``, ``y [T, N, D]`` -> ``[T, Q, N]``."""
+    return (x.unsqueeze(2) - y.unsqueeze(1)).pow(2).sum(-1)
+
+
+@register_regime("protonet")
+class ProtoNet(FewShotRegime):
+    """Prototypical networks: a task's classifier is the mean embedding of each class.
+
+    Shared: the whole backbone. Task-specific: nothing learned; the prototypes are computed
+    in closed form from the support set, and a query is classified by a softmax over negative
+    squared Euclidean distances to them (the paper's Eq. 1-2). The paper trains with more
+    ways than it tests (e.g. 60-way training for Omniglot), set with ``sampler.train.n_way``.
+
+    Args:
+        backbone: registry spec of the embedding network, e.g. ``{"name": "conv4"}``.
+        lr: Adam learning rate.
+        lr_step_size, lr_gamma: multiply ``lr`` by ``lr_gamma`` every ``lr_step_size``
+            optimizer steps (the paper halves it every 2000 episodes).
+        distance: ``"sqeuclidean"`` (the paper's choice) or ``"cosine"``.
+
+    Example:
+        >>> import torch
+        >>> from sharebone.data.episodes import EpisodeSampler
+        >>> model = ProtoNet({"name": "mlp", "in_features": 4, "hidden": [8]})
+        >>> images = torch.randn(30, 4)
+        >>> episode = EpisodeSampler(images, torch.arange(30) // 10, 3, 2, 4).batch([0, 1])
+        >>> model.predict_episode(episode).shape  # [tasks, n_way * q_query, n_way]
+        torch.Size([2, 12, 3])
+    """
+
+    def __init__(self, backbone: dict[str, Any], lr: float = 1e-3, lr_step_size: int = 2000,
+                 lr_gamma: float = 0.5, distance: str = "sqeuclidean") -> None:
+        super().__init__(backbone)
+        if distance not in ("sqeuclidean", "cosine"):
+            raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
+        self.save_hyperparameters()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[T, M, *input]`` -> ``[T, M, D]``: one backbone call for the whole meta-batch."""
+        features = self.backbone(images.flatten(0, 1))
+        return features.view(*images.shape[:2], -1)
+
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        n_support = episode.support.shape[1]
+        # Support and query go through the backbone together: one batch-norm batch, one call.
+        features = self.embed(torch.cat([episode.support, episode.query], dim=1))
+        support, query = features[:, :n_support], features[:, n_support:]
+        centers = prototypes(support, episode.support_labels, episode.n_way)
+        if self.hparams.distance == "cosine":
+            query = torch.nn.functional.normalize(query, dim=-1)
+            centers = torch.nn.functional.normalize(centers, dim=-1)
+            return 10.0 * query @ centers.transpose(1, 2)
+        return -squared_euclidean(query, centers)
+
+    def parameter_sharing(self) -> ParameterSharing:
+        return ParameterSharing(shared=count_parameters(self.backbone), task_specific=0,
+                                description="prototypes: class means of support embeddings")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=self.hparams.lr_step_size, gamma=self.hparams.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
