@@ -65,7 +65,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    if isinstance(v, int)})
 
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best",
-                                 monitor="val/acc", mode="max", save_last=True)
+                                 monitor=f"val/{model.metric_name}", save_last=True,
+                                 mode="max" if model.metric_higher_is_better else "min")
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False,
                                       callbacks=[checkpoint])
     started = time.perf_counter()
@@ -90,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                                       "checkpoint": str(best),
                                                       **sharing.as_dict()})
     for r in results:
-        metrics[f"test/{r.name}/acc"] = r.mean
+        metrics[f"test/{r.name}/{r.metric}"] = r.mean
         metrics[f"test/{r.name}/ci95"] = r.ci95
     tracking.log_summary(loggers, metrics)
     tracking.log_table(loggers, "test/results", [r.as_dict() for r in results])
@@ -108,7 +109,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
     # Returned for Hydra sweepers (e.g. Optuna): the first test setting's accuracy.
-    return next((v for k, v in metrics.items() if k.endswith("/acc")), None)
+    return next((v for k, v in metrics.items()
+                 if k.startswith("test/") and not k.endswith("ci95")), None)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import torch
 
 from sharebone.data.tasks import TaskFamily
 from sharebone.evaluation.stats import FewShotResult, summarize
-from sharebone.regimes.base import FewShotRegime, accuracy
+from sharebone.regimes.base import FewShotRegime
 
 
-def episode_accuracies(model: FewShotRegime, family: TaskFamily, split: str, n_way: int,
+def episode_scores(model: FewShotRegime, family: TaskFamily, split: str, n_way: int,
                        k_shot: int, q_query: int, episodes: int, seed: int,
                        batch_size: int = 32) -> torch.Tensor:
-    """Per-episode query accuracy ``[episodes]`` on episodes ``0..episodes-1`` of ``split``."""
+    """Per-episode query score ``[episodes]`` (the regime's metric, accuracy for
+    classification) on episodes ``0..episodes-1`` of ``split``."""
     source = family.sampler(split, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed)
     was_training = model.training
     model.eval()
@@ -28,7 +29,7 @@ def episode_accuracies(model: FewShotRegime, family: TaskFamily, split: str, n_w
                 index = torch.arange(start, min(start + batch_size, episodes))
                 episode = source.batch(index).to(model.device).to_float()
                 logits = model.predict_episode(episode)
-                accs.append(accuracy(logits.detach(), episode.query_labels).cpu())
+                accs.append(model.episode_metric(logits.detach(), episode.query_labels).cpu())
     finally:
         model.train(was_training)
     return torch.cat(accs)
@@ -37,7 +38,7 @@ def episode_accuracies(model: FewShotRegime, family: TaskFamily, split: str, n_w
 def evaluate(model: FewShotRegime, family: TaskFamily, settings: Iterable[Mapping[str, int]],
              episodes: int = 600, q_query: int = 15, seed: int = 0, split: str = "test",
              batch_size: int = 32) -> list[FewShotResult]:
-    """Mean accuracy ± 95% CI for each ``{"n_way", "k_shot"}`` setting.
+    """Mean score (accuracy) ± 95% CI for each ``{"n_way", "k_shot"}`` setting.
 
     Episode ``i`` of a setting is fixed by ``(seed, split, i)``: two checkpoints evaluated
     with the same arguments see exactly the same support and query images.
@@ -46,7 +47,7 @@ def evaluate(model: FewShotRegime, family: TaskFamily, settings: Iterable[Mappin
     for setting in settings:
         n_way, k_shot = int(setting["n_way"]), int(setting["k_shot"])
         q = int(setting.get("q_query", q_query))
-        accs = episode_accuracies(model, family, split, n_way, k_shot, q, episodes, seed,
-                                  batch_size)
-        results.append(summarize(accs, n_way, k_shot, q))
+        scores = episode_scores(model, family, split, n_way, k_shot, q, episodes, seed,
+                                batch_size)
+        results.append(summarize(scores, n_way, k_shot, q, metric=model.metric_name))
     return results

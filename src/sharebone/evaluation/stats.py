@@ -23,6 +23,7 @@ class FewShotResult:
     mean: float
     std: float
     ci95: float
+    metric: str = "acc"
 
     @property
     def name(self) -> str:
@@ -32,23 +33,31 @@ class FewShotResult:
         return {"setting": self.name, **asdict(self)}
 
     def __str__(self) -> str:
-        return f"{self.name}: {100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+        if self.metric == "acc":
+            return f"{self.name}: {100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+        return f"{self.name}: {self.metric} {self.mean:.4f} ± {self.ci95:.4f}"
 
 
-def summarize(accuracies: torch.Tensor, n_way: int, k_shot: int, q_query: int) -> FewShotResult:
-    """Mean and 95% CI of per-episode accuracies."""
-    acc = accuracies.double().flatten()
+def summarize(scores: torch.Tensor, n_way: int, k_shot: int, q_query: int,
+              metric: str = "acc") -> FewShotResult:
+    """Mean and 95% CI of per-episode scores (accuracies, or MSE for regression)."""
+    acc = scores.double().flatten()
     n = acc.numel()
     if n == 0:
         raise ValueError("No episodes to summarize.")
     std = acc.std(unbiased=False).item() if n > 1 else 0.0
     return FewShotResult(n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=n,
-                         mean=acc.mean().item(), std=std, ci95=1.96 * std / math.sqrt(n))
+                         mean=acc.mean().item(), std=std, ci95=1.96 * std / math.sqrt(n),
+                         metric=metric)
 
 
 def format_table(results: list[FewShotResult]) -> str:
-    """A Markdown table, one row per setting."""
-    lines = ["| setting | episodes | accuracy (%) | 95% CI (%) |", "|---|---|---|---|"]
+    """A Markdown table, one row per setting (accuracy in %, other metrics as they are)."""
+    percent = all(r.metric == "acc" for r in results)
+    unit = "accuracy (%)" if percent else "score"
+    lines = [f"| setting | episodes | metric | {unit} | 95% CI |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.name} | {r.episodes} | {100 * r.mean:.2f} | ± {100 * r.ci95:.2f} |")
+        scale, digits = (100, 2) if percent else (1, 4)
+        lines.append(f"| {r.name} | {r.episodes} | {r.metric} | {scale * r.mean:.{digits}f} | "
+                     f"± {scale * r.ci95:.{digits}f} |")
     return "\n".join(lines)

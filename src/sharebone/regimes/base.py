@@ -41,6 +41,9 @@ class FewShotRegime(pl.LightningModule):
     """
 
     regime_name: str = "base"
+    #: The per-episode score few-shot evaluation reports ("acc"; "mse" for regression).
+    metric_name: str = "acc"
+    metric_higher_is_better: bool = True
     #: False when predicting needs gradients (MAML adapts on the support set).
     predicts_without_grad: bool = True
 
@@ -64,6 +67,10 @@ class FewShotRegime(pl.LightningModule):
     def parameter_sharing(self) -> ParameterSharing:
         raise NotImplementedError
 
+    def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-task score ``[T]`` of query predictions (accuracy; regression regimes: MSE)."""
+        return accuracy(predictions, labels)
+
     # -- Lightning hooks shared by all regimes -------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Episodes travel as uint8 and become floats on the model's device.
@@ -71,17 +78,17 @@ class FewShotRegime(pl.LightningModule):
 
     def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
         loss, logits = self.episode_loss(episode)
-        acc = accuracy(logits, episode.query_labels).mean()
-        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True,
+        score = self.episode_metric(logits.detach(), episode.query_labels).mean()
+        self.log_dict({"train/loss": loss, f"train/{self.metric_name}": score}, prog_bar=True,
                       batch_size=episode.num_tasks)
         return loss
 
     def validation_step(self, episode: Episode, batch_idx: int) -> None:
         with torch.enable_grad() if not self.predicts_without_grad else torch.no_grad():
             loss, logits = self.episode_loss(episode)
-        acc = accuracy(logits, episode.query_labels).mean()
-        self.log_dict({"val/loss": loss.detach(), "val/acc": acc}, prog_bar=True,
-                      batch_size=episode.num_tasks, sync_dist=True)
+        score = self.episode_metric(logits.detach(), episode.query_labels).mean()
+        self.log_dict({"val/loss": loss.detach(), f"val/{self.metric_name}": score},
+                      prog_bar=True, batch_size=episode.num_tasks, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What `sharebone.checkpoints.load_regime` needs to rebuild this model by name, with
