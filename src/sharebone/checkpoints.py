@@ -15,10 +15,11 @@ class CheckpointError(RuntimeError):
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A ``.ckpt`` file, or a run directory (its ``checkpoints/last.ckpt``)."""
+    """A ``.ckpt`` file, or a run directory (its ``checkpoints/best.ckpt``, else ``last.ckpt``)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        for candidate in (path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt",
+                          path / "last.ckpt"):
             if candidate.is_file():
                 return candidate
         found = sorted(path.rglob("*.ckpt"))

@@ -51,6 +51,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     family = instantiate(cfg.task.family)
     datamodule = build_datamodule(cfg, family)
+    # Impossible episode settings fail now, with the numbers, not after hours of training.
+    datamodule.check_settings()
+    for setting in cfg.test.settings:
+        family.sampler("test", n_way=setting.n_way, k_shot=setting.k_shot,
+                       q_query=setting.get("q_query", cfg.test.q_query), seed=cfg.test.seed)
     model = instantiate(cfg.regime, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 

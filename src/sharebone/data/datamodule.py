@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from sharebone.data.episodes import Episode
 from sharebone.data.tasks import EpochOffsetSampler, MetaBatches, TaskFamily
 
 
@@ -37,6 +38,15 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.val_episodes = val_episodes
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers = num_workers
+
+    def check_settings(self) -> None:
+        """Build the train and val samplers once: an impossible n_way/k_shot raises here."""
+        self.family.sampler("train", seed=self.seed, **self.train_setting)
+        self.family.sampler("val", seed=self.eval_seed, **self.val_setting)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Episodes travel as uint8 and become floats on the model's device.
+        return batch.to_float() if isinstance(batch, Episode) else batch
 
     def _ddp(self) -> dict[str, int]:
         trainer = self.trainer

@@ -1,6 +1,8 @@
 """Training regimes: one LightningModule each, all built on a shared backbone."""
 
 from sharebone.regimes.base import REGIMES, FewShotRegime, accuracy, register_regime
+from sharebone.regimes.maml import ANIL, FOMAML, MAML, MetaSGD
 from sharebone.regimes.protonet import ProtoNet
 
-__all__ = ["REGIMES", "FewShotRegime", "ProtoNet", "accuracy", "register_regime"]
+__all__ = ["ANIL", "FOMAML", "MAML", "REGIMES", "FewShotRegime", "MetaSGD", "ProtoNet", "accuracy",
+           "register_regime"]

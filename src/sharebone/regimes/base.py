@@ -72,10 +72,6 @@ class FewShotRegime(pl.LightningModule):
         return accuracy(predictions, labels)
 
     # -- Lightning hooks shared by all regimes -------------------------------------------------
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Episodes travel as uint8 and become floats on the model's device.
-        return batch.to_float() if isinstance(batch, Episode) else batch
-
     def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
         loss, logits = self.episode_loss(episode)
         score = self.episode_metric(logits.detach(), episode.query_labels).mean()

@@ -1,0 +1,108 @@
+"""``sharebone-eval``: score a checkpoint on seeded test episodes, or on a folder episode.
+
+    sharebone-eval ckpt=outputs/2026-11-25/13-00-00             # 600 episodes per setting
+    sharebone-eval ckpt=run/checkpoints/best.ckpt episodes=1000 task=omniglot_lake
+    sharebone-eval ckpt=run episode_dir=my_episode               # your own support/query
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sharebone.checkpoints import CheckpointError, find_checkpoint, load_regime
+from sharebone.config import CONFIG_DIR
+from sharebone.evaluation.fewshot import evaluate
+from sharebone.evaluation.folder import load_episode_folder
+from sharebone.evaluation.report import write_results
+from sharebone.evaluation.stats import format_table
+from sharebone.regimes.base import FewShotRegime
+
+
+def task_config(cfg: DictConfig, trained: dict[str, Any]) -> dict[str, Any]:
+    """The task to evaluate on: ``task=<name>`` from tasks/, else the training run's own."""
+    if cfg.get("task"):
+        task = OmegaConf.to_container(cfg.task, resolve=True)
+    elif "task" in trained:
+        task = dict(trained["task"])
+    else:
+        raise CheckpointError(f"{cfg.ckpt} does not record its task; pass task=<name from tasks/>.")
+    family = dict(task["family"])
+    for key in ("data_dir", "cache_dir"):
+        if cfg.get(key) and key in family:
+            family[key] = cfg[key]
+    task["family"] = family
+    return task
+
+
+def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) -> dict[str, Any]:
+    """Predict every query image of a folder episode; print and return the predictions."""
+    loaded = load_episode_folder(cfg.episode_dir, image_size=task["image_size"],
+                                 channels=task.get("channels", 1))
+    model.eval()
+    episode = loaded.episode.to(model.device).to_float()
+    with torch.no_grad() if model.predicts_without_grad else torch.enable_grad():
+        logits = model.predict_episode(episode)[0].detach().cpu()
+    probs = logits.softmax(-1)
+    rows = []
+    for path, target, p in zip(loaded.query_paths, loaded.query_targets.tolist(), probs):
+        predicted = int(p.argmax())
+        rows.append({"query": str(path), "predicted": loaded.class_names[predicted],
+                     "confidence": round(float(p[predicted]), 4),
+                     "true": loaded.class_names[target] if target >= 0 else None})
+        mark = "" if target < 0 else ("  ok" if target == predicted else
+                                      f"  wrong (is {loaded.class_names[target]})")
+        print(f"{path}: {loaded.class_names[predicted]} ({p[predicted]:.2f}){mark}")
+    labelled = loaded.query_targets >= 0
+    summary = {"predictions": rows, "classes": loaded.class_names}
+    if labelled.any():
+        acc = (probs.argmax(-1)[labelled] == loaded.query_targets[labelled]).float().mean()
+        summary["accuracy"] = float(acc)
+        print(f"accuracy on {int(labelled.sum())} labelled queries: {100 * float(acc):.2f}%")
+    return summary
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
+    ckpt = find_checkpoint(cfg.ckpt)
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.backbone else None
+    model = load_regime(ckpt, backbone=backbone)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    task = task_config(cfg, model.run_config or {})
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "eval"
+
+    if cfg.episode_dir:
+        summary = score_folder(model, cfg, task)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "episode_predictions.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    family = instantiate(task["family"])
+    settings = OmegaConf.to_container(cfg.settings, resolve=True)
+    results = evaluate(model, family, settings, episodes=cfg.episodes, q_query=cfg.q_query,
+                       seed=cfg.seed, split=cfg.split, batch_size=cfg.batch_size)
+    print(f"\n{model.regime_name} from {ckpt}\n{task['name']} ({cfg.split} episodes, "
+          f"seed {cfg.seed}):\n{format_table(results)}\n")
+    paths = write_results(results, output_dir, stem=f"fewshot_{task['name']}_{cfg.split}",
+                          extra={"checkpoint": str(ckpt), "regime": model.regime_name,
+                                 "task": task["name"], "split": cfg.split, "seed": cfg.seed,
+                                 **model.parameter_sharing().as_dict()})
+    print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
+    return {"results": [r.as_dict() for r in results], "paths": {k: str(v) for k, v in paths.items()}}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Task-specific heads on a shared backbone, and how a task's head starts.
+
+A head maps ``backbone.num_features`` features to one output per way (or one regression
+output). Gradient-based regimes (MAML, ANIL, Meta-SGD) adapt it on each task's support set; what
+it starts from is :func:`initial_head`'s business, and it answers for any ``n_way``, so a model
+trained 5-way can be evaluated 20-way:
+
+- ``"learned"`` (Finn et al. 2017): the head's initialisation is meta-learned. At the trained
+  ``n_way`` it is used as is. At any other ``n_way`` every way starts from the mean of the
+  learned rows (and biases): labels are shuffled per episode, so the ways are exchangeable and
+  their mean is the one initialisation that favours none of them (UnicornMAML's single shared
+  row, Ye & Chao, ICLR 2022, arXiv:2106.16245).
+- ``"zero"`` (the "zeroing trick", Kao et al., ICLR 2022, arXiv:2106.15367): every task's head
+  starts at zero; nothing about the head is meta-learned, any ``n_way`` works alike.
+- ``"proto"`` (Proto-MAML, Triantafillou et al., ICLR 2020, arXiv:1903.03096): the head starts as
+  the prototype classifier of the support set, ``W_k = 2 c_k``, ``b_k = -||c_k||^2``; gradients
+  flow through the prototypes into the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_INITS = ("learned", "zero", "proto")
+
+
+class LinearHead(nn.Module):
+    """A linear layer from backbone features to ``out_features`` outputs (ways, or 1 target).
+
+    Args:
+        in_features: the backbone's ``num_features``.
+        out_features: outputs at training time (the trained ``n_way``; 1 for regression).
+        init: ``"learned"`` keeps learnable weights (PyTorch's default uniform init);
+            ``"zero"`` and ``"proto"`` keep none, a task's head comes from :func:`initial_head`.
+
+    Example:
+        >>> head = LinearHead(64, 5)
+        >>> head(torch.zeros(3, 64)).shape
+        torch.Size([3, 5])
+        >>> sum(p.numel() for p in LinearHead(64, 5, init="zero").parameters())
+        0
+    """
+
+    def __init__(self, in_features: int, out_features: int, init: str = "learned") -> None:
+        super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init must be one of {HEAD_INITS}, got {init!r}.")
+        self.in_features, self.out_features, self.init = in_features, out_features, init
+        if init == "learned":
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+            self.bias = nn.Parameter(torch.empty(out_features))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        else:
+            self.weight = self.bias = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError(f"A head with init={self.init!r} has no weights of its own; take "
+                               "a task's head from sharebone.models.heads.initial_head.")
+        return F.linear(features, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, init={self.init}"
+
+
+def prototype_head(features: torch.Tensor, labels: torch.Tensor,
+                   n_way: int) -> dict[str, torch.Tensor]:
+    """Proto-MAML's head for one task: support features ``[S, D]``, labels ``[S]`` ->
+    ``weight [n_way, D] = 2 c_k``, ``bias [n_way] = -||c_k||^2`` (``c_k``: class means), so
+    that the logits equal negative squared distances up to a per-query constant."""
+    # A comparison, not F.one_hot: it also runs under torch.vmap.
+    one_hot = (labels.unsqueeze(-1) == torch.arange(n_way, device=labels.device)).to(features.dtype)
+    centers = (one_hot.T @ features) / one_hot.sum(0).unsqueeze(-1)
+    return {"weight": 2 * centers, "bias": -(centers * centers).sum(-1)}
+
+
+def resize_ways(tensor: torch.Tensor, n_way: int) -> torch.Tensor:
+    """A per-way tensor ``[n_trained, ...]`` for ``n_way`` ways: itself when the counts match,
+    else its mean over ways repeated ``n_way`` times (ways are exchangeable)."""
+    if tensor.shape[0] == n_way:
+        return tensor
+    return tensor.mean(0, keepdim=True).expand(n_way, *tensor.shape[1:])
+
+
+def initial_head(head: LinearHead, n_way: int, support_features: torch.Tensor | None = None,
+                 support_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The head a task starts from, ``{"weight": [n_way, D], "bias": [n_way]}``, for any
+    ``n_way`` (see the module docstring for the three rules).
+
+    Example:
+        >>> head = LinearHead(4, 5)
+        >>> initial_head(head, 5)["weight"] is head.weight     # trained n_way: the learned head
+        True
+        >>> w = initial_head(head, 20)["weight"]               # other n_way: the mean row
+        >>> w.shape, torch.allclose(w[7], head.weight.mean(0))
+        (torch.Size([20, 4]), True)
+    """
+    if head.init == "learned":
+        return {"weight": resize_ways(head.weight, n_way), "bias": resize_ways(head.bias, n_way)}
+    if head.init == "zero":
+        ref = support_features
+        kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        return {"weight": torch.zeros(n_way, head.in_features, **kwargs),
+                "bias": torch.zeros(n_way, **kwargs)}
+    if support_features is None or support_labels is None:
+        raise ValueError("A 'proto' head is built from the support set: pass support_features "
+                         "and support_labels.")
+    return prototype_head(support_features, support_labels, n_way)

@@ -1,0 +1,447 @@
+"""MAML and its family on one inner loop: MAML, first-order MAML, ANIL and Meta-SGD.
+
+Per meta-batch, as in Finn et al. (2017), Algorithm 2::
+
+    for each task i:   theta_i = adapt(theta, support_i)          # sharebone.adaptation.adapt
+                       L_i     = loss(f(query_i; theta_i))
+    theta <- theta - beta * grad_theta mean_i L_i                   # Lightning's optimizer step
+
+The four regimes are presets of :class:`MAML` (their classes only change defaults):
+
+- :class:`MAML` (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400): all parameters adapt,
+  second-order meta-gradient.
+- :class:`FOMAML`: ``first_order=True``, support gradients are treated as constants (the same
+  paper, section 5.2).
+- :class:`ANIL` (Raghu et al., ICLR 2020, arXiv:1909.09157): ``adapt="head"``, only the head
+  adapts, on backbone features computed once per task.
+- :class:`MetaSGD` (Li et al. 2017, arXiv:1707.09835): ``learn_step_sizes=True``, every adapted
+  parameter has its own learned step size (initialised to ``inner_lr``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, replace_all_batch_norm_modules_
+
+from sharebone.adaptation import Params, adapt, check_inner_loop
+from sharebone.data.episodes import Episode
+from sharebone.models import ParameterSharing, count_parameters
+from sharebone.models.heads import HEAD_INITS, LinearHead, initial_head, resize_ways
+from sharebone.regimes.base import FewShotRegime, register_regime
+
+ADAPT = ("all", "head")
+HEADS = (*HEAD_INITS, "none")
+BATCH_NORM = ("transductive", "per_step")
+LOSSES = ("cross_entropy", "mse")
+BACKENDS = ("torch_func", "learn2learn")
+
+
+def _key(name: str) -> str:
+    """A parameter name as a ParameterDict / buffer key (no dots allowed there)."""
+    return name.replace(".", "__")
+
+
+def learn2learn_available() -> bool:
+    return importlib.util.find_spec("learn2learn") is not None
+
+
+class _FixedLinear(nn.Module):
+    """A linear layer whose weights are given tensors (the learn2learn backend's task head)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self._parameters["weight"] = weight
+        self._parameters["bias"] = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@register_regime("maml")
+class MAML(FewShotRegime):
+    """Model-agnostic meta-learning: learn an initialisation that adapts to a task in a few
+    gradient steps on its support set.
+
+    Shared: the initialisation of every parameter (backbone and head). Task-specific: all of
+    them after ``inner_steps`` SGD steps on the task's support loss (:func:`~sharebone.adaptation.adapt`).
+    Outer objective: the adapted model's query loss, averaged over the meta-batch and
+    differentiated through the inner loop (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400).
+
+    Args:
+        backbone: registry spec, e.g. ``{"name": "conv4"}`` (the paper's 4-block conv net).
+        n_way: ways of the training episodes (outputs of the learned head); evaluation may use
+            any other n_way, see :mod:`sharebone.models.heads` for how the head then starts.
+        inner_steps: SGD steps on the support set while meta-training (>= 1).
+        inner_lr: their step size (Meta-SGD: the initial value of every learned step size).
+        test_inner_steps: steps when not training (validation, ``sharebone-eval``); ``None``:
+            ``inner_steps``. ``0`` scores the initialisation without adaptation.
+        first_order: FOMAML, support gradients treated as constants.
+        adapt: ``"all"`` parameters (MAML) or ``"head"`` only (ANIL).
+        learn_step_sizes: Meta-SGD's per-parameter step sizes, meta-learned. They are learned
+            unconstrained as in the paper (where alpha sets update direction as well as size):
+            an entry may turn negative during meta-training; only the initial value must be > 0.
+        head: how a task's head starts: ``"learned"`` (MAML), ``"zero"`` (zeroing trick),
+            ``"proto"`` (Proto-MAML), or ``"none"`` (the backbone's output is the prediction).
+        batch_norm: ``"transductive"`` (MAML's code): batch norm always normalises with the
+            statistics of the batch at hand, support or query, in training and at test; no
+            running statistics are kept. ``"per_step"`` (MAML++, Antoniou et al. 2019): running
+            statistics kept separately for each inner step, used in eval mode (training mode
+            normalises with batch statistics and updates them); cannot be combined with vmap.
+        loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression, e.g. sinusoid;
+            the regime then reports MSE, lower is better).
+        lr: Adam's meta learning rate (beta).
+        vmap: batch the tasks of a meta-batch with :func:`torch.vmap` (True), loop over them
+            (False), or ``None``: vmap on GPU, loop on CPU (faster there).
+        backend: ``"torch_func"`` (this package's inner loop) or ``"learn2learn"``
+            (``l2l.algorithms.MAML`` / ``MetaSGD``; same numerics, for comparison).
+
+    Example:
+        >>> import torch
+        >>> from sharebone.data.episodes import EpisodeSampler
+        >>> model = MAML({"name": "mlp", "in_features": 4, "hidden": [8]}, n_way=3,
+        ...              inner_steps=1, inner_lr=0.4)
+        >>> episode = EpisodeSampler(torch.randn(30, 4), torch.arange(30) // 10, 3, 2, 4).batch([0, 1])
+        >>> model.predict_episode(episode).shape  # [tasks, n_way * q_query, n_way]
+        torch.Size([2, 12, 3])
+        >>> loss, _ = model.episode_loss(episode)
+        >>> loss.backward()                     # the meta-gradient lands on the module itself
+        >>> all(p.grad is not None for p in model.parameters())
+        True
+        >>> print(model.parameter_sharing())
+        shared=75  task-specific=75  (all parameters adapt: 1 SGD step(s) on the support set)
+    """
+
+    predicts_without_grad = False
+
+    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
+                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
+                 first_order: bool = False, adapt: str = "all", learn_step_sizes: bool = False,
+                 head: str = "learned", batch_norm: str = "transductive",
+                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
+                 backend: str = "torch_func") -> None:
+        super().__init__(backbone)
+        check_inner_loop(inner_steps, inner_lr, training=True)
+        if test_inner_steps is not None:
+            check_inner_loop(test_inner_steps, inner_lr, training=False)
+        for name, value, allowed in (("adapt", adapt, ADAPT), ("head", head, HEADS),
+                                     ("batch_norm", batch_norm, BATCH_NORM),
+                                     ("loss", loss, LOSSES), ("backend", backend, BACKENDS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+        if adapt == "head" and head == "none":
+            raise ValueError(
+                "adapt='head' (ANIL) adapts only the head, but this model has none (head='none'): "
+                "there would be nothing to adapt. Give it a head (head='learned', 'zero' or "
+                "'proto') or adapt all parameters (adapt='all', MAML).")
+        if head == "proto" and loss != "cross_entropy":
+            raise ValueError("head='proto' (Proto-MAML) builds a classifier from class means; it "
+                             "needs loss='cross_entropy'. Use head='learned' for regression.")
+        if vmap and batch_norm == "per_step":
+            raise ValueError(
+                "vmap=True cannot be combined with batch_norm='per_step': per-step running "
+                "statistics are updated in place, which torch.vmap cannot batch across tasks. "
+                "Use vmap=False (loop over tasks) or batch_norm='transductive'.")
+        if backend == "learn2learn":
+            if not learn2learn_available():
+                raise ImportError("backend='learn2learn' needs learn2learn: run "
+                                  "scripts/install_learn2learn.sh, or use backend='torch_func'.")
+            if vmap:
+                raise ValueError("vmap=True needs backend='torch_func'; learn2learn loops.")
+            if batch_norm != "transductive":
+                raise ValueError("backend='learn2learn' supports batch_norm='transductive' only.")
+        if n_way < 1:
+            raise ValueError(f"n_way must be >= 1, got {n_way}.")
+        self.save_hyperparameters()
+        if loss == "mse":
+            self.metric_name, self.metric_higher_is_better = "mse", False
+
+        if batch_norm == "transductive":
+            # No running statistics: batch norm uses the current batch's, in train and eval mode
+            # alike (Finn et al.'s implementation), and the model can run under torch.vmap.
+            replace_all_batch_norm_modules_(self.backbone)
+        self.head = (None if head == "none" else
+                     LinearHead(self.backbone.num_features, n_way, init=head))
+        self.per_step_bn = nn.Module()
+        self._bn_names: list[str] = []
+        if batch_norm == "per_step":
+            self._init_per_step_bn(inner_steps)
+        self.step_sizes = nn.ParameterDict()
+        if learn_step_sizes:
+            for name, shape in self._adapted_shapes().items():
+                self.step_sizes[_key(name)] = nn.Parameter(torch.full(shape, float(inner_lr)))
+
+    # -- options ---------------------------------------------------------------------------
+    @property
+    def test_inner_steps(self) -> int:
+        steps = self.hparams.test_inner_steps
+        return self.hparams.inner_steps if steps is None else steps
+
+    def _use_vmap(self) -> bool:
+        vmap = self.hparams.vmap
+        return self.device.type != "cpu" if vmap is None else bool(vmap)
+
+    def _adapted_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.hparams.adapt == "all":
+            shapes.update({f"backbone.{k}": tuple(p.shape)
+                           for k, p in self.backbone.named_parameters()})
+        if self.head is not None:
+            n, d = self.hparams.n_way, self.backbone.num_features
+            shapes.update({"head.weight": (n, d), "head.bias": (n,)})
+        return shapes
+
+    def _init_per_step_bn(self, inner_steps: int) -> None:
+        # Slot s holds the statistics of inner step s; slot inner_steps those of the query pass.
+        for name, module in self.backbone.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if not module.track_running_stats:
+                    continue
+                self._bn_names.append(name)
+                for stat in ("running_mean", "running_var"):
+                    buffer = getattr(module, stat).detach().clone()
+                    self.per_step_bn.register_buffer(
+                        _key(f"{name}.{stat}"), buffer.expand(inner_steps + 1, *buffer.shape).clone())
+
+    def _bn_buffers(self, step: int) -> dict[str, torch.Tensor]:
+        if not self._bn_names:
+            return {}
+        slot = min(step, self.hparams.inner_steps)
+        return {f"{name}.{stat}": self.per_step_bn.get_buffer(_key(f"{name}.{stat}"))[slot]
+                for name in self._bn_names for stat in ("running_mean", "running_var")}
+
+    # -- the model as a function of its parameters -------------------------------------------
+    def features(self, params: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Backbone features of ``x`` under ``params`` (``backbone.*`` entries; the module's own
+        parameters for those absent), with inner step ``step``'s batch-norm statistics."""
+        backbone = {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}
+        backbone.update(self._bn_buffers(step))
+        if not backbone:
+            return self.backbone(x)
+        return functional_call(self.backbone, backbone, (x,))
+
+    def forward_with(self, params: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Predictions for inputs ``x`` ``[M, *input]`` under ``params`` -> ``[M, n_way]``."""
+        features = self.features(params, x, step)
+        if self.head is None:
+            return features
+        return F.linear(features, params["head.weight"], params["head.bias"])
+
+    def task_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "mse":
+            return F.mse_loss(predictions, targets)
+        return F.cross_entropy(predictions, targets)
+
+    def _step_sizes(self, params: Params, n_way: int) -> float | dict[str, torch.Tensor]:
+        if not self.hparams.learn_step_sizes:
+            return self.hparams.inner_lr
+        sizes = {}
+        for name in params:
+            alpha = self.step_sizes[_key(name)]
+            sizes[name] = resize_ways(alpha, n_way) if name.startswith("head.") else alpha
+        return sizes
+
+    def _initial_params(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                        support_features: torch.Tensor | None) -> Params:
+        params: Params = {}
+        if self.hparams.adapt == "all":
+            params.update({f"backbone.{k}": p for k, p in self.backbone.named_parameters()})
+        if self.head is not None:
+            if self.hparams.head == "proto" and support_features is None:
+                support_features = self.features({}, support, 0)
+            head = initial_head(self.head, n_way, support_features, support_labels)
+            params.update({f"head.{k}": v for k, v in head.items()})
+        return params
+
+    # -- one task ---------------------------------------------------------------------------
+    def adapt_task(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                   steps: int, first_order: bool, functional: bool = False
+                   ) -> tuple[Params, torch.Tensor | None]:
+        """Adapted parameters of one task (ANIL: the head only) and, for ANIL, the support
+        features they act on. ``support [S, *input]``, ``support_labels [S]`` (or ``[S, 1]``
+        regression targets)."""
+        fixed_features = None
+        if self.hparams.adapt == "head":
+            fixed_features = self.features({}, support, 0)
+        params = self._initial_params(support, support_labels, n_way, fixed_features)
+        step_sizes = self._step_sizes(params, n_way)
+        if fixed_features is not None:
+            def support_loss(p: Params, step: int) -> torch.Tensor:
+                logits = F.linear(fixed_features, p["head.weight"], p["head.bias"])
+                return self.task_loss(logits, support_labels)
+        else:
+            def support_loss(p: Params, step: int) -> torch.Tensor:
+                return self.task_loss(self.forward_with(p, support, step), support_labels)
+        adapted = adapt(support_loss, params, steps, step_sizes, first_order=first_order,
+                        functional=functional)
+        return adapted, fixed_features
+
+    def _task_predictions(self, support: torch.Tensor, support_labels: torch.Tensor,
+                          query: torch.Tensor, n_way: int, steps: int, first_order: bool,
+                          functional: bool) -> torch.Tensor:
+        adapted, _ = self.adapt_task(support, support_labels, n_way, steps, first_order,
+                                     functional)
+        if self.hparams.adapt == "head":
+            features = self.features({}, query, 0)
+            return F.linear(features, adapted["head.weight"], adapted["head.bias"])
+        return self.forward_with(adapted, query, steps)
+
+    def _task_predictions_l2l(self, support: torch.Tensor, support_labels: torch.Tensor,
+                              query: torch.Tensor, n_way: int, steps: int,
+                              first_order: bool) -> torch.Tensor:
+        import learn2learn as l2l
+
+        head_only = self.hparams.adapt == "head"
+        if head_only:
+            support, query = self.features({}, support, 0), self.features({}, query, 0)
+        init = self._initial_params(support, support_labels, n_way,
+                                    support if head_only else None)
+        modules: list[nn.Module] = [] if head_only else [self.backbone]
+        if self.head is not None:
+            modules.append(_FixedLinear(init["head.weight"], init["head.bias"]))
+        net = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+        if self.hparams.learn_step_sizes:
+            sizes = self._step_sizes(init, n_way)
+            # net.parameters() order: backbone's, then the head's, as in _initial_params.
+            learner = l2l.algorithms.MetaSGD(net, lrs=[sizes[k] for k in init],
+                                             first_order=first_order)
+        else:
+            learner = l2l.algorithms.MAML(net, lr=self.hparams.inner_lr, first_order=first_order)
+        learner = learner.clone()
+        for _ in range(steps):
+            learner.adapt(self.task_loss(learner(support), support_labels))
+        return learner(query)
+
+    # -- the regime's interface --------------------------------------------------------------
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        """Query predictions ``[T, Q, n_way]`` (logits; regression: ``[T, Q, 1]``), each task
+        adapted on its own support set. Meta-training (``self.training`` with gradients on)
+        keeps the graph for a second-order meta-gradient; otherwise support gradients are
+        constants, since nothing will differentiate through them."""
+        training = self.training and torch.is_grad_enabled()
+        steps = self.hparams.inner_steps if self.training else self.test_inner_steps
+        first_order = self.hparams.first_order or not training
+        n_way = episode.n_way
+        if self.hparams.backend == "learn2learn":
+            task = functools.partial(self._task_predictions_l2l, n_way=n_way, steps=steps,
+                                     first_order=first_order)
+            return torch.stack([task(*args) for args in zip(
+                episode.support, episode.support_labels, episode.query, strict=True)])
+        task = functools.partial(self._task_predictions, n_way=n_way, steps=steps,
+                                 first_order=first_order)
+        if self._use_vmap():
+            if self._bn_names:
+                raise ValueError("vmap cannot batch batch_norm='per_step' (running statistics are "
+                                 "updated in place); set vmap=False.")
+            return torch.vmap(functools.partial(task, functional=True), randomness="same")(
+                episode.support, episode.support_labels, episode.query)
+        return torch.stack([task(*args, functional=False) for args in zip(
+            episode.support, episode.support_labels, episode.query, strict=True)])
+
+    def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        predictions = self.predict_episode(episode)
+        if self.hparams.loss == "mse":
+            return F.mse_loss(predictions, episode.query_labels), predictions
+        return F.cross_entropy(predictions.flatten(0, 1), episode.query_labels.flatten()), predictions
+
+    def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "mse":
+            return (predictions - labels).pow(2).flatten(1).mean(1)
+        return super().episode_metric(predictions, labels)
+
+    def parameter_sharing(self) -> ParameterSharing:
+        backbone = count_parameters(self.backbone)
+        learned_head = count_parameters(self.head)
+        head = 0 if self.head is None else self.hparams.n_way * (self.backbone.num_features + 1)
+        meta = count_parameters(self.step_sizes)
+        steps = f"{self.hparams.inner_steps} {'Meta-SGD' if meta else 'SGD'} step(s)"
+        if self.hparams.adapt == "head":
+            return ParameterSharing(
+                shared=backbone + learned_head, task_specific=head, meta=meta,
+                description=f"head adapts ({self.hparams.head} init): {steps} on support "
+                            "features of a fixed backbone")
+        return ParameterSharing(shared=backbone + learned_head, task_specific=backbone + head,
+                                meta=meta, description=f"all parameters adapt: {steps} on the "
+                                                       "support set")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+@register_regime("fomaml")
+class FOMAML(MAML):
+    """First-order MAML (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400, section 5.2):
+    :class:`MAML` with ``first_order=True``: the support gradients are treated as constants, so
+    the meta-gradient is the query gradient at the adapted parameters (no second derivatives,
+    less memory, nearly the same accuracy in the paper).
+
+    Example:
+        >>> model = FOMAML({"name": "mlp", "in_features": 4, "hidden": [8]}, n_way=3)
+        >>> model.hparams.first_order, model.regime_name
+        (True, 'fomaml')
+    """
+
+    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
+                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
+                 first_order: bool = True, adapt: str = "all", learn_step_sizes: bool = False,
+                 head: str = "learned", batch_norm: str = "transductive",
+                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
+                 backend: str = "torch_func") -> None:
+        super().__init__(backbone, n_way, inner_steps, inner_lr, test_inner_steps, first_order,
+                         adapt, learn_step_sizes, head, batch_norm, loss, lr, vmap, backend)
+
+
+@register_regime("anil")
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, ICLR 2020, arXiv:1909.09157):
+    :class:`MAML` with ``adapt="head"``. The backbone is shared and not adapted; a task's
+    features are computed once and only the head takes inner steps, which is as accurate as
+    MAML in the paper and much cheaper.
+
+    Example:
+        >>> model = ANIL({"name": "mlp", "in_features": 4, "hidden": [8]}, n_way=3)
+        >>> print(model.parameter_sharing())  # 4*8+8 backbone + 3*(8+1) head init; head adapts
+        shared=67  task-specific=27  (head adapts (learned init): 1 SGD step(s) on support features of a fixed backbone)
+    """
+
+    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
+                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
+                 first_order: bool = False, adapt: str = "head", learn_step_sizes: bool = False,
+                 head: str = "learned", batch_norm: str = "transductive",
+                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
+                 backend: str = "torch_func") -> None:
+        super().__init__(backbone, n_way, inner_steps, inner_lr, test_inner_steps, first_order,
+                         adapt, learn_step_sizes, head, batch_norm, loss, lr, vmap, backend)
+
+
+@register_regime("metasgd")
+class MetaSGD(MAML):
+    """Meta-SGD (Li, Zhou, Chen & Li 2017, arXiv:1707.09835): :class:`MAML` with
+    ``learn_step_sizes=True``. Every adapted parameter has its own step size ``alpha`` (same
+    shape, initialised to ``inner_lr``), meta-learned with the initialisation:
+    ``theta_i = theta - alpha * grad`` elementwise. The paper adapts in one step.
+
+    ``alpha`` is learned unconstrained, as in the paper: it encodes the update direction as
+    well as its size, so entries may become negative during meta-training.
+
+    Example:
+        >>> model = MetaSGD({"name": "mlp", "in_features": 1, "hidden": [40, 40]}, n_way=1,
+        ...                 inner_lr=0.01, loss="mse")
+        >>> sharing = model.parameter_sharing()
+        >>> sharing.shared == sharing.meta == 1761, model.metric_name   # the 1-40-40-1 net
+        (True, 'mse')
+    """
+
+    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
+                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
+                 first_order: bool = False, adapt: str = "all", learn_step_sizes: bool = True,
+                 head: str = "learned", batch_norm: str = "transductive",
+                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
+                 backend: str = "torch_func") -> None:
+        super().__init__(backbone, n_way, inner_steps, inner_lr, test_inner_steps, first_order,
+                         adapt, learn_step_sizes, head, batch_norm, loss, lr, vmap, backend)
