@@ -26,7 +26,7 @@ $(VENV)/.l2l: $(VENV)/.installed scripts/install_learn2learn.sh
 l2l: $(VENV)/.l2l
 
 train: install
-	$(BIN)/sharebone-train experiment=omniglot_protonet_5w1s
+	$(BIN)/sharebone-train experiment=omniglot_protonet_5w1s trainer.max_epochs=1
 
 test: install l2l
 	$(BIN)/python -m pytest -q
