@@ -37,7 +37,8 @@ def test_every_episode_is_valid():
         assert len(set(classes.tolist())) == 4, "ways must be distinct classes"
         ids = torch.cat([ep.support[t], ep.query[t]]).flatten(1)[:, 0]
         assert len(set(ids.tolist())) == ids.numel(), "no image twice in one episode"
-        for images_, labels_ in ((ep.support[t], ep.support_labels[t]), (ep.query[t], ep.query_labels[t])):
+        parts = ((ep.support[t], ep.support_labels[t]), (ep.query[t], ep.query_labels[t]))
+        for images_, labels_ in parts:
             true_class = labels[images_.flatten(1)[:, 0]]
             assert torch.equal(true_class, classes[labels_]), "label j must be class classes[j]"
 

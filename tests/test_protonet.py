@@ -53,7 +53,8 @@ def test_training_step_reduces_loss_on_a_learnable_task():
 def test_parameter_sharing_counts_the_backbone_as_shared_and_nothing_task_specific():
     model = ProtoNet({"name": "conv4"})
     sharing = model.parameter_sharing()
-    assert sharing.shared == sum(p.numel() for p in model.parameters()) and sharing.task_specific == 0
+    assert sharing.shared == sum(p.numel() for p in model.parameters())
+    assert sharing.task_specific == 0
 
 
 def test_unknown_distance_is_refused():

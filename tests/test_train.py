@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import FAST, compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from conftest import FAST, compose_train
 from sharebone import eval as sb_eval
 from sharebone.checkpoints import CheckpointError, load_regime
 from sharebone.train import run
@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
 
 def test_run_trains_checkpoints_and_scores_every_setting(trained):
     out, cfg, metrics = trained
-    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    for name in ("best.ckpt", "last.ckpt"):
+        assert (out / "checkpoints" / name).is_file()
     for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
         assert 0.0 <= metrics[f"test/{setting}/acc"] <= 1.0
         assert metrics[f"test/{setting}/ci95"] > 0

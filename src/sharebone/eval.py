@@ -51,7 +51,8 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
         logits = model.predict_episode(episode)[0].detach().cpu()
     probs = logits.softmax(-1)
     rows = []
-    for path, target, p in zip(loaded.query_paths, loaded.query_targets.tolist(), probs):
+    targets = loaded.query_targets.tolist()
+    for path, target, p in zip(loaded.query_paths, targets, probs, strict=True):
         predicted = int(p.argmax())
         rows.append({"query": str(path), "predicted": loaded.class_names[predicted],
                      "confidence": round(float(p[predicted]), 4),
@@ -96,7 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  "task": task["name"], "split": cfg.split, "seed": cfg.seed,
                                  **model.parameter_sharing().as_dict()})
     print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
-    return {"results": [r.as_dict() for r in results], "paths": {k: str(v) for k, v in paths.items()}}
+    return {"results": [r.as_dict() for r in results],
+            "paths": {k: str(v) for k, v in paths.items()}}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")

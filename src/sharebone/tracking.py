@@ -114,7 +114,8 @@ def finish(loggers: Sequence[Logger]) -> list[str]:
         offline = getattr(run.settings, "mode", "") == "offline" or run.offline
         _safely(run.finish)
         if offline and run_dir is not None:
-            notes.append(f"W&B run written offline to {run_dir}; upload it with: wandb sync {run_dir}")
+            notes.append(f"W&B run written offline to {run_dir}; "
+                         f"upload it with: wandb sync {run_dir}")
     if wandb.run is not None:
         _safely(wandb.finish)
     return notes

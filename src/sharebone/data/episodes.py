@@ -73,7 +73,8 @@ def hash_keys(seed: int, split: str, episodes: torch.Tensor, stream: int,
     Sorting keys gives a uniformly random permutation; ``stream`` separates independent uses
     (class choice, sample choice) within one episode.
     """
-    base = _splitmix64_int(_splitmix64_int(_splitmix64_int(seed & _MASK) ^ split_id(split)) ^ stream)
+    base = _splitmix64_int(seed & _MASK)
+    base = _splitmix64_int(_splitmix64_int(base ^ split_id(split)) ^ stream)
     per_episode = _splitmix64(episodes.to(torch.int64) ^ base)
     per_episode = per_episode.view(-1, *([1] * len(shape)))
     return _splitmix64(per_episode ^ _counter_keys(tuple(shape)))
@@ -156,7 +157,8 @@ class EpisodeSampler:
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
-        for name, value, low in (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("q_query", q_query, 0)):
+        checks = (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("q_query", q_query, 0))
+        for name, value, low in checks:
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         order = torch.argsort(labels, stable=True)
@@ -208,12 +210,14 @@ class EpisodeSampler:
         counts = self.counts[classes]
         if self.max_count != int(self.counts.min()):
             slot = torch.arange(self.max_count)
-            sample_keys = sample_keys.masked_fill(slot >= counts.unsqueeze(-1), torch.iinfo(torch.int64).max)
+            padding = slot >= counts.unsqueeze(-1)
+            sample_keys = sample_keys.masked_fill(padding, torch.iinfo(torch.int64).max)
         picks = torch.topk(sample_keys, per_way, dim=2, largest=False, sorted=True).indices
         rows = self.offsets[classes].unsqueeze(-1) + picks  # [T, n_way, k_shot + q_query]
         shape = self.images.shape[1:]
         # index_select copies whole rows; it is ~25x faster than advanced indexing here.
-        images = self.images.index_select(0, rows.reshape(-1)).view(tasks, self.n_way, per_way, *shape)
+        images = self.images.index_select(0, rows.reshape(-1))
+        images = images.view(tasks, self.n_way, per_way, *shape)
         support = images[:, :, : self.k_shot].reshape(tasks, -1, *shape)
         query = images[:, :, self.k_shot :].reshape(tasks, -1, *shape)
         return Episode(

@@ -155,8 +155,10 @@ class SyntheticImageTasks:
 
     def images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self.classes:
-            raise KeyError(f"Unknown split '{split}'. This task family has: {sorted(self.classes)}.")
-        generator = torch.Generator().manual_seed(self.seed * 1000 + sorted(self.classes).index(split))
+            raise KeyError(f"Unknown split '{split}'. This task family has: "
+                           f"{sorted(self.classes)}.")
+        split_index = sorted(self.classes).index(split)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + split_index)
         n, m = self.classes[split], self.images_per_class
         shape = (self.channels, self.image_size, self.image_size)
         templates = torch.rand(n, 1, *shape, generator=generator) < 0.3

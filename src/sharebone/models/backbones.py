@@ -42,7 +42,8 @@ class ConvNet(nn.Module):
                  image_size: int = 28) -> None:
         super().__init__()
         channels = [in_channels] + [hidden] * depth
-        self.blocks = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels, channels[1:])))
+        pairs = zip(channels, channels[1:], strict=False)
+        self.blocks = nn.Sequential(*(conv_block(a, b) for a, b in pairs))
         side = image_size
         for _ in range(depth):
             side //= 2
