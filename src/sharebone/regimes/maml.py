@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, replace_all_batch_norm_modules_
+from torch.func import functional_call
 
-from sharebone.adaptation import Params, adapt, check_inner_loop
+from sharebone.adaptation import Params, adapt, check_inner_loop, use_batch_statistics_
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
 from sharebone.models.heads import HEAD_INITS, LinearHead, initial_head, resize_ways
@@ -69,7 +69,8 @@ class MAML(FewShotRegime):
     gradient steps on its support set.
 
     Shared: the initialisation of every parameter (backbone and head). Task-specific: all of
-    them after ``inner_steps`` SGD steps on the task's support loss (:func:`~sharebone.adaptation.adapt`).
+    them after ``inner_steps`` SGD steps on the task's support loss
+    (:func:`~sharebone.adaptation.adapt`).
     Outer objective: the adapted model's query loss, averaged over the meta-batch and
     differentiated through the inner loop (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400).
 
@@ -106,7 +107,8 @@ class MAML(FewShotRegime):
         >>> from sharebone.data.episodes import EpisodeSampler
         >>> model = MAML({"name": "mlp", "in_features": 4, "hidden": [8]}, n_way=3,
         ...              inner_steps=1, inner_lr=0.4)
-        >>> episode = EpisodeSampler(torch.randn(30, 4), torch.arange(30) // 10, 3, 2, 4).batch([0, 1])
+        >>> sampler = EpisodeSampler(torch.randn(30, 4), torch.arange(30) // 10, 3, 2, 4)
+        >>> episode = sampler.batch([0, 1])
         >>> model.predict_episode(episode).shape  # [tasks, n_way * q_query, n_way]
         torch.Size([2, 12, 3])
         >>> loss, _ = model.episode_loss(episode)
@@ -114,7 +116,7 @@ class MAML(FewShotRegime):
         >>> all(p.grad is not None for p in model.parameters())
         True
         >>> print(model.parameter_sharing())
-        shared=75  task-specific=75  (all parameters adapt: 1 SGD step(s) on the support set)
+        shared=67  task-specific=67  (all parameters adapt: 1 SGD step(s) on the support set)
     """
 
     predicts_without_grad = False
@@ -164,7 +166,7 @@ class MAML(FewShotRegime):
         if batch_norm == "transductive":
             # No running statistics: batch norm uses the current batch's, in train and eval mode
             # alike (Finn et al.'s implementation), and the model can run under torch.vmap.
-            replace_all_batch_norm_modules_(self.backbone)
+            use_batch_statistics_(self.backbone)
         self.head = (None if head == "none" else
                      LinearHead(self.backbone.num_features, n_way, init=head))
         self.per_step_bn = nn.Module()
@@ -204,9 +206,9 @@ class MAML(FewShotRegime):
                     continue
                 self._bn_names.append(name)
                 for stat in ("running_mean", "running_var"):
-                    buffer = getattr(module, stat).detach().clone()
-                    self.per_step_bn.register_buffer(
-                        _key(f"{name}.{stat}"), buffer.expand(inner_steps + 1, *buffer.shape).clone())
+                    buffer = getattr(module, stat).detach()
+                    stacked = buffer.expand(inner_steps + 1, *buffer.shape).clone()
+                    self.per_step_bn.register_buffer(_key(f"{name}.{stat}"), stacked)
 
     def _bn_buffers(self, step: int) -> dict[str, torch.Tensor]:
         if not self._bn_names:
@@ -347,7 +349,8 @@ class MAML(FewShotRegime):
         predictions = self.predict_episode(episode)
         if self.hparams.loss == "mse":
             return F.mse_loss(predictions, episode.query_labels), predictions
-        return F.cross_entropy(predictions.flatten(0, 1), episode.query_labels.flatten()), predictions
+        loss = F.cross_entropy(predictions.flatten(0, 1), episode.query_labels.flatten())
+        return loss, predictions
 
     def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "mse":
@@ -405,8 +408,9 @@ class ANIL(MAML):
 
     Example:
         >>> model = ANIL({"name": "mlp", "in_features": 4, "hidden": [8]}, n_way=3)
-        >>> print(model.parameter_sharing())  # 4*8+8 backbone + 3*(8+1) head init; head adapts
-        shared=67  task-specific=27  (head adapts (learned init): 1 SGD step(s) on support features of a fixed backbone)
+        >>> sharing = model.parameter_sharing()  # 4*8+8 backbone + 3*(8+1) head; head adapts
+        >>> sharing.shared, sharing.task_specific
+        (67, 27)
     """
 
     def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,

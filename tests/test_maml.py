@@ -1,0 +1,251 @@
+"""MAML, FOMAML, ANIL and Meta-SGD: properties of each preset, bad input, Lightning and Hydra."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import sharebone.config
+from sharebone.checkpoints import load_regime
+from sharebone.data.datamodule import EpisodicDataModule
+from sharebone.data.episodes import EpisodeSampler
+from sharebone.models.heads import initial_head
+from sharebone.regimes import ANIL, FOMAML, MAML, REGIMES, MetaSGD
+
+PRESETS = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "metasgd": MetaSGD}
+TINY_CONV = {"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}
+TINY_MLP = {"name": "mlp", "in_features": 6, "hidden": [8]}
+
+
+class RandomImages:
+    """A task family of random uint8 16x16 images, 12 classes x 6 per split."""
+
+    input_shape = (1, 16, 16)
+
+    def sampler(self, split, n_way, k_shot, q_query, seed):
+        g = torch.Generator().manual_seed(len(split))
+        images = torch.randint(0, 256, (72, 1, 16, 16), generator=g, dtype=torch.uint8)
+        return EpisodeSampler(images, torch.arange(72) // 6, n_way, k_shot, q_query, seed=seed,
+                              split=split)
+
+
+def conv_episode(n_way=3, k_shot=2, q_query=2, tasks=2):
+    return RandomImages().sampler("train", n_way, k_shot, q_query, 0).batch(range(tasks)).to_float()
+
+
+def mlp_episode(n_way=3, tasks=2):
+    sampler = EpisodeSampler(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)),
+                             torch.arange(40) // 8, n_way, 2, 3)
+    return sampler.batch(range(tasks))
+
+
+def meta_grads(model, episode):
+    model.zero_grad()
+    loss, _ = model.episode_loss(episode)
+    loss.backward()
+    return {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_meta_parameter_gets_a_finite_meta_gradient(name):
+    torch.manual_seed(0)
+    model = PRESETS[name](TINY_CONV, n_way=3, inner_lr=0.1)
+    grads = meta_grads(model, conv_episode())
+    assert grads, "no parameters"
+    for k, g in grads.items():
+        assert g is not None, f"{name}: no meta-gradient on {k}"
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{name}: bad meta-gradient on {k}"
+    if name == "metasgd":
+        assert any(k.startswith("step_sizes.") for k in grads)
+
+
+def test_presets_are_options_of_one_class():
+    for name, cls in PRESETS.items():
+        model = cls(TINY_MLP, n_way=3)
+        assert isinstance(model, MAML) and model.regime_name == name and REGIMES.get(name) is cls
+    assert FOMAML(TINY_MLP).hparams.first_order and ANIL(TINY_MLP).hparams.adapt == "head"
+    assert MetaSGD(TINY_MLP).hparams.learn_step_sizes
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_zero_test_steps_give_the_unadapted_model(name):
+    torch.manual_seed(0)
+    model = PRESETS[name](TINY_CONV, n_way=3, test_inner_steps=0).eval()
+    episode = conv_episode()
+    got = model.predict_episode(episode)
+    head = initial_head(model.head, 3)
+    for t in range(2):
+        want = F.linear(model.backbone(episode.query[t]), head["weight"], head["bias"])
+        torch.testing.assert_close(got[t], want)
+
+
+def test_adaptation_lowers_the_support_loss():
+    torch.manual_seed(0)
+    model = MAML(TINY_MLP, n_way=3, inner_lr=0.5, test_inner_steps=5).eval()
+    episode = mlp_episode().task(0)
+    params, _ = model.adapt_task(episode.support, episode.support_labels, 3, 5, True)
+    before = model.task_loss(model.forward_with(dict(model.named_parameters()), episode.support),
+                             episode.support_labels)
+    after = model.task_loss(model.forward_with(params, episode.support), episode.support_labels)
+    assert after < before
+
+
+def test_fomaml_meta_gradient_equals_the_query_gradient_at_the_adapted_weights():
+    torch.manual_seed(0)
+    model = FOMAML(TINY_MLP, n_way=3, inner_lr=0.3).double()
+    episode = mlp_episode(tasks=1)
+    episode = type(episode)(episode.support.double(), episode.support_labels,
+                            episode.query.double(), episode.query_labels, episode.classes)
+    grads = meta_grads(model, episode)
+    task = episode.task(0)
+    adapted, _ = model.adapt_task(task.support, task.support_labels, 3, 1, first_order=True)
+    at = {k: v.detach().requires_grad_() for k, v in adapted.items()}
+    ref = torch.autograd.grad(model.task_loss(model.forward_with(at, task.query),
+                                              task.query_labels), list(at.values()))
+    for (k, _), r in zip(at.items(), ref, strict=True):
+        torch.testing.assert_close(grads[k], r)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_vmap_and_loop_agree(name):
+    torch.manual_seed(0)
+    loop = PRESETS[name](TINY_CONV, n_way=3, inner_lr=0.1, inner_steps=2, vmap=False)
+    batched = PRESETS[name](TINY_CONV, n_way=3, inner_lr=0.1, inner_steps=2, vmap=True)
+    batched.load_state_dict(loop.state_dict())
+    episode = conv_episode()
+    torch.testing.assert_close(batched.predict_episode(episode), loop.predict_episode(episode),
+                               rtol=1e-4, atol=1e-5)
+    g_loop, g_vmap = meta_grads(loop, episode), meta_grads(batched, episode)
+    for k in g_loop:
+        torch.testing.assert_close(g_vmap[k], g_loop[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["learned", "zero", "proto"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_other_n_way_at_evaluation(name, head):
+    torch.manual_seed(0)
+    model = PRESETS[name](TINY_MLP, n_way=5, head=head, test_inner_steps=2).eval()
+    for n_way in (3, 5):
+        logits = model.predict_episode(mlp_episode(n_way=n_way))
+        assert logits.shape == (2, 3 * n_way, n_way) and torch.isfinite(logits).all()
+
+
+def test_learned_head_at_another_n_way_starts_from_the_mean_row():
+    model = MAML(TINY_MLP, n_way=5)
+    head = initial_head(model.head, 7)
+    assert head["weight"].shape == (7, 8)
+    torch.testing.assert_close(head["weight"][3], model.head.weight.mean(0))
+    torch.testing.assert_close(head["bias"], model.head.bias.mean().expand(7))
+
+
+def test_zero_head_starts_at_zero_and_proto_head_gives_negative_distances():
+    model = MAML(TINY_MLP, n_way=3, head="proto", test_inner_steps=0).eval()
+    task = mlp_episode().task(0)
+    logits = model.predict_episode(mlp_episode()).detach()[0]
+    feats_s, feats_q = model.backbone(task.support), model.backbone(task.query)
+    centers = torch.stack([feats_s[task.support_labels == k].mean(0) for k in range(3)])
+    distances = -torch.cdist(feats_q, centers) ** 2
+    torch.testing.assert_close(logits - logits[:, :1], (distances - distances[:, :1]).detach(),
+                               rtol=1e-4, atol=1e-4)
+    zero = MAML(TINY_MLP, n_way=3, head="zero", test_inner_steps=0).eval()
+    assert torch.count_nonzero(zero.predict_episode(mlp_episode())) == 0
+
+
+def test_parameter_sharing_for_each_preset():
+    backbone, head = 6 * 8 + 8, 3 * (8 + 1)
+    maml = MAML(TINY_MLP, n_way=3).parameter_sharing()
+    assert (maml.shared, maml.task_specific, maml.meta) == (backbone + head, backbone + head, 0)
+    anil = ANIL(TINY_MLP, n_way=3).parameter_sharing()
+    assert (anil.shared, anil.task_specific, anil.meta) == (backbone + head, head, 0)
+    msgd = MetaSGD(TINY_MLP, n_way=3).parameter_sharing()
+    assert (msgd.shared, msgd.task_specific, msgd.meta) == (backbone + head,) * 3
+    anil_sgd = ANIL(TINY_MLP, n_way=3, learn_step_sizes=True).parameter_sharing()
+    assert anil_sgd.meta == head
+    zero = ANIL(TINY_MLP, n_way=3, head="zero").parameter_sharing()
+    assert (zero.shared, zero.task_specific) == (backbone, head)
+
+
+def test_per_step_batch_norm_keeps_statistics_per_inner_step():
+    torch.manual_seed(0)
+    model = MAML(TINY_CONV, n_way=3, inner_steps=2, inner_lr=0.1, batch_norm="per_step",
+                 vmap=False)
+    stats = {k: v.clone() for k, v in model.per_step_bn.named_buffers()}
+    assert next(iter(stats.values())).shape[0] == 3  # steps 0, 1 and the query pass
+    model.train()
+    meta_grads(model, conv_episode())
+    for k, v in model.per_step_bn.named_buffers():
+        for slot in range(3):
+            assert not torch.equal(v[slot], stats[k][slot]), f"{k}[{slot}] not updated"
+    model.eval()  # eval: running statistics, and more test steps than slots works
+    model.hparams.test_inner_steps = 4
+    assert torch.isfinite(model.predict_episode(conv_episode())).all()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"inner_lr": 0.0}, ValueError, "inner_lr must be > 0"),
+    ({"inner_lr": -0.01, "learn_step_sizes": True}, ValueError, "initial value of every"),
+    ({"inner_steps": 0}, ValueError, "set test_inner_steps=0"),
+    ({"test_inner_steps": -1}, ValueError, "inner_steps must be an integer >= 0"),
+    ({"adapt": "head", "head": "none"}, ValueError, "has none"),
+    ({"adapt": "backbone"}, ValueError, "adapt must be one of"),
+    ({"batch_norm": "per_step", "vmap": True}, ValueError, "cannot batch across tasks"),
+    ({"head": "proto", "loss": "mse"}, ValueError, "needs loss='cross_entropy'"),
+])
+def test_bad_settings_fail_with_a_clear_message(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MAML(TINY_CONV, n_way=3, **kwargs)
+
+
+def test_zero_test_steps_are_accepted():
+    assert MAML(TINY_MLP, n_way=3, test_inner_steps=0).test_inner_steps == 0
+
+
+def fit(model, tmp_path, max_steps=2, family=None, setting=None):
+    family = family or RandomImages()
+    setting = setting or {"n_way": 3, "k_shot": 1, "q_query": 2}
+    data = EpisodicDataModule(family, setting, setting, meta_batch_size=2, batches_per_epoch=2,
+                              val_episodes=2)
+    trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False, accelerator="cpu",
+                         use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return trainer, path
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_lightning_fit_save_reload_and_predict(name, tmp_path):
+    torch.manual_seed(0)
+    model = PRESETS[name](TINY_CONV, n_way=3, inner_lr=0.1, test_inner_steps=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer, path = fit(model, tmp_path)
+    assert trainer.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    loaded = load_regime(path)  # weights_only=True inside
+    assert type(loaded) is type(model) and loaded.test_inner_steps == 2
+    episode = RandomImages().sampler("test", 5, 1, 2, 0).batch(range(2)).to_float()
+    model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded.predict_episode(episode), model.predict_episode(episode))
+
+
+CONFIGS = ["regime=maml", "regime=fomaml", "regime=anil", "regime=metasgd",
+           "experiment=omniglot_maml_5w1s"]
+
+
+@pytest.mark.parametrize("override", CONFIGS)
+def test_configs_compose_and_instantiate(override):
+    with initialize_config_dir(config_dir=str(sharebone.config.CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[override, "backbone.hidden=4"],
+                      return_hydra_config=True)
+    model = instantiate(cfg.regime, _convert_="all")
+    assert isinstance(model, MAML)
+    expected = override.split("=")[1] if override.startswith("regime") else "maml"
+    assert model.regime_name == expected
+    assert model.hparams.n_way == cfg.sampler.train.n_way
