@@ -46,6 +46,9 @@ START=$SECONDS
 # --- 0. Preconditions ----------------------------------------------------------------------
 # A venv directory is accepted too: use its interpreter.
 if [[ -d "$PY" && -x "$PY/bin/python" ]]; then PY="$PY/bin/python"; fi
+# Absolute, because later steps run from other folders; not resolved through symlinks, since a
+# venv's python is a link to the base interpreter and only the link knows it is in the venv.
+if [[ "$PY" == */* && -e "$PY" ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
 if [[ ! -f "$PY" || ! -x "$PY" ]]; then
     command -v "$PY" >/dev/null 2>&1 \
         || die "python interpreter not found: $PY (create the venv first, or pass PYTHON)"
