@@ -16,7 +16,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -31,7 +31,13 @@ from sharebone.evaluation.stats import format_table
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(cfg: DictConfig, family: Any) -> EpisodicDataModule:
+def build_datamodule(cfg: DictConfig, family: Any) -> pl.LightningDataModule:
+    """Episodes, unless the regime's class builds its own datamodule: a regime that trains on
+    plain batches (multitask, pre-training, fine-tuning) defines a classmethod
+    ``build_datamodule(cfg, family)``."""
+    custom = getattr(get_class(cfg.regime._target_), "build_datamodule", None)
+    if custom is not None:
+        return custom(cfg, family)
     s = cfg.sampler
     return EpisodicDataModule(
         family, train=dict(s.train), val=dict(s.val), meta_batch_size=s.meta_batch_size,
