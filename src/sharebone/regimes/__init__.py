@@ -2,7 +2,8 @@
 
 from sharebone.regimes.base import REGIMES, FewShotRegime, accuracy, register_regime
 from sharebone.regimes.maml import ANIL, FOMAML, MAML, MetaSGD
+from sharebone.regimes.multitask import MultiTask
 from sharebone.regimes.protonet import ProtoNet
 
-__all__ = ["ANIL", "FOMAML", "MAML", "REGIMES", "FewShotRegime", "MetaSGD", "ProtoNet", "accuracy",
-           "register_regime"]
+__all__ = ["ANIL", "FOMAML", "MAML", "REGIMES", "FewShotRegime", "MetaSGD", "MultiTask", "ProtoNet",
+           "accuracy", "register_regime"]
