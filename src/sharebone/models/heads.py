@@ -89,9 +89,11 @@ def resize_ways(tensor: torch.Tensor, n_way: int) -> torch.Tensor:
 
 
 def initial_head(head: LinearHead, n_way: int, support_features: torch.Tensor | None = None,
-                 support_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 support_labels: torch.Tensor | None = None,
+                 like: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The head a task starts from, ``{"weight": [n_way, D], "bias": [n_way]}``, for any
-    ``n_way`` (see the module docstring for the three rules).
+    ``n_way`` (see the module docstring for the three rules). A zero head takes its dtype and
+    device from ``support_features``, else from ``like``.
 
     Example:
         >>> head = LinearHead(4, 5)
@@ -104,7 +106,7 @@ def initial_head(head: LinearHead, n_way: int, support_features: torch.Tensor | 
     if head.init == "learned":
         return {"weight": resize_ways(head.weight, n_way), "bias": resize_ways(head.bias, n_way)}
     if head.init == "zero":
-        ref = support_features
+        ref = support_features if support_features is not None else like
         kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
         return {"weight": torch.zeros(n_way, head.in_features, **kwargs),
                 "bias": torch.zeros(n_way, **kwargs)}

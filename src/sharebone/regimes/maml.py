@@ -256,7 +256,8 @@ class MAML(FewShotRegime):
         if self.head is not None:
             if self.hparams.head == "proto" and support_features is None:
                 support_features = self.features({}, support, 0)
-            head = initial_head(self.head, n_way, support_features, support_labels)
+            head = initial_head(self.head, n_way, support_features, support_labels,
+                                like=support)
             params.update({f"head.{k}": v for k, v in head.items()})
         return params
 
@@ -305,7 +306,10 @@ class MAML(FewShotRegime):
                                     support if head_only else None)
         modules: list[nn.Module] = [] if head_only else [self.backbone]
         if self.head is not None:
-            modules.append(_FixedLinear(init["head.weight"], init["head.bias"]))
+            # A zero head is a fresh constant: learn2learn differentiates with respect to it.
+            head = {k: v if v.requires_grad else v.requires_grad_() for k, v in init.items()
+                    if k.startswith("head.")}
+            modules.append(_FixedLinear(head["head.weight"], head["head.bias"]))
         net = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         if self.hparams.learn_step_sizes:
             sizes = self._step_sizes(init, n_way)
