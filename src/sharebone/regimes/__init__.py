@@ -1,9 +1,10 @@
 """Training regimes: one LightningModule each, all built on a shared backbone."""
 
 from sharebone.regimes.base import REGIMES, FewShotRegime, accuracy, register_regime
+from sharebone.regimes.finetune import FineTune, Pretrain
 from sharebone.regimes.maml import ANIL, FOMAML, MAML, MetaSGD
 from sharebone.regimes.multitask import MultiTask
 from sharebone.regimes.protonet import ProtoNet
 
-__all__ = ["ANIL", "FOMAML", "MAML", "REGIMES", "FewShotRegime", "MetaSGD", "MultiTask", "ProtoNet",
-           "accuracy", "register_regime"]
+__all__ = ["ANIL", "FOMAML", "MAML", "REGIMES", "FewShotRegime", "FineTune", "MetaSGD", "MultiTask",
+           "Pretrain", "ProtoNet", "accuracy", "register_regime"]

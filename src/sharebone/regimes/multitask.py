@@ -200,6 +200,9 @@ class SharedBackboneRegime(FewShotRegime):
             raise ValueError(f"head_fit.method must be one of {HEAD_FITS}, got {fit['method']!r}.")
         self.head_fit = fit
         self.task_names = list(heads)  # order of task ids in batches; set from the data at fit
+        # Read by the shared machinery; subclasses (pre-training) may not expose them as hparams.
+        self.loss_name, self.conflict_every = loss, conflict_every
+        self.lr, self.weight_decay = lr, weight_decay
         if loss == "mse":
             self.metric_name, self.metric_higher_is_better = "mse", False
 
@@ -246,12 +249,12 @@ class SharedBackboneRegime(FewShotRegime):
 
     # -- the multitask step ---------------------------------------------------------------------
     def task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
+        if self.loss_name == "mse":
             return F.mse_loss(outputs.squeeze(-1), targets.to(outputs.dtype))
         return F.cross_entropy(outputs, targets)
 
     def task_score(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
+        if self.loss_name == "mse":
             return F.mse_loss(outputs.squeeze(-1), targets.to(outputs.dtype))
         return (outputs.argmax(-1) == targets).float().mean()
 
@@ -284,7 +287,7 @@ class SharedBackboneRegime(FewShotRegime):
                               for o, r in zip(outputs, rows, strict=True)])
         check_finite(losses, names, "loss")
 
-        every = self.hparams.conflict_every
+        every = self.conflict_every
         wants_conflict = bool(every) and self.global_step % every == 0 and len(names) > 1
         gramian = (self.task_gramian(losses)
                    if self.weighting.uses_gramian or wants_conflict else None)
@@ -333,19 +336,19 @@ class SharedBackboneRegime(FewShotRegime):
         features = self.embed(torch.cat([episode.support, episode.query], dim=1)).detach()
         support, query = features[:, :n_support], features[:, n_support:]
         fit = self.head_fit
-        if self.hparams.loss == "mse":
+        if self.loss_name == "mse":
             return ridge_predict(support, episode.support_labels, query, l2=fit["l2"])
         head = fit_linear_classifier(support, episode.support_labels, episode.n_way, **fit)
         return head(query)
 
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         predictions = self.predict_episode(episode)
-        if self.hparams.loss == "mse":
+        if self.loss_name == "mse":
             return F.mse_loss(predictions, episode.query_labels), predictions
         return super().episode_loss(episode)
 
     def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
+        if self.loss_name == "mse":
             return (predictions - labels).pow(2).mean(-1)
         return super().episode_metric(predictions, labels)
 
@@ -358,7 +361,7 @@ class SharedBackboneRegime(FewShotRegime):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 def check_heads(heads: dict[str, int], data: dict[str, int]) -> None:

@@ -1,0 +1,334 @@
+"""Pre-training and transfer: a backbone trained on all classes, then moved to a new task.
+
+``pretrain`` is the Baseline/RFS recipe: one linear classifier over every training class,
+plain cross-entropy on plain batches (Chen, Liu, Kira, Wang & Huang, ICLR 2019,
+arXiv:1904.04232; Tian, Wang, Krishnan, Tenenbaum & Isola, ECCV 2020, arXiv:2003.11539). Its
+few-shot score comes from a fresh head fitted on each support set, as the papers do.
+
+``finetune`` takes the backbone of any sharebone checkpoint to a new task (a split of a task
+family, e.g. the held-out test alphabets, ``train_per_class`` images of each class to train on
+and the rest to validate on) in one of four modes, each a Lightning finetuning callback
+rather than hand-rolled freezing:
+
+- ``probe``: linear probe, the backbone frozen (in eval mode) throughout (``FrozenBackbone``);
+- ``full``: everything trains from the start, the backbone at ``lr * backbone_lr_ratio``;
+- ``backbone``: Lightning's ``BackboneFinetuning``: head first, the backbone unfrozen at
+  ``unfreeze_at_epoch`` with ``backbone_lr_ratio`` of the head's lr, its lr then growing;
+- ``gradual``: ULMFiT's gradual unfreezing with discriminative learning rates (Howard & Ruder,
+  ACL 2018, arXiv:1801.06146): from ``unfreeze_at_epoch`` one more layer every
+  ``unfreeze_every`` epochs, top layer first, layer ``k`` from the top at ``lr * lr_decay^k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning
+from torch import nn
+
+from sharebone.analysis import layer_groups
+from sharebone.data.episodes import Episode
+from sharebone.models import ParameterSharing, count_parameters
+from sharebone.regimes.base import FewShotRegime, register_regime
+from sharebone.regimes.multitask import (
+    DEFAULT_HEAD_FIT,
+    SharedBackboneRegime,
+    fit_linear_classifier,
+)
+
+__all__ = ["FINETUNE_MODES", "FineTune", "FrozenBackbone", "GradualUnfreezing", "Pretrain",
+           "source_backbone"]
+
+
+@register_regime("pretrain")
+class Pretrain(SharedBackboneRegime):
+    """Baseline/RFS pre-training: backbone + one linear classifier over all training classes.
+
+    Shared: the backbone. Task-specific: the classifier (a fresh head per support set at
+    few-shot time, fitted as ``head_fit`` says: logistic regression on normalised features,
+    RFS's choice, or a few SGD steps, Baseline's). The training task is the family's whole
+    train split as one task; ``num_classes`` is filled from it by ``sharebone-train``.
+
+    Args:
+        backbone: registry spec of the backbone.
+        num_classes: classes of the training split (the classifier's outputs).
+        lr, weight_decay: Adam.
+        batch_size: images per step.
+        head_fit: see :class:`~sharebone.regimes.multitask.MultiTask`.
+
+    Example:
+        >>> model = Pretrain({"name": "mlp", "in_features": 4, "hidden": [8]}, num_classes=5)
+        >>> batch = (torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0]), torch.zeros(6).long())
+        >>> model.training_step(batch, 0).shape
+        torch.Size([])
+        >>> print(model.parameter_sharing())  # doctest: +ELLIPSIS
+        shared=40  task-specific=45  (1 trained head(s); ...)
+    """
+
+    def __init__(self, backbone: dict[str, Any], num_classes: int | None = None,
+                 lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 64,
+                 head_fit: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, heads={"classes": num_classes} if num_classes else None,
+                         weighting={"name": "equal"}, loss="cross_entropy", lr=lr,
+                         weight_decay=weight_decay, batch_size=batch_size, conflict_every=0,
+                         head_fit=head_fit)
+        self.save_hyperparameters()
+
+    @classmethod
+    def training_tasks(cls, family: Any, regime_cfg: Any):
+        from sharebone.data.multitask import class_tasks
+
+        return class_tasks(family, "train", name="classes")
+
+    @classmethod
+    def fill_heads(cls, regime_cfg: Any, heads: dict[str, int]) -> None:
+        n = heads["classes"]
+        if regime_cfg.get("num_classes") is None:
+            regime_cfg.num_classes = n
+        elif int(regime_cfg.num_classes) != n:
+            raise ValueError(f"regime.num_classes={regime_cfg.num_classes} but the training "
+                             f"split has {n} classes; set regime.num_classes=null to take it "
+                             "from the data.")
+
+
+# ------------------------------------------------------------------------------- transfer
+
+
+def source_backbone(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The backbone spec and weights (``backbone.*`` keys, prefix removed) of a sharebone
+    checkpoint; :class:`~sharebone.checkpoints.CheckpointError` when it has none."""
+    from sharebone.checkpoints import CheckpointError, read_checkpoint  # (imports regimes)
+
+    checkpoint = read_checkpoint(path)
+    spec = checkpoint["sharebone"].get("hparams", {}).get("backbone")
+    weights = {k[len("backbone."):]: v for k, v in checkpoint.get("state_dict", {}).items()
+               if k.startswith("backbone.")}
+    if not spec or not weights:
+        raise CheckpointError(
+            f"{path} has no backbone to transfer (no backbone spec and 'backbone.*' weights; it "
+            f"is a '{checkpoint['sharebone'].get('regime')}' checkpoint). Pass regime.source=<a "
+            "checkpoint of pretrain, multitask, protonet or maml>.")
+    return dict(spec), weights
+
+
+class FrozenBackbone(BaseFinetuning):
+    """Linear probe: the backbone stays frozen, batch norm included, and in eval mode."""
+
+    def freeze_before_training(self, pl_module: Any) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+
+    def finetune_function(self, pl_module: Any, epoch: int, optimizer: Any) -> None:
+        pass
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        pl_module.backbone.eval()  # fixed features: running statistics, not batch statistics
+
+
+class GradualUnfreezing(BaseFinetuning):
+    """ULMFiT gradual unfreezing with discriminative learning rates (Howard & Ruder 2018).
+
+    The backbone starts frozen. At epoch ``start + k * every`` layer ``k`` from the top
+    (:func:`sharebone.analysis.layer_groups`) is unfrozen into its own optimizer group with
+    learning rate ``head_lr * decay^(k + 1)``: lower layers, more general, move less.
+    """
+
+    def __init__(self, start: int = 1, every: int = 1, decay: float = 1 / 2.6) -> None:
+        super().__init__()
+        self.start, self.every, self.decay = start, max(1, every), decay
+
+    def freeze_before_training(self, pl_module: Any) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+
+    def finetune_function(self, pl_module: Any, epoch: int, optimizer: Any) -> None:
+        if epoch < self.start or (epoch - self.start) % self.every:
+            return
+        k = (epoch - self.start) // self.every
+        groups = layer_groups(pl_module.backbone)
+        if k >= len(groups):
+            return
+        modules = list(groups[-1 - k].modules)
+        self.make_trainable(modules)
+        # Not unfreeze_and_add_param_group: its filter_on_optimizer compares parameters by
+        # value (torch.equal), so a freshly initialised batch norm (weight 1, bias 0) counts as
+        # already in the optimizer once another one is, and would silently never train.
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self.filter_params(modules) if id(p) not in known]
+        if params:
+            lr = optimizer.param_groups[0]["lr"] * self.decay ** (k + 1)
+            optimizer.add_param_group({"params": params, "lr": lr})
+
+
+def _probe(model: FineTune) -> list[BaseFinetuning]:
+    return [FrozenBackbone()]
+
+
+def _full(model: FineTune) -> list[BaseFinetuning]:
+    return []
+
+
+def _backbone(model: FineTune) -> list[BaseFinetuning]:
+    h = model.hparams
+    return [BackboneFinetuning(unfreeze_backbone_at_epoch=h.unfreeze_at_epoch,
+                               backbone_initial_ratio_lr=h.backbone_lr_ratio, should_align=True)]
+
+
+def _gradual(model: FineTune) -> list[BaseFinetuning]:
+    h = model.hparams
+    return [GradualUnfreezing(start=h.unfreeze_at_epoch, every=h.unfreeze_every,
+                              decay=h.lr_decay)]
+
+
+#: Mode name -> the finetuning callbacks that implement it.
+FINETUNE_MODES: dict[str, Callable[[FineTune], list[BaseFinetuning]]] = {
+    "probe": _probe, "full": _full, "backbone": _backbone, "gradual": _gradual}
+
+
+@register_regime("finetune")
+class FineTune(FewShotRegime):
+    """Transfer a trained backbone to a new task: a new linear head, and the backbone frozen,
+    fine-tuned, or unfrozen step by step (see the module docstring for the four modes).
+
+    Args:
+        source: a sharebone checkpoint (any regime with a backbone) whose backbone is
+            transferred; ``None`` starts from random weights (a from-scratch baseline).
+        backbone: the backbone spec; must match the source's.
+        num_classes: classes of the new task (filled from the data by ``sharebone-train``).
+        mode: ``probe`` | ``full`` | ``backbone`` | ``gradual``.
+        lr: Adam learning rate of the head (and the reference for the backbone's).
+        backbone_lr_ratio: the backbone's lr as a fraction of the head's (``full``,
+            ``backbone``).
+        unfreeze_at_epoch, unfreeze_every, lr_decay: unfreezing schedule (``backbone``,
+            ``gradual``).
+        weight_decay: Adam weight decay.
+        batch_size: images per step.
+        target_split: the split of the task family that is the new task.
+        train_per_class: images per class to train on; the rest validate.
+        head_fit: how few-shot episodes fit a fresh head on this backbone's features.
+
+    Example:
+        >>> model = FineTune(backbone={"name": "mlp", "in_features": 4, "hidden": [8]},
+        ...                  num_classes=3, mode="probe")
+        >>> print(model.parameter_sharing())  # doctest: +ELLIPSIS
+        shared=40  task-specific=27  (probe: ...)
+        >>> [type(c).__name__ for c in model.configure_callbacks()]
+        ['FrozenBackbone']
+    """
+
+    def __init__(self, source: str | None = None, backbone: dict[str, Any] | None = None,
+                 num_classes: int | None = None, mode: str = "probe", lr: float = 1e-3,
+                 backbone_lr_ratio: float = 0.1, unfreeze_at_epoch: int = 1,
+                 unfreeze_every: int = 1, lr_decay: float = 1 / 2.6, weight_decay: float = 0.0,
+                 batch_size: int = 64, target_split: str = "test", train_per_class: int = 5,
+                 head_fit: dict[str, Any] | None = None) -> None:
+        if mode not in FINETUNE_MODES:
+            raise ValueError(f"mode must be one of {sorted(FINETUNE_MODES)}, got {mode!r}.")
+        if source is not None:
+            source = str(Path(source).expanduser().resolve())
+        if backbone is None:
+            if source is None:
+                raise ValueError("FineTune needs a source checkpoint or a backbone spec.")
+            backbone, _ = source_backbone(source)
+        super().__init__(backbone)
+        self.head = (nn.Linear(self.backbone.num_features, num_classes)
+                     if num_classes else None)
+        self.head_fit = {**DEFAULT_HEAD_FIT, **dict(head_fit or {})}
+        self.save_hyperparameters()
+        self.hparams["backbone"], self.hparams["source"] = dict(backbone), source
+        self._source_loaded = False
+
+    # -- data -----------------------------------------------------------------------------------
+    @classmethod
+    def build_datamodule(cls, cfg: Any, family: Any):
+        """The new task: ``target_split``'s classes, ``train_per_class`` images each to train
+        on, the rest to validate on. Checks the source checkpoint before any data is read."""
+        from sharebone.checkpoints import CheckpointError, describe_backbone
+        from sharebone.data.multitask import TaskBatchDataModule, class_tasks, held_out_split
+
+        r = cfg.regime
+        if r.get("source"):
+            spec, _ = source_backbone(r.source)
+            if r.get("backbone") is not None and dict(r.backbone) != spec:
+                raise CheckpointError(
+                    f"{r.source} has backbone ({describe_backbone(spec)}) but "
+                    f"({describe_backbone(dict(r.backbone))}) is configured; pass the same "
+                    "backbone=..., or regime.backbone=null to take the checkpoint's.")
+        data = class_tasks(family, r.target_split, name="target")
+        train, held = held_out_split(data, int(r.train_per_class))
+        if r.get("num_classes") is None:
+            r.num_classes = data.outputs[0]
+        elif int(r.num_classes) != data.outputs[0]:
+            raise ValueError(f"regime.num_classes={r.num_classes} but split '{r.target_split}' "
+                             f"has {data.outputs[0]} classes; set regime.num_classes=null.")
+        s = cfg.sampler
+        return TaskBatchDataModule(family, train, per_task=r.batch_size, val=dict(s.val),
+                                   batches_per_epoch=s.batches_per_epoch, seed=s.seed,
+                                   eval_seed=s.eval_seed, num_workers=s.num_workers,
+                                   val_data=held)
+
+    def setup(self, stage: str) -> None:
+        from sharebone.checkpoints import CheckpointError, describe_backbone
+
+        if stage == "fit" and self.hparams.source and not self._source_loaded:
+            spec, weights = source_backbone(self.hparams.source)
+            if spec != dict(self.hparams.backbone):
+                raise CheckpointError(
+                    f"{self.hparams.source} has backbone ({describe_backbone(spec)}), this model "
+                    f"({describe_backbone(dict(self.hparams.backbone))}).")
+            self.backbone.load_state_dict(weights)
+            self._source_loaded = True
+        if stage == "fit" and self.head is None:
+            raise ValueError("No head: set regime.num_classes (sharebone-train fills it).")
+
+    def configure_callbacks(self) -> list[BaseFinetuning]:
+        return FINETUNE_MODES[self.hparams.mode](self)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _scores(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch[0], batch[1]
+        logits = self.head(self.backbone(inputs))
+        loss = F.cross_entropy(logits, targets)
+        return loss, (logits.argmax(-1) == targets).float().mean()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss, acc = self._scores(batch)
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True,
+                      batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if isinstance(batch, Episode):
+            return super().validation_step(batch, batch_idx)
+        loss, acc = self._scores(batch)
+        self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True,
+                      batch_size=batch[0].shape[0])
+
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        n_support = episode.support.shape[1]
+        images = torch.cat([episode.support, episode.query], dim=1)
+        features = self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1).detach()
+        head = fit_linear_classifier(features[:, :n_support], episode.support_labels,
+                                     episode.n_way, **self.head_fit)
+        return head(features[:, n_support:])
+
+    def parameter_sharing(self) -> ParameterSharing:
+        backbone, head = count_parameters(self.backbone), count_parameters(self.head)
+        mode = self.hparams.mode
+        adapted = head if mode == "probe" else head + backbone
+        how = ("new head on the frozen backbone" if mode == "probe"
+               else "new head, backbone fine-tuned")
+        return ParameterSharing(shared=backbone, task_specific=adapted,
+                                description=f"{mode}: {how}")
+
+    def configure_optimizers(self):
+        h = self.hparams
+        head = [p for p in self.head.parameters()] if self.head is not None else []
+        groups = [{"params": head, "lr": h.lr}]
+        if h.mode == "full":
+            groups.append({"params": list(self.backbone.parameters()),
+                           "lr": h.lr * h.backbone_lr_ratio})
+        return torch.optim.Adam(groups, lr=h.lr, weight_decay=h.weight_decay)
