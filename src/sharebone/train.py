@@ -3,24 +3,31 @@
     sharebone-train                                   # ProtoNet on omniglot_small
     sharebone-train experiment=omniglot_protonet_5w1s trainer.max_epochs=5
     sharebone-train --cfg job                         # print the composed config
-    sharebone-train -m regime.lr=1e-3,3e-3            # a sweep
+    sharebone-train -m regime.lr=1e-3,3e-3            # a sweep (summary.md/.csv at the end)
+    sharebone-train trainer=ddp trainer.devices=4     # DDP: the meta-batch split across GPUs
+    sharebone-train resume=outputs/2026-11-25/13-00-00  # continue a killed run exactly
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sharebone import tracking
+from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpoint
 from sharebone.checkpoints import load_regime
 from sharebone.config import CONFIG_DIR
 from sharebone.data.datamodule import EpisodicDataModule
@@ -29,6 +36,79 @@ from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 
 log = logging.getLogger(__name__)
+
+#: Set by rank 0 while it trains: the resolved config of the run. DDP ranks that Lightning
+#: starts as new processes (``strategy=ddp`` re-runs the command line) read it instead of
+#: composing the config again: same run directory, same settings, no second sweep.
+RUN_CONFIG_ENV = "SHAREBONE_RUN_CONFIG"
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 when nothing did).
+
+    Known before the trainer exists, so that only rank 0 starts a W&B run: torchrun and
+    Lightning set ``RANK``/``LOCAL_RANK``, SLURM ``SLURM_PROCID``.
+    """
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def sweep_info() -> dict[str, str] | None:
+    """``{"group", "name"}`` for a job of a Hydra multirun (``-m``), else None.
+
+    The group is ``sweep_name`` when set, else the sweep directory's last two parts
+    (``multirun/2026-11-25/13-00-00`` -> ``2026-11-25_13-00-00``); the name is the job's
+    overrides (``regime.lr=0.001``).
+    """
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    parts = Path(str(hc.sweep.dir)).parts
+    group = "_".join(parts[-2:]) if parts else "sweep"
+    name = hc.job.get("override_dirname") or f"job{hc.job.num}"
+    return {"group": group, "name": f"{hc.job.num}:{name}"}
+
+
+def logger_config(cfg: DictConfig) -> dict[str, Any]:
+    """The ``logger`` group, W&B runs of one sweep grouped (group = the sweep's name)."""
+    options = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
+    sweep = sweep_info()
+    if "wandb" in options and (sweep or cfg.get("sweep_name")):
+        wandb = dict(options["wandb"] or {})
+        wandb["group"] = wandb.get("group") or cfg.get("sweep_name") or sweep["group"]
+        if sweep and not wandb.get("name"):
+            wandb["name"] = sweep["name"]
+        options["wandb"] = wandb
+    return options
+
+
+def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path) -> list[pl.Callback]:
+    """Best/last checkpoints (last also every ``checkpoint.every_n_train_steps`` steps, for
+    mid-epoch resume), RNG state in checkpoints, and any ``callbacks.<name>`` from the config.
+
+    Both checkpoint callbacks write ``last.ckpt`` (the epoch-end one after validation, the
+    step one in between); the newest wins, so ``resume=<run dir>`` continues from the latest.
+    """
+    dirpath = output_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=dirpath, filename="best", monitor=f"val/{model.metric_name}",
+                        save_last=True, enable_version_counter=False,
+                        mode="max" if model.metric_higher_is_better else "min")]
+    every = (cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0
+    if every > 0:
+        callbacks.append(ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every,
+                                         save_top_k=0, save_last=True,
+                                         enable_version_counter=False))
+    callbacks.append(RNGState())
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if spec is not None:
+            log.info("callback %s: %s", name, spec.get("_target_"))
+            callbacks.append(instantiate(spec))
+    return callbacks
 
 
 def build_datamodule(cfg: DictConfig, family: Any) -> pl.LightningDataModule:
@@ -69,25 +149,38 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("%s on %s: %s", model.regime_name, cfg.task.name, sharing)
     print(f"[sharebone] {model.regime_name} / {cfg.backbone.name} / {cfg.task.name}: {sharing}")
 
-    loggers = tracking.build_loggers(cfg.get("logger"), output_dir)
+    # One W&B run per job: ranks that a launcher started as processes of their own log nothing
+    # (Lightning's loggers only write on rank 0 anyway; this keeps them from opening runs).
+    loggers = tracking.build_loggers(logger_config(cfg), output_dir) if launch_rank() == 0 else []
     for logger in loggers:
         tracking._safely(logger.log_hyperparams, model.run_config)
     tracking.log_summary(loggers, {f"params/{k}": v for k, v in sharing.as_dict().items()
                                    if isinstance(v, int)})
 
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best",
-                                 monitor=f"val/{model.metric_name}", save_last=True,
-                                 mode="max" if model.metric_higher_is_better else "min")
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                      callbacks=[checkpoint])
+    callbacks = build_callbacks(cfg, model, output_dir)
+    checkpoint = callbacks[0]
+    # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      plugins=[AtomicCheckpointIO()])
+    ckpt_path = resume_checkpoint(cfg.get("resume"))
+    if ckpt_path:
+        print(f"[sharebone] resuming from {ckpt_path}")
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+    with ddp_job(cfg, output_dir):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, float] = {"train_seconds": train_seconds}
     if trainer.global_rank != 0:
         return metrics
+    # The last validation (reduced across ranks); under ddp_spawn Lightning hands it back.
+    value = trainer.callback_metrics.get(f"val/{model.metric_name}")
+    if value is not None:
+        metrics[f"val/{model.metric_name}"] = float(value)
     best = checkpoint.best_model_path or checkpoint.last_model_path
+    if not best:  # e.g. a ddp_spawn worker wrote them: the main process only knows the files
+        best = next((str(p) for p in (output_dir / "checkpoints" / "best.ckpt",
+                                      output_dir / "checkpoints" / "last.ckpt") if p.is_file()), "")
     if best:
         # Score what was saved, through the same loader sharebone-eval uses.
         model = load_regime(best).to(trainer.strategy.root_device)
@@ -116,12 +209,77 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
-    # Returned for Hydra sweepers (e.g. Optuna): the first test setting's accuracy.
+#: What Lightning's DDP launcher writes into the launching process's environment and leaves
+#: there: a later job of a multirun would take LOCAL_RANK for "started by a launcher" and
+#: wait forever for ranks nobody starts.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+class ddp_job:
+    """Around ``trainer.fit``: what makes one job one DDP job, also inside a multirun.
+
+    - ``strategy=ddp`` (Lightning's subprocess launcher) starts rank ``r > 0`` by re-running
+      this command line. Composed anew, a rank could get another ``${now:}`` run directory,
+      and under ``-m`` it would start the whole sweep again. Instead rank 0 writes its
+      resolved config and names it in :data:`RUN_CONFIG_ENV`; :func:`main` in such a rank
+      runs that very config.
+    - Afterwards the environment Lightning's launcher changed is put back and the process
+      group this job opened is closed, so the next job of a multirun starts clean.
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+        self.cfg, self.path = cfg, output_dir / ".rank_config.yaml"
+        self.env: dict[str, str | None] = {}
+        self.had_group = False
+
+    def __enter__(self) -> ddp_job:
+        import torch.distributed as dist
+
+        self.had_group = dist.is_available() and dist.is_initialized()
+        self.env = {key: os.environ.get(key) for key in (*LAUNCHER_ENV, RUN_CONFIG_ENV)}
+        if launch_rank() == 0:
+            self.path.write_text(OmegaConf.to_yaml(OmegaConf.to_container(self.cfg, resolve=True)))
+            os.environ[RUN_CONFIG_ENV] = str(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed as dist
+
+        if not self.had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in self.env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if launch_rank() == 0:
+            self.path.unlink(missing_ok=True)
+
+
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """What a Hydra sweeper (e.g. Optuna) optimises: ``metrics[cfg.objective]`` when set
+    (``objective=val/acc``), else the first test setting's score."""
+    key = cfg.get("objective")
+    if key:
+        return metrics.get(key)
     return next((v for k, v in metrics.items()
                  if k.startswith("test/") and not k.endswith("ci95")), None)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    return objective(cfg, run(cfg))
+
+
+def main() -> float | None:
+    """``sharebone-train``: a Hydra app, except in a DDP rank that rank 0 started."""
+    handed = os.environ.get(RUN_CONFIG_ENV)
+    if handed and launch_rank() != 0:
+        cfg = OmegaConf.load(handed)
+        logging.basicConfig(level=logging.INFO)
+        run(cfg)
+        sys.exit(0)
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,38 @@ from sharebone.data.episodes import Episode
 from sharebone.data.tasks import EpochOffsetSampler, MetaBatches, TaskFamily
 
 
+class EpisodeLoader(DataLoader):
+    """A DataLoader whose position is saved in checkpoints: exact mid-epoch resume.
+
+    Lightning stores ``state_dict()`` of every training loader that has one (in the fit
+    loop's state) and hands it back on resume before iterating; the state is the
+    :class:`~sharebone.data.tasks.EpochOffsetSampler`'s next meta-batch, so a resumed run
+    continues with the very episode the interrupted one would have drawn next.
+    """
+
+    _delivered: int | None = None
+
+    def __iter__(self):
+        # Count what was handed to the training loop, not what the sampler gave out: worker
+        # processes fetch ahead of the loop.
+        self._delivered = None
+        for i, batch in enumerate(super().__iter__()):
+            self._delivered = getattr(self.sampler, "pass_start", 0) + i + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if not hasattr(self.sampler, "state_dict"):
+            return {}
+        if self._delivered is None:
+            return self.sampler.state_dict()
+        return {"next_batch": self._delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._delivered = None
+        if state and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state)
+
+
 class EpisodicDataModule(pl.LightningDataModule):
     """Train, validation and test episodes of one task family.
 
@@ -56,8 +88,8 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: MetaBatches, sampler: Any = None) -> DataLoader:
         # batch_size=None: each dataset item already is a whole meta-batch.
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return EpisodeLoader(dataset, batch_size=None, sampler=sampler,
+                             num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         source = self.family.sampler("train", seed=self.seed, **self.train_setting)

@@ -113,21 +113,45 @@ class EpochOffsetSampler(torch.utils.data.Sampler[int]):
 
     Lightning calls :meth:`set_epoch` before every epoch, so the episode a step sees depends
     only on ``(epoch, step)``, never on what ran before.
+
+    Stateful for exact mid-epoch resume: its whole state is one integer, the next meta-batch
+    it would yield (:meth:`state_dict`). After :meth:`load_state_dict`, the epoch that contains
+    that meta-batch starts there instead of at its first batch; any other epoch is unaffected.
     """
 
     def __init__(self, num_batches: int) -> None:
         self.num_batches = num_batches
         self.epoch = 0
+        self.next_batch = 0
+        self.pass_start = 0
+        self._resume_at: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
+        # A generator: the range is fixed at the first next(), after Lightning's set_epoch,
+        # even when the loader's iterator was created before it (as on resume).
         start = self.epoch * self.num_batches
-        return iter(range(start, start + self.num_batches))
+        stop = start + self.num_batches
+        resume_at, self._resume_at = self._resume_at, None
+        if resume_at is not None and start <= resume_at <= stop:
+            start = resume_at
+        self.pass_start = start
+        for b in range(start, stop):
+            self.next_batch = b + 1
+            yield b
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"next_batch": b}``: meta-batches before ``b`` have been handed out."""
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_batch = int(state["next_batch"])
+        self._resume_at = self.next_batch
 
 
 class SyntheticImageTasks:

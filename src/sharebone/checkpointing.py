@@ -1,0 +1,116 @@
+"""Writing checkpoints that survive a kill, and picking up a run where it stopped.
+
+- :class:`AtomicCheckpointIO`: a checkpoint is written to a temporary file next to it and
+  renamed over the target (``os.replace``, atomic on POSIX), so a process killed while saving
+  leaves either the previous complete file or the new complete file, never a truncated one.
+- :class:`RNGState`: the torch random generators travel in the checkpoint, so dropout and any
+  other draw continue as in an uninterrupted run.
+- :func:`resume_checkpoint`: ``resume=<run dir or .ckpt>`` -> the file to continue from
+  (a run directory's ``last.ckpt``: the most recent state, not the best-scoring one).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from sharebone.checkpoints import CheckpointError, find_checkpoint
+
+#: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in ``.ckpt``, so no
+#: checkpoint search (``*.ckpt``) can mistake a half-written one for a checkpoint.
+TMP_SUFFIX = ".tmp"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace``.
+
+    Lightning's default writes the target file in place, so a kill mid-write leaves a
+    truncated ``last.ckpt`` that a later ``resume=`` would fail on. Remote paths (``s3://``
+    and the like) are written by the default implementation.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options, got "
+                            f"{storage_options!r}.")
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(str(path).removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX,
+                                   dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RNGState(pl.Callback):
+    """Saves and restores torch's CPU (and CUDA) generators with each checkpoint.
+
+    The episodes do not need it (episode ``i`` is a pure function of the seed and ``i``), but
+    dropout, random augmentation or any other draw in a regime does for an exact resume.
+    The states are uint8 tensors, so the checkpoint still loads with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "torch" in state_dict:
+            torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            states = state_dict["cuda"]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+
+
+def resume_checkpoint(resume: str | Path | None) -> str | None:
+    """The checkpoint ``resume=`` names: a ``.ckpt`` as is; a run dir's ``last.ckpt``.
+
+    A run directory is resolved to ``checkpoints/last.ckpt`` (the latest state, written every
+    ``checkpoint.every_n_train_steps`` steps and at each epoch end), else to whatever
+    :func:`sharebone.checkpoints.find_checkpoint` finds there.
+    """
+    if resume in (None, ""):
+        return None
+    path = Path(str(resume)).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return str(candidate)
+    try:
+        return str(find_checkpoint(path))
+    except CheckpointError as err:
+        raise CheckpointError(f"Cannot resume: {err}") from err
