@@ -236,7 +236,7 @@ def test_lightning_fit_save_reload_and_predict(name, tmp_path):
 
 
 CONFIGS = ["regime=maml", "regime=fomaml", "regime=anil", "regime=metasgd",
-           "experiment=omniglot_maml_5w1s"]
+           "experiment=omniglot_maml_5w1s", "experiment=omniglot_maml_20w1s"]
 
 
 @pytest.mark.parametrize("override", CONFIGS)

@@ -1,0 +1,259 @@
+"""Meta-training throughput of sharebone's MAML against learn2learn's, at equal numerics.
+
+Setting (Finn et al. 2017, Omniglot): conv4 with 64 channels, 5-way 1-shot 15-query episodes of
+28x28 images, 1 inner step of 0.4, meta-batch 32, Adam; second and first order. Both sides run
+the same model (stock ``nn.BatchNorm2d`` without running statistics for learn2learn, sharebone's
+batch-statistics norm for sharebone: the same function) on the same episodes, and a float64
+check first confirms that both give the same meta-gradient.
+
+learn2learn is driven as in its examples (``maml.clone()``, ``adapt``, a backward per task);
+sharebone as Lightning drives it (``episode_loss`` over the meta-batch, one backward). Each
+configuration runs in its own subprocess; its peak memory is the kernel's peak-RSS mark
+(``VmHWM``), reset after data loading and warm-up (the allocator keeps what warm-up freed, so
+read the absolute peak, not the increase). ``sharebone`` keeps every task's graph until the
+one backward of the meta-batch; ``sharebone-accum4`` is the same meta-gradient in 4 backward
+passes (``meta_batch_size=8`` with ``trainer.accumulate_grad_batches=4`` in a run).
+
+    python scripts/bench_maml.py                     # real Omniglot if SHAREBONE_DATA_DIR has it
+    python scripts/bench_maml.py --data random --iters 3 --threads 1 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+N_WAY, K_SHOT, Q_QUERY, INNER_LR = 5, 1, 15, 0.4
+SPEC = {"name": "conv4", "in_channels": 1, "hidden": 64, "image_size": 28}
+
+
+def episodes(data: str, meta_batch: int, batches: int):
+    """``batches`` meta-batches of float episodes (real Omniglot-small train split, or random
+    uint8 images of the same shape)."""
+    from sharebone.data.episodes import EpisodeSampler
+
+    if data == "real":
+        from sharebone.data.tasks import OmniglotTasks
+
+        splits = {"train": {"archives": ["images_background_small1", "images_background_small2"],
+                            "alphabets": ["Balinese", "Greek", "Latin", "Japanese_(katakana)"],
+                            "rotations": [0, 90, 180, 270]}}
+        sampler = OmniglotTasks(splits, download=False).sampler("train", N_WAY, K_SHOT, Q_QUERY, 0)
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=g, dtype=torch.uint8)
+        sampler = EpisodeSampler(images, torch.arange(2000) // 20, N_WAY, K_SHOT, Q_QUERY)
+    return [sampler.batch(range(b * meta_batch, (b + 1) * meta_batch)).to_float()
+            for b in range(batches)]
+
+
+def sharebone_step(first_order: bool, vmap: bool, chunks: int = 1):
+    """One optimizer step on a meta-batch; ``chunks > 1`` splits it into equal parts with a
+    backward each, as Lightning's ``accumulate_grad_batches`` does with a smaller
+    ``meta_batch_size`` (same meta-gradient, 1/chunks of the activation memory)."""
+    from sharebone.data.episodes import Episode
+    from sharebone.regimes import MAML
+
+    torch.manual_seed(0)
+    model = MAML(SPEC, n_way=N_WAY, inner_lr=INNER_LR, first_order=first_order, vmap=vmap)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(episode):
+        optimizer.zero_grad()
+        total = 0.0
+        size = episode.num_tasks // chunks
+        for c in range(chunks):
+            part = Episode(*(x[c * size:(c + 1) * size] for x in episode._tensors()))
+            loss, _ = model.episode_loss(part)
+            (loss / chunks).backward()
+            total += loss.item() / chunks
+        optimizer.step()
+        return total
+
+    return model, step
+
+
+def learn2learn_step(first_order: bool):
+    import learn2learn as l2l
+    from torch.func import replace_all_batch_norm_modules_
+
+    from sharebone.models import create_backbone
+
+    torch.manual_seed(0)
+    backbone = replace_all_batch_norm_modules_(create_backbone(**SPEC))
+    net = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, N_WAY))
+    maml = l2l.algorithms.MAML(net, lr=INNER_LR, first_order=first_order)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+
+    def step(episode):
+        optimizer.zero_grad()
+        total = 0.0
+        tasks = episode.num_tasks
+        for t in range(tasks):
+            learner = maml.clone()
+            learner.adapt(F.cross_entropy(learner(episode.support[t]), episode.support_labels[t]))
+            loss = F.cross_entropy(learner(episode.query[t]), episode.query_labels[t]) / tasks
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        return total
+
+    return maml, step
+
+
+def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup: int) -> dict:
+    batches = episodes(data, meta_batch, warmup + iters)
+    first_order = order == 1
+    if impl == "learn2learn":
+        _, step = learn2learn_step(first_order)
+    elif impl.startswith("sharebone-accum"):
+        _, step = sharebone_step(first_order, vmap=False, chunks=int(impl[len("sharebone-accum"):]))
+    else:
+        _, step = sharebone_step(first_order, vmap=impl == "sharebone-vmap")
+    for b in batches[:warmup]:
+        step(b)
+    base = rss_mb("VmRSS")
+    reset_peak = reset_peak_rss()
+    started = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    seconds = time.perf_counter() - started
+    peak = rss_mb("VmHWM") if reset_peak else float("nan")
+    return {"impl": impl, "order": order, "tasks_per_s": iters * meta_batch / seconds,
+            "seconds_per_meta_batch": seconds / iters, "peak_rss_mb": peak,
+            "rss_before_timing_mb": base, "peak_over_base_mb": peak - base,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so the timed steps' peak is their own
+    and not the data loading's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def check_equal_numerics(tasks: int = 2) -> float:
+    """Largest |difference| of the float64 meta-gradients of both implementations."""
+    from sharebone.data.episodes import Episode
+
+    batch = episodes("random", tasks, 1)[0]
+    batch = Episode(batch.support.double(), batch.support_labels, batch.query.double(),
+                    batch.query_labels, batch.classes)
+    worst = 0.0
+    for first_order in (False, True):
+        model, _ = sharebone_step(first_order, vmap=False)
+        maml, _ = learn2learn_step(first_order)
+        model.double()
+        maml.double()
+        maml.load_state_dict({f"module.{'0.' if k.startswith('backbone.') else '1.'}"
+                              f"{k.split('.', 1)[1]}": v for k, v in model.state_dict().items()})
+        loss, _ = model.episode_loss(batch)
+        loss.backward()
+        maml.zero_grad()
+        for t in range(tasks):
+            learner = maml.clone()
+            learner.adapt(F.cross_entropy(learner(batch.support[t]), batch.support_labels[t]))
+            (F.cross_entropy(learner(batch.query[t]), batch.query_labels[t]) / tasks).backward()
+        for a, b in zip(model.parameters(), maml.parameters(), strict=True):
+            worst = max(worst, (a.grad - b.grad).abs().max().item())
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=["auto", "real", "random"], default="auto")
+    parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--impls", default="sharebone,learn2learn,sharebone-accum4",
+                        help="comma list of sharebone, sharebone-vmap, sharebone-accum<N> "
+                             "(meta-batch in N backward passes), learn2learn")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over all implementations, alternating; the best counts")
+    parser.add_argument("--orders", default="2,1")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "ORDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data
+    if data == "auto":
+        root = os.environ.get("SHAREBONE_DATA_DIR", "data")
+        found = os.path.isfile(os.path.join(root, "omniglot", "images_background_small1.zip"))
+        data = "real" if found else "random"
+    if args.worker:
+        result = worker(args.worker[0], int(args.worker[1]), data, args.meta_batch, args.iters,
+                        args.warmup)
+        print("RESULT " + json.dumps(result))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data={data}, "
+          f"meta-batch {args.meta_batch}, {args.iters} timed meta-batches after {args.warmup}")
+    difference = check_equal_numerics()
+    print(f"equal numerics: max |meta-gradient difference| (float64, 2 tasks) = {difference:.2e}")
+    runs = []
+    for order in (int(o) for o in args.orders.split(",")):
+        for round_ in range(args.repeats):
+            for impl in args.impls.split(","):
+                cmd = [sys.executable, __file__, "--worker", impl, str(order), "--data", data,
+                       "--meta-batch", str(args.meta_batch), "--iters", str(args.iters),
+                       "--warmup", str(args.warmup)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not line:
+                    print(f"{impl} order {order} failed:\n{out.stderr[-2000:]}")
+                    continue
+                r = json.loads(line[0][7:])
+                runs.append(r)
+                print(f"  round {round_} {impl:17s} order {order}: {r['tasks_per_s']:7.2f} "
+                      f"tasks/s ({r['seconds_per_meta_batch']:.2f} s/meta-batch), "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    # The best round of each: on a shared machine the slow rounds measure the neighbours.
+    results = []
+    for r in runs:
+        best = max((x for x in runs if x["impl"] == r["impl"] and x["order"] == r["order"]),
+                   key=lambda x: x["tasks_per_s"])
+        if best not in results:
+            results.append(best)
+    print("\n| order | implementation | tasks/s (best round) | s / meta-batch | peak RSS MB "
+          "| vs learn2learn |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        ref = next((x for x in results if x["order"] == r["order"]
+                    and x["impl"] == "learn2learn"), None)
+        ratio = f"{r['tasks_per_s'] / ref['tasks_per_s']:.2f}x" if ref else "-"
+        print(f"| {r['order']} | {r['impl']} | {r['tasks_per_s']:.2f} | "
+              f"{r['seconds_per_meta_batch']:.2f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"data": data, "threads": torch.get_num_threads(),
+                       "meta_batch": args.meta_batch, "grad_difference": difference,
+                       "results": results, "runs": runs}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
