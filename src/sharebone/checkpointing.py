@@ -30,9 +30,13 @@ TMP_SUFFIX = ".tmp"
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace``.
 
-    Lightning's default writes the target file in place, so a kill mid-write leaves a
-    truncated ``last.ckpt`` that a later ``resume=`` would fail on. Remote paths (``s3://``
-    and the like) are written by the default implementation.
+    Lightning 2.6's default serialises the whole checkpoint into memory, writes it to a
+    temporary file in the *system* temp folder and moves it over the target. When that
+    folder is on another filesystem than the run (``/tmp`` on tmpfs, runs on a disk or NFS),
+    the move is a copy, and a kill during the copy leaves a truncated ``.ckpt``; nothing is
+    fsynced either. Here the temporary file sits next to the target, so the rename is atomic,
+    and the checkpoint streams to disk without a second copy in memory. Remote paths
+    (``s3://`` and the like) are written by the default implementation.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,

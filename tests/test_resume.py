@@ -1,0 +1,189 @@
+"""Kill a training run (SIGKILL, mid-epoch), resume it: same episodes, same final weights.
+
+Also: a checkpoint write killed half-way never leaves a truncated ``.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpoint
+from sharebone.checkpoints import find_checkpoint
+
+TESTS = Path(__file__).resolve().parent
+BATCHES, EPOCHS, EVERY, KILL_AT = 10, 2, 3, 14  # last.ckpt at step 12: epoch 1, batch 2
+
+
+class EpisodeLog(pl.Callback):
+    """Appends ``{"step", "classes"}`` of every training meta-batch to ``path`` (JSON lines)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                "batch": batch_idx, "classes": batch.classes.tolist()}) + "\n")
+
+
+class StallAt(pl.Callback):
+    """After optimizer step ``step``, writes ``marker`` and stalls: the test kills it there."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(600)
+
+
+def train(cwd: Path, run_dir: str, *args: str, wait: bool = True) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sharebone.train", "task=synthetic_images", "debug=fast",
+           "logger=none", f"sampler.batches_per_epoch={BATCHES}", f"trainer.max_epochs={EPOCHS}",
+           "sampler.meta_batch_size=2", f"checkpoint.every_n_train_steps={EVERY}",
+           "test.episodes=4", "test.settings=[{n_way: 5, k_shot: 1}]",
+           f"hydra.run.dir={run_dir}", "+callbacks.log._target_=test_resume.EpisodeLog",
+           f"+callbacks.log.path={cwd / run_dir}.episodes.jsonl", *args]
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def episodes(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("resume")
+    full = train(cwd, "full")
+    assert full.returncode == 0
+    marker = cwd / "stalled"
+    proc = train(cwd, "killed", "+callbacks.stall._target_=test_resume.StallAt",
+                 f"+callbacks.stall.step={KILL_AT}", f"+callbacks.stall.marker={marker}",
+                 wait=False)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the step to kill it at"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_state = torch.load(cwd / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+    train(cwd, "resumed", f"resume={cwd / 'killed'}")
+    return cwd, killed_state
+
+
+def test_the_kill_lands_mid_epoch_after_a_step_checkpoint(killed_and_resumed):
+    cwd, killed_state = killed_and_resumed
+    assert killed_state["global_step"] == 12 and killed_state["epoch"] == 1
+    seen = episodes(cwd / "killed.episodes.jsonl")
+    assert len(seen) == KILL_AT and seen[-1]["epoch"] == 1  # ran on past the checkpoint
+
+
+def test_resumed_run_sees_the_same_episodes_as_an_uninterrupted_one(killed_and_resumed):
+    cwd, _ = killed_and_resumed
+    full = episodes(cwd / "full.episodes.jsonl")
+    assert len(full) == BATCHES * EPOCHS
+    killed = episodes(cwd / "killed.episodes.jsonl")
+    resumed = episodes(cwd / "resumed.episodes.jsonl")
+    assert killed == full[:KILL_AT]
+    assert resumed[0]["step"] == 12 and resumed == full[12:]
+
+
+def test_resumed_run_ends_with_exactly_the_same_weights(killed_and_resumed):
+    cwd, _ = killed_and_resumed
+    a, b = weights(cwd / "full"), weights(cwd / "resumed")
+    assert a["global_step"] == b["global_step"] == BATCHES * EPOCHS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    for x, y in zip(a["optimizer_states"][0]["state"].values(),
+                    b["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    full_metrics = json.loads((cwd / "full" / "metrics.json").read_text())
+    resumed_metrics = json.loads((cwd / "resumed" / "metrics.json").read_text())
+    assert full_metrics["test/5w1s/acc"] == resumed_metrics["test/5w1s/acc"]
+
+
+def test_resume_takes_a_run_dir_last_checkpoint(killed_and_resumed, tmp_path):
+    cwd, _ = killed_and_resumed
+    assert resume_checkpoint(cwd / "killed") == str(cwd / "killed" / "checkpoints" / "last.ckpt")
+    assert resume_checkpoint(None) is None
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    from sharebone.checkpointing import AtomicCheckpointIO
+
+    class Stall:  # pickled after the tensors' records: the file is half written here
+        def __reduce__(self):
+            Path(sys.argv[2]).write_text("writing")
+            time.sleep(600)
+
+    io = AtomicCheckpointIO()
+    target = Path(sys.argv[1])
+    io.save_checkpoint({"version": 1, "w": torch.arange(10.0)}, target)
+    io.save_checkpoint({"version": 2, "w": torch.zeros(1_000_000), "stall": Stall()}, target)
+""")
+
+
+def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one_whole(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    target, marker = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, str(script), str(target), str(marker)])
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    # The previous checkpoint is intact; the half-written one is a hidden .tmp file that no
+    # checkpoint search takes for a checkpoint.
+    assert torch.load(target, weights_only=True)["version"] == 1
+    leftovers = [p.name for p in target.parent.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")
+    assert leftovers[0].endswith(".tmp") and not leftovers[0].endswith(".ckpt")
+    assert find_checkpoint(tmp_path) == target
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == ["last.ckpt"]
+
+
+def test_rng_state_travels_with_the_checkpoint():
+    callback = RNGState()
+    state = callback.state_dict()
+    drawn = torch.rand(4)
+    callback.load_state_dict(state)
+    assert torch.equal(torch.rand(4), drawn)
+
+
+def test_atomic_io_writes_a_complete_file_and_leaves_nothing_else(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "a.ckpt")
+    io.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "a.ckpt")
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
