@@ -34,6 +34,7 @@ from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.sweep import swept_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def launch_rank() -> int:
 def sweep_info() -> dict[str, str] | None:
     """``{"group", "name"}`` for a job of a Hydra multirun (``-m``), else None.
 
-    The group is ``sweep_name`` when set, else the sweep directory's last two parts
-    (``multirun/2026-11-25/13-00-00`` -> ``2026-11-25_13-00-00``); the name is the job's
-    overrides (``regime.lr=0.001``).
+    The group is the sweep directory's last two parts (``multirun/2026-11-25/13-00-00`` ->
+    ``2026-11-25_13-00-00``; ``sweep_name`` overrides it); the name is the job number and
+    the values it sweeps (``3:regime.lr=0.001``).
     """
     if not HydraConfig.initialized():
         return None
@@ -69,8 +70,9 @@ def sweep_info() -> dict[str, str] | None:
         return None
     parts = Path(str(hc.sweep.dir)).parts
     group = "_".join(parts[-2:]) if parts else "sweep"
-    name = hc.job.get("override_dirname") or f"job{hc.job.num}"
-    return {"group": group, "name": f"{hc.job.num}:{name}"}
+    swept = swept_keys(sys.argv[1:], hc.sweeper.get("params"))
+    values = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    return {"group": group, "name": f"{hc.job.num}:{','.join(values)}".rstrip(":")}
 
 
 def logger_config(cfg: DictConfig) -> dict[str, Any]:
@@ -257,13 +259,15 @@ class ddp_job:
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
-    """What a Hydra sweeper (e.g. Optuna) optimises: ``metrics[cfg.objective]`` when set
-    (``objective=val/acc``), else the first test setting's score."""
+    """What a Hydra sweeper (e.g. Optuna) optimises: ``metrics[cfg.objective]`` when set,
+    else the last validation score (``val/acc``; ``val/mse`` for regression), else the first
+    test setting's score. Validation by default: tuning on the test episodes would leak."""
     key = cfg.get("objective")
     if key:
         return metrics.get(key)
-    return next((v for k, v in metrics.items()
-                 if k.startswith("test/") and not k.endswith("ci95")), None)
+    return next((v for k, v in metrics.items() if k.startswith("val/")),
+                next((v for k, v in metrics.items()
+                      if k.startswith("test/") and not k.endswith("ci95")), None))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
