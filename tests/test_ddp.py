@@ -1,6 +1,7 @@
 """DDP on CPU (2 gloo processes): each rank its share of every meta-batch, one run directory.
 
-The launch through the command line (``strategy=ddp``, ranks re-run the script) is covered in
+ProtoNet runs in the default suite, MAML (second order) among the slow tests. The launch
+through the command line (``strategy=ddp``, ranks re-run the script) is covered in
 tests/test_sweeps.py, where a 2-job multirun runs under it.
 """
 
@@ -46,10 +47,11 @@ def ddp_overrides(tmp_path: Path, regime: str = "protonet") -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def protonet_ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    cfg = compose_train(out, ddp_overrides(out) + ["regime.lr=0.003"])
+@pytest.fixture(scope="module", params=[
+    "protonet", pytest.param("maml", marks=pytest.mark.slow)])
+def trained_ddp(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"ddp_{request.param}")
+    cfg = compose_train(out, ddp_overrides(out, request.param) + ["regime.lr=0.003"])
     metrics = run(cfg)
     return out, cfg, metrics
 
@@ -59,8 +61,8 @@ def train_losses(out: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
-def test_protonet_under_ddp_learns_and_scores_on_rank_zero(protonet_ddp):
-    out, _, metrics = protonet_ddp
+def test_regime_under_ddp_learns_and_scores_on_rank_zero(trained_ddp):
+    out, _, metrics = trained_ddp
     losses = train_losses(out)
     assert len(losses) == BATCHES * EPOCHS
     assert sum(losses[-4:]) < sum(losses[:4]), losses
@@ -70,8 +72,8 @@ def test_protonet_under_ddp_learns_and_scores_on_rank_zero(protonet_ddp):
     assert (out / "fewshot.json").is_file()
 
 
-def test_one_run_directory_and_checkpoints_from_rank_zero(protonet_ddp):
-    out, _, _ = protonet_ddp
+def test_one_run_directory_and_checkpoints_from_rank_zero(trained_ddp):
+    out, _, _ = trained_ddp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert not list(out.rglob("lightning_logs")) and not list(out.rglob("version_*"))
     assert not (out / ".rank_config.yaml").exists()
@@ -79,8 +81,8 @@ def test_one_run_directory_and_checkpoints_from_rank_zero(protonet_ddp):
     assert raw["global_step"] == BATCHES * EPOCHS
 
 
-def test_ranks_draw_disjoint_shares_of_the_episodes_one_process_would(protonet_ddp):
-    out, cfg, _ = protonet_ddp
+def test_ranks_draw_disjoint_shares_of_the_episodes_one_process_would(trained_ddp):
+    out, cfg, _ = trained_ddp
     ranks = [json.loads((out / f"episodes_rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     family = instantiate(cfg.task.family)
