@@ -77,8 +77,7 @@ def weights(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("resume")
-    full = train(cwd, "full")
-    assert full.returncode == 0
+    full = train(cwd, "full", wait=False)  # the uninterrupted run, alongside the killed one
     marker = cwd / "stalled"
     proc = train(cwd, "killed", "+callbacks.stall._target_=test_resume.StallAt",
                  f"+callbacks.stall.step={KILL_AT}", f"+callbacks.stall.marker={marker}",
@@ -93,6 +92,8 @@ def killed_and_resumed(tmp_path_factory):
     assert proc.returncode == -signal.SIGKILL
     killed_state = torch.load(cwd / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
     train(cwd, "resumed", f"resume={cwd / 'killed'}")
+    out, _ = full.communicate(timeout=300)
+    assert full.returncode == 0, out[-3000:]
     return cwd, killed_state
 
 
