@@ -42,7 +42,7 @@ def test_mlp_batch_norm_joins_its_linear_layer():
 
 def test_an_unchanged_backbone_shows_no_change():
     a = create_backbone("conv4")
-    rows = layer_change(a, a, torch.rand(16, 1, 28, 28))
+    rows = layer_change(a, a, torch.rand(6, 1, 28, 28))
     assert [r["relative_change"] for r in rows] == [0.0] * 4
     assert [r["cka"] for r in rows] == pytest.approx([1.0] * 4)
 
@@ -71,3 +71,74 @@ def test_table_and_plot(tmp_path):
     assert "| same | layers.0 | 40 | 0.0000 | 1.0000 |" in table
     plot_layer_change(rows, str(tmp_path / "layers.png"))
     assert (tmp_path / "layers.png").stat().st_size > 1000
+
+
+# -- the scripts: compare_regimes, multitask_relatedness, layer_change ---------------------------
+
+
+def load_script(name: str):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("compare")
+    rows = load_script("compare_regimes").main(
+        ["--quick", "--regimes", "protonet,pretrain,multitask", "--out", str(out),
+         "--wandb", "offline"])
+    return out, rows
+
+
+def test_compare_regimes_scores_every_regime_on_identical_episodes(comparison):
+    import csv
+
+    out, rows = comparison
+    assert [r["regime"] for r in rows] == ["protonet", "pretrain", "multitask"]
+    assert len({r["episodes_sha"] for r in rows}) == 1
+    with open(out / "comparison.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert [r["regime"] for r in saved] == ["protonet", "pretrain", "multitask"]
+    assert {"shared_params", "task_specific_params", "5w1s", "5w1s_ci95", "20w5s",
+            "train_seconds"} <= set(saved[0])
+    table = (out / "comparison.md").read_text()
+    assert table.startswith("| regime | shared params | task-specific params | 5w1s (%)")
+    assert "| multitask | " in table and "fingerprint" in table
+    assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
+    assert list((out / "wandb").glob("offline-run-*"))  # the table and plot went to W&B
+
+
+def test_compare_regimes_needs_a_budget():
+    with pytest.raises(SystemExit):
+        load_script("compare_regimes").parse_args(["--task", "omniglot_small"])
+
+
+def test_layer_change_script_adapts_and_compares(comparison, tmp_path):
+    out, _ = comparison
+    script = load_script("layer_change")
+    rows = script.main(["--checkpoint", str(out / "pretrain"), "--task", "synthetic_images",
+                        "--episodes", "2", "--steps", "3", "--out", str(tmp_path / "adapt")])
+    assert [r["layer"] for r in rows] == ["layers.0", "layers.2", "layers.4"]
+    assert all(r["relative_change"] > 0 for r in rows)
+    rows = script.main(["--checkpoint", str(out / "pretrain"), "--compare", str(out / "pretrain"),
+                        "--task", "synthetic_images", "--episodes", "2",
+                        "--out", str(tmp_path / "same")])
+    assert [r["relative_change"] for r in rows] == [0.0] * 3
+    assert (tmp_path / "same" / "layer_change.png").is_file()
+
+
+def test_multitask_relatedness_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = load_script("multitask_relatedness").main(
+        ["--quick", "--weightings", "equal,pcgrad", "--out", str(tmp_path)])
+    assert {(r["relatedness"], r["method"]) for r in rows} == {
+        (r, m) for r in (0.0, 1.0) for m in ("single-task", "equal", "pcgrad")}
+    assert all(r["test_mse"] > 0 for r in rows)
+    assert (tmp_path / "relatedness.md").read_text().startswith("| relatedness | single-task MSE")

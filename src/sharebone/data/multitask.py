@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader
 
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.episodes import Episode
-from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, TaskFamily
+from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, SyntheticImageTasks, TaskFamily
 
-__all__ = ["OmniglotAlphabets", "SyntheticRegressionTasks", "TaskBatchDataModule",
+__all__ = ["OmniglotAlphabets", "SyntheticImageGroups", "SyntheticRegressionTasks",
+           "TaskBatchDataModule",
            "TaskBatches", "TaskSet", "class_tasks", "held_out_split"]
 
 
@@ -166,6 +167,26 @@ class OmniglotAlphabets(OmniglotTasks):
         data = self.images(split)
         alphabets = [name.split("/", 1)[0] for name in data.class_names]
         return _task_set(data.images, data.labels, alphabets)
+
+
+class SyntheticImageGroups(SyntheticImageTasks):
+    """Generated image classes (:class:`~sharebone.data.tasks.SyntheticImageTasks`, same
+    images and episodes) dealt round-robin into ``num_tasks`` classification tasks: the
+    download-free stand-in for :class:`OmniglotAlphabets` in smoke runs and tests.
+
+    Example:
+        >>> SyntheticImageGroups({"train": 10}, num_tasks=3).tasks("train").heads
+        {'group0': 4, 'group1': 3, 'group2': 3}
+    """
+
+    def __init__(self, classes: dict[str, int], num_tasks: int = 4, **kwargs: Any) -> None:
+        super().__init__(classes, **kwargs)
+        self.num_tasks = num_tasks
+
+    def tasks(self, split: str = "train") -> TaskSet:
+        images, labels = self.images(split)
+        n = int(labels.max()) + 1
+        return _task_set(images, labels, [f"group{c % self.num_tasks}" for c in range(n)])
 
 
 def _regression_weights(generator: torch.Generator, shared: torch.Tensor, tasks: int,
