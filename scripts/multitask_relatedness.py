@@ -13,8 +13,9 @@ On :class:`~sharebone.data.multitask.SyntheticRegressionTasks` (``y_t = a_t . ta
 
 for the same number of steps on the same examples (each model keeps its weights of lowest
 validation MSE, checked every ``--val-every`` steps, on held-out examples), and reports the
-held-out test MSE averaged over tasks (mean ± 95% CI over tasks x seeds), plus the mean pairwise cosine between task
-gradients on the backbone at the end of multitask training (negative: conflict). Training calls
+held-out test MSE averaged over tasks (mean ± 95% CI over tasks x seeds), plus the mean pairwise
+cosine between task gradients on the backbone at the end of multitask training (negative:
+conflict). Training calls
 the regime's own ``training_step`` and ``configure_optimizers`` in a plain loop (no Trainer: the
 models are tiny and the loop overhead would dominate). Writes ``relatedness.md``, ``.csv`` and
 ``.png`` into ``--out``.
