@@ -73,7 +73,8 @@ def test_fit_on_sinusoid_lowers_the_query_mse_and_reloads(cls, tmp_path):
     model.eval()
     before = model.episode_metric(model.predict_episode(episode), episode.query_labels).mean()
     setting = {"n_way": 1, "k_shot": 10, "q_query": 10}
-    _, path = fit(model, tmp_path, max_steps=60, family=SinusoidTasks(), setting=setting)
+    model.train()
+    _, path = fit(model, tmp_path, max_steps=30, family=SinusoidTasks(), setting=setting)
     model.eval()
     after = model.episode_metric(model.predict_episode(episode), episode.query_labels).mean()
     assert after < before
