@@ -38,8 +38,8 @@ class EpisodeRecorder(pl.Callback):
 
 
 def ddp_overrides(tmp_path: Path, regime: str = "protonet") -> list[str]:
-    return FAST + [
-        "trainer=ddp_cpu", "logger=csv", f"regime={regime}",
+    return [o for o in FAST if not o.startswith("logger=")] + [
+        "trainer=ddp_cpu", "logger=wandb", "+logger.csv={}", f"regime={regime}",
         f"sampler.meta_batch_size={META_BATCH}", f"sampler.batches_per_epoch={BATCHES}",
         f"trainer.max_epochs={EPOCHS}", "test.episodes=8", "test.settings=[{n_way: 5, k_shot: 1}]",
         f"+callbacks.recorder._target_={__name__}.EpisodeRecorder",
@@ -77,6 +77,7 @@ def test_one_run_directory_and_checkpoints_from_rank_zero(trained_ddp):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert not list(out.rglob("lightning_logs")) and not list(out.rglob("version_*"))
     assert not (out / ".rank_config.yaml").exists()
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per rank
     raw = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert raw["global_step"] == BATCHES * EPOCHS
 
