@@ -6,9 +6,9 @@ arXiv:1904.04232; Tian, Wang, Krishnan, Tenenbaum & Isola, ECCV 2020, arXiv:2003
 few-shot score comes from a fresh head fitted on each support set, as the papers do.
 
 ``finetune`` takes the backbone of any sharebone checkpoint to a new task (a split of a task
-family, e.g. the held-out test alphabets, ``train_per_class`` images of each class to train on
-and the rest to validate on) in one of four modes, each a Lightning finetuning callback
-rather than hand-rolled freezing:
+family, e.g. the held-out validation alphabets, ``train_per_class`` images of each class to
+train on and the rest to validate on) in one of four modes, each a Lightning finetuning
+callback rather than hand-rolled freezing:
 
 - ``probe``: linear probe, the backbone frozen (in eval mode) throughout (``FrozenBackbone``);
 - ``full``: everything trains from the start, the backbone at ``lr * backbone_lr_ratio``;
@@ -206,7 +206,9 @@ class FineTune(FewShotRegime):
             ``gradual``).
         weight_decay: Adam weight decay.
         batch_size: images per step.
-        target_split: the split of the task family that is the new task.
+        target_split: the split of the task family that is the new task (default ``val``:
+            ``sharebone-train``'s few-shot test afterwards then scores classes that neither
+            pre-training nor fine-tuning saw).
         train_per_class: images per class to train on; the rest validate.
         head_fit: how few-shot episodes fit a fresh head on this backbone's features.
 
@@ -223,7 +225,7 @@ class FineTune(FewShotRegime):
                  num_classes: int | None = None, mode: str = "probe", lr: float = 1e-3,
                  backbone_lr_ratio: float = 0.1, unfreeze_at_epoch: int = 1,
                  unfreeze_every: int = 1, lr_decay: float = 1 / 2.6, weight_decay: float = 0.0,
-                 batch_size: int = 64, target_split: str = "test", train_per_class: int = 5,
+                 batch_size: int = 64, target_split: str = "val", train_per_class: int = 5,
                  head_fit: dict[str, Any] | None = None) -> None:
         if mode not in FINETUNE_MODES:
             raise ValueError(f"mode must be one of {sorted(FINETUNE_MODES)}, got {mode!r}.")
