@@ -17,7 +17,7 @@ import torch
 from conftest import FAST, compose_train
 from hydra.utils import instantiate
 
-from sharebone.train import run
+from sharebone.train import launch_rank, run
 
 META_BATCH, BATCHES, EPOCHS = 4, 8, 2
 
@@ -98,3 +98,15 @@ def test_ranks_draw_disjoint_shares_of_the_episodes_one_process_would(trained_dd
             assert step["classes"] == whole[rank * share:(rank + 1) * share].tolist()
     episodes = [{tuple(c) for step in r["seen"] for c in step["classes"]} for r in ranks]
     assert episodes[0].isdisjoint(episodes[1])
+
+
+@pytest.mark.parametrize("env, rank", [
+    ({}, 0), ({"LOCAL_RANK": "1"}, 1), ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, 1),
+    ({"SLURM_PROCID": "3"}, 3), ({"RANK": "0", "LOCAL_RANK": "2"}, 0)])
+def test_launch_rank_before_the_trainer_exists(monkeypatch, env, rank):
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_RANK",
+                "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert (launch_rank() == 0) == (rank == 0)

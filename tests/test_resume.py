@@ -20,6 +20,9 @@ import torch
 
 from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpoint
 from sharebone.checkpoints import find_checkpoint
+from sharebone.data.datamodule import EpisodeLoader
+from sharebone.data.episodes import EpisodeSampler
+from sharebone.data.tasks import EpochOffsetSampler, MetaBatches
 
 TESTS = Path(__file__).resolve().parent
 BATCHES, EPOCHS, EVERY, KILL_AT = 10, 2, 3, 14  # last.ckpt at step 12: epoch 1, batch 2
@@ -188,3 +191,32 @@ def test_atomic_io_writes_a_complete_file_and_leaves_nothing_else(tmp_path):
     io.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "a.ckpt")
     assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+
+
+def test_sampler_state_is_the_next_meta_batch_and_resume_skips_what_was_seen():
+    sampler = EpochOffsetSampler(num_batches=5)
+    sampler.set_epoch(1)
+    it = iter(sampler)
+    assert [next(it), next(it)] == [5, 6] and sampler.state_dict() == {"next_batch": 7}
+    resumed = EpochOffsetSampler(num_batches=5)
+    resumed.load_state_dict({"next_batch": 7})
+    it = iter(resumed)  # created before set_epoch, as Lightning does on resume
+    resumed.set_epoch(1)
+    assert list(it) == [7, 8, 9]
+    resumed.set_epoch(2)
+    assert list(resumed) == [10, 11, 12, 13, 14]  # later epochs whole again
+
+
+def test_loader_state_counts_what_the_loop_took_not_what_workers_fetched():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1)
+    source = EpisodeSampler(images, torch.arange(40) // 10, n_way=2, k_shot=1, q_query=1)
+    loader = EpisodeLoader(MetaBatches(source, size=2, length=6), batch_size=None,
+                           sampler=EpochOffsetSampler(6), num_workers=1, prefetch_factor=4)
+    it = iter(loader)
+    next(it), next(it)
+    assert loader.state_dict() == {"next_batch": 2}  # the worker has fetched further ahead
+    fresh = EpisodeLoader(MetaBatches(source, size=2, length=6), batch_size=None,
+                          sampler=EpochOffsetSampler(6))
+    fresh.load_state_dict(loader.state_dict())
+    first = next(iter(fresh))
+    assert torch.equal(first.classes, source.batch([4, 5]).classes)  # meta-batch 2

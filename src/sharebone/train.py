@@ -45,15 +45,18 @@ RUN_CONFIG_ENV = "SHAREBONE_RUN_CONFIG"
 
 
 def launch_rank() -> int:
-    """This process's global rank as the launcher set it (0 when nothing did).
+    """This process's global rank as its launcher set it (0 when nothing did).
 
-    Known before the trainer exists, so that only rank 0 starts a W&B run: torchrun and
-    Lightning set ``RANK``/``LOCAL_RANK``, SLURM ``SLURM_PROCID``.
+    Known before the trainer exists, so that only rank 0 starts a W&B run: torchrun sets
+    ``RANK``, SLURM ``SLURM_PROCID``, Lightning's own launcher ``NODE_RANK``/``LOCAL_RANK``.
     """
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
-    return 0
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return local if node == 0 else node * max(per_node, local + 1) + local
 
 
 def sweep_info() -> dict[str, str] | None:
