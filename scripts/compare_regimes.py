@@ -95,6 +95,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     settings = ", ".join(f"{{n_way: {n}, k_shot: {k}}}" for n, k in SETTINGS)
     o = [f"task={args.task}", f"backbone={args.backbone}", "logger=none", f"seed={args.seed}",
          f"test.settings=[{settings}]", f"test.episodes={args.episodes}",
+         f"test.q_query={args.q_query}", f"test.batch_size={args.test_batch_size}",
          f"test.seed={args.test_seed}", f"sampler.val_episodes={args.val_episodes}",
          f"sampler.batches_per_epoch={args.batches_per_epoch}", "trainer.max_epochs=100000",
          "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10"]
@@ -148,7 +149,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     if args.budget_seconds:
         budget.append(f"at most {args.budget_seconds} s of training")
     lines += ["", f"Task {args.task}, backbone {args.backbone}, budget: {' and '.join(budget)} "
-              f"per regime; {args.episodes} test episodes per setting (seed {args.test_seed}, "
+              f"per regime; {args.episodes} test episodes per setting, {args.q_query} queries "
+              f"per way (seed {args.test_seed}, "
               f"identical for every row: fingerprint {rows[0]['episodes_sha']}); mean ± 95% CI "
               "(1.96 std / sqrt(episodes)). Task-specific params: trained heads (pretrain, "
               "multitask; few-shot uses a fresh head fitted per support set), or the adapted "
@@ -208,6 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="omniglot_small")
     p.add_argument("--backbone", default="conv4")
     p.add_argument("--episodes", type=int, default=600, help="test episodes per setting")
+    p.add_argument("--q-query", type=int, default=15, help="test queries per way")
+    p.add_argument("--test-batch-size", type=int, default=16, help="test episodes per batch")
     p.add_argument("--val-episodes", type=int, default=50)
     p.add_argument("--batches-per-epoch", type=int, default=100,
                    help="steps between validations (checkpoint selection)")
@@ -235,12 +239,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for regime in regimes:
         print(f"\n[compare] === {regime} ===", flush=True)
         rows.append(train_one(regime, args, out))
-    prints = {r["episodes_sha"] for r in rows}
-    if len(prints) != 1:
-        raise RuntimeError(f"Regimes were scored on different test episodes: {prints}")
-    table = markdown(rows, args)
-    (out / "comparison.md").write_text(table)
-    write_csv(rows, out / "comparison.csv")
+        prints = {r["episodes_sha"] for r in rows}
+        if len(prints) != 1:
+            raise RuntimeError(f"Regimes were scored on different test episodes: {prints}")
+        table = markdown(rows, args)  # written after every regime: a stopped run keeps its rows
+        (out / "comparison.md").write_text(table)
+        write_csv(rows, out / "comparison.csv")
     png = out / "accuracy_vs_shots.png"
     plot(rows, png)
     print("\n" + table)
