@@ -20,6 +20,7 @@ The four regimes are presets of :class:`MAML` (their classes only change default
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from typing import Any
@@ -289,17 +290,20 @@ class MAML(FewShotRegime):
 
     def _task_predictions(self, support: torch.Tensor, support_labels: torch.Tensor,
                           query: torch.Tensor, n_way: int, steps: int, first_order: bool,
-                          functional: bool) -> torch.Tensor:
+                          functional: bool, meta_gradient: bool = True) -> torch.Tensor:
         adapted, _ = self.adapt_task(support, support_labels, n_way, steps, first_order,
                                      functional)
-        if self.hparams.adapt == "head":
-            features = self.features({}, query, 0)
-            return F.linear(features, adapted["head.weight"], adapted["head.bias"])
-        return self.forward_with(adapted, query, steps)
+        # Without a meta-gradient to take, the query pass keeps no graph: evaluating a
+        # meta-batch then needs one task's activations at a time, not all of them.
+        with contextlib.nullcontext() if meta_gradient else torch.no_grad():
+            if self.hparams.adapt == "head":
+                features = self.features({}, query, 0)
+                return F.linear(features, adapted["head.weight"], adapted["head.bias"])
+            return self.forward_with(adapted, query, steps)
 
     def _task_predictions_l2l(self, support: torch.Tensor, support_labels: torch.Tensor,
-                              query: torch.Tensor, n_way: int, steps: int,
-                              first_order: bool) -> torch.Tensor:
+                              query: torch.Tensor, n_way: int, steps: int, first_order: bool,
+                              meta_gradient: bool = True) -> torch.Tensor:
         import learn2learn as l2l
 
         head_only = self.hparams.adapt == "head"
@@ -324,25 +328,27 @@ class MAML(FewShotRegime):
         learner = learner.clone()
         for _ in range(steps):
             learner.adapt(self.task_loss(learner(support), support_labels))
-        return learner(query)
+        with contextlib.nullcontext() if meta_gradient else torch.no_grad():
+            return learner(query)
 
     # -- the regime's interface --------------------------------------------------------------
     def predict_episode(self, episode: Episode) -> torch.Tensor:
         """Query predictions ``[T, Q, n_way]`` (logits; regression: ``[T, Q, 1]``), each task
         adapted on its own support set. Meta-training (``self.training`` with gradients on)
-        keeps the graph for a second-order meta-gradient; otherwise support gradients are
-        constants, since nothing will differentiate through them."""
+        keeps the graph for the meta-gradient; otherwise support gradients are constants and
+        the predictions carry no graph (nothing will differentiate through them), so
+        evaluation holds one task's activations at a time."""
         training = self.training and torch.is_grad_enabled()
         steps = self.hparams.inner_steps if self.training else self.test_inner_steps
         first_order = self.hparams.first_order or not training
         n_way = episode.n_way
         if self.hparams.backend == "learn2learn":
             task = functools.partial(self._task_predictions_l2l, n_way=n_way, steps=steps,
-                                     first_order=first_order)
+                                     first_order=first_order, meta_gradient=training)
             return torch.stack([task(*args) for args in zip(
                 episode.support, episode.support_labels, episode.query, strict=True)])
         task = functools.partial(self._task_predictions, n_way=n_way, steps=steps,
-                                 first_order=first_order)
+                                 first_order=first_order, meta_gradient=training)
         if self._use_vmap():
             if self._bn_names:
                 raise ValueError("vmap cannot batch batch_norm='per_step' (running statistics are "
