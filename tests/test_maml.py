@@ -249,3 +249,13 @@ def test_configs_compose_and_instantiate(override):
     expected = override.split("=")[1] if override.startswith("regime") else "maml"
     assert model.regime_name == expected
     assert model.hparams.n_way == cfg.sampler.train.n_way
+
+
+@pytest.mark.parametrize("backend", ["torch_func", "learn2learn"])
+def test_evaluation_keeps_no_graph_but_meta_training_does(backend):
+    if backend == "learn2learn":
+        pytest.importorskip("learn2learn", reason="learn2learn not installed; run "
+                                                  "scripts/install_learn2learn.sh")
+    model = MAML(TINY_MLP, n_way=3, backend=backend)
+    assert model.train().predict_episode(mlp_episode()).requires_grad
+    assert not model.eval().predict_episode(mlp_episode()).requires_grad
