@@ -25,14 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from sharebone import tracking
-from sharebone.config import CONFIG_DIR
+from sharebone.config import compose_config
 from sharebone.regimes import REGIMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,18 +52,7 @@ MULTITASK_VIEW: dict[str, list[str]] = {
 
 def compose_run(overrides: list[str], output_dir: Path) -> DictConfig:
     """The train config with overrides, as the Hydra app would hand it to ``run``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO_ROOT)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(REPO_ROOT)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(overrides, output_dir, root_dir=REPO_ROOT)
 
 
 def episodes_fingerprint(cfg: DictConfig) -> str:

@@ -6,14 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
-
 from data_fixtures import *  # noqa: F401,F403  (fake_omniglot, fake_omniglot_mirror, shared_data_dir)
 from data_fixtures import SHARED_DATA
-from sharebone.config import CONFIG_DIR
+from omegaconf import DictConfig
+
+from sharebone.config import compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,18 +32,7 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory):
 
 def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
     """The real train/eval config with overrides, its paths pointed at ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO_ROOT)
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.runtime.cwd = str(REPO_ROOT)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as a Hydra app receives it: the hydra node lives in HydraConfig
-    return cfg
+    return compose_config(overrides, tmp_path, config_name=config_name, root_dir=REPO_ROOT)
 
 
 #: A few seconds of training on generated images: every part real, nothing downloaded.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_train
 from sharebone.config import CONFIG_DIR
 
 

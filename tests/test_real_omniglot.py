@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_train
 from hydra.utils import instantiate
 
-from conftest import compose_train
 from sharebone.train import run
 
 pytestmark = pytest.mark.shared_data

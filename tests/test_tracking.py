@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, compose_train
+
 from sharebone.tracking import wandb_mode
 from sharebone.train import run
 
