@@ -121,3 +121,10 @@ def test_impossible_test_setting_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="30-way episodes need 30 classes.*'test' has only 24"):
         run(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_eval_inner_steps_only_applies_to_gradient_based_regimes(trained, tmp_path):
+    out, _, _ = trained
+    cfg = compose_train(tmp_path, [f"ckpt={out}", "inner_steps=10"], config_name="eval")
+    with pytest.raises(ValueError, match="inner_steps=10 applies to gradient-based regimes"):
+        sb_eval.run(cfg)

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoints import CheckpointError, find_checkpoint, load_regime
 from sharebone.config import CONFIG_DIR
 from sharebone.evaluation.fewshot import evaluate
@@ -74,6 +75,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = find_checkpoint(cfg.ckpt)
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.backbone else None
     model = load_regime(ckpt, backbone=backbone)
+    if cfg.get("inner_steps") is not None:
+        if "test_inner_steps" not in model.hparams:
+            raise ValueError(f"inner_steps={cfg.inner_steps} applies to gradient-based regimes "
+                             f"(maml, fomaml, anil, metasgd); {model.regime_name} has no inner "
+                             "loop. Drop the override.")
+        check_inner_loop(cfg.inner_steps, model.hparams.inner_lr, training=False)
+        model.hparams.test_inner_steps = int(cfg.inner_steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     task = task_config(cfg, model.run_config or {})
