@@ -36,3 +36,14 @@ def test_table_and_files(tmp_path):
     rows = list(csv.DictReader(paths["csv"].open()))
     assert [r["setting"] for r in rows] == ["5w1s", "20w5s"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fewshot.csv", "fewshot.json"]
+
+
+def test_result_files_are_as_readable_as_any_other_file(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        paths = write_results([summarize(torch.ones(2), 5, 1, 15)], tmp_path)
+    finally:
+        os.umask(umask)
+    assert paths["json"].stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -21,6 +21,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sharebone.checkpoints import CheckpointError, find_checkpoint
+from sharebone.files import chmod_like_open
 
 #: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in ``.ckpt``, so no
 #: checkpoint search (``*.ckpt``) can mistake a half-written one for a checkpoint.
@@ -51,6 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX,
                                    dir=target.parent)
         try:
+            chmod_like_open(fd)
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

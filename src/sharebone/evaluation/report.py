@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from sharebone.evaluation.stats import FewShotResult
+from sharebone.files import chmod_like_open
 
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        chmod_like_open(fd)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
