@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +83,12 @@ class MAML(FewShotRegime):
         inner_lr: their step size (Meta-SGD: the initial value of every learned step size).
         test_inner_steps: steps when not training (validation, ``sharebone-eval``); ``None``:
             ``inner_steps``. ``0`` scores the initialisation without adaptation.
-        first_order: FOMAML, support gradients treated as constants.
-        adapt: ``"all"`` parameters (MAML) or ``"head"`` only (ANIL).
-        learn_step_sizes: Meta-SGD's per-parameter step sizes, meta-learned. They are learned
-            unconstrained as in the paper (where alpha sets update direction as well as size):
-            an entry may turn negative during meta-training; only the initial value must be > 0.
+        first_order: FOMAML, support gradients treated as constants (``None``: the preset's).
+        adapt: ``"all"`` parameters (MAML) or ``"head"`` only (ANIL) (``None``: the preset's).
+        learn_step_sizes: Meta-SGD's per-parameter step sizes, meta-learned (``None``: the
+            preset's). Learned unconstrained as in the paper (alpha sets update direction as
+            well as size): an entry may turn negative in meta-training; only the initial value
+            must be > 0.
         head: how a task's head starts: ``"learned"`` (MAML), ``"zero"`` (zeroing trick),
             ``"proto"`` (Proto-MAML), or ``"none"`` (the backbone's output is the prediction).
         batch_norm: ``"transductive"`` (MAML's code): batch norm always normalises with the
@@ -122,14 +123,26 @@ class MAML(FewShotRegime):
     """
 
     predicts_without_grad = False
+    #: Defaults of ``first_order``, ``adapt`` and ``learn_step_sizes`` that a preset changes.
+    preset: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
                  inner_lr: float = 0.4, test_inner_steps: int | None = None,
-                 first_order: bool = False, adapt: str = "all", learn_step_sizes: bool = False,
+                 first_order: bool | None = None, adapt: str | None = None,
+                 learn_step_sizes: bool | None = None,
                  head: str = "learned", batch_norm: str = "transductive",
                  loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
                  backend: str = "torch_func") -> None:
         super().__init__(backbone)
+        # FOMAML, ANIL and Meta-SGD are presets: they change only these defaults (`preset`);
+        # an explicit argument wins. Resolved before save_hyperparameters, so checkpoints hold
+        # the values actually used.
+        if first_order is None:
+            first_order = self.preset.get("first_order", False)
+        if adapt is None:
+            adapt = self.preset.get("adapt", "all")
+        if learn_step_sizes is None:
+            learn_step_sizes = self.preset.get("learn_step_sizes", False)
         check_inner_loop(inner_steps, inner_lr, training=True)
         if test_inner_steps is not None:
             check_inner_loop(test_inner_steps, inner_lr, training=False)
@@ -402,14 +415,7 @@ class FOMAML(MAML):
         (True, 'fomaml')
     """
 
-    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
-                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
-                 first_order: bool = True, adapt: str = "all", learn_step_sizes: bool = False,
-                 head: str = "learned", batch_norm: str = "transductive",
-                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
-                 backend: str = "torch_func") -> None:
-        super().__init__(backbone, n_way, inner_steps, inner_lr, test_inner_steps, first_order,
-                         adapt, learn_step_sizes, head, batch_norm, loss, lr, vmap, backend)
+    preset: ClassVar[dict[str, Any]] = {"first_order": True}
 
 
 @register_regime("anil")
@@ -426,14 +432,7 @@ class ANIL(MAML):
         (67, 27)
     """
 
-    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
-                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
-                 first_order: bool = False, adapt: str = "head", learn_step_sizes: bool = False,
-                 head: str = "learned", batch_norm: str = "transductive",
-                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
-                 backend: str = "torch_func") -> None:
-        super().__init__(backbone, n_way, inner_steps, inner_lr, test_inner_steps, first_order,
-                         adapt, learn_step_sizes, head, batch_norm, loss, lr, vmap, backend)
+    preset: ClassVar[dict[str, Any]] = {"adapt": "head"}
 
 
 @register_regime("metasgd")
@@ -454,11 +453,4 @@ class MetaSGD(MAML):
         (True, 'mse')
     """
 
-    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
-                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
-                 first_order: bool = False, adapt: str = "all", learn_step_sizes: bool = True,
-                 head: str = "learned", batch_norm: str = "transductive",
-                 loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
-                 backend: str = "torch_func") -> None:
-        super().__init__(backbone, n_way, inner_steps, inner_lr, test_inner_steps, first_order,
-                         adapt, learn_step_sizes, head, batch_norm, loss, lr, vmap, backend)
+    preset: ClassVar[dict[str, Any]] = {"learn_step_sizes": True}
