@@ -10,9 +10,14 @@ learn2learn is driven as in its examples (``maml.clone()``, ``adapt``, a backwar
 sharebone as Lightning drives it (``episode_loss`` over the meta-batch, one backward). Each
 configuration runs in its own subprocess; its peak memory is the kernel's peak-RSS mark
 (``VmHWM``), reset after data loading and warm-up (the allocator keeps what warm-up freed, so
-read the absolute peak, not the increase). ``sharebone`` keeps every task's graph until the
-one backward of the meta-batch; ``sharebone-accum4`` is the same meta-gradient in 4 backward
-passes (``meta_batch_size=8`` with ``trainer.accumulate_grad_batches=4`` in a run).
+read the absolute peak, not the increase). ``sharebone`` is the default on CPU: tasks looped,
+each task's meta-gradient taken as soon as it is done (``per_task_backward``);
+``sharebone-one-backward`` keeps every task's graph for one backward of the meta-batch;
+``sharebone-compile`` adds ``compile=True`` (its warm-up includes compiling; give it
+``--warmup 2`` so that the timed meta-batches see no recompilation); ``sharebone-vmap`` batches
+the tasks with torch.vmap. Like ``sharebone-train``, the sharebone runs keep freed memory in
+the process (:func:`sharebone.memory.keep_freed_memory`); ``sharebone-default-malloc`` and
+``learn2learn-keep-freed-memory`` separate that effect from the rest.
 
     python scripts/bench_maml.py                     # real Omniglot if SHAREBONE_DATA_DIR has it
     python scripts/bench_maml.py --data random --iters 3 --threads 1 --out bench.json
@@ -33,6 +38,17 @@ import torch.nn.functional as F
 
 N_WAY, K_SHOT, Q_QUERY, INNER_LR = 5, 1, 15, 0.4
 SPEC = {"name": "conv4", "in_channels": 1, "hidden": 64, "image_size": 28}
+#: name -> (MAML options, or None for learn2learn; whether malloc keeps freed memory).
+#: ``sharebone`` is what ``sharebone-train`` runs on a CPU (``keep_freed_memory: true``).
+IMPLS = {
+    "sharebone": ({}, True),
+    "sharebone-compile": ({"compile": True}, True),
+    "sharebone-one-backward": ({"vmap": False, "per_task_backward": False}, True),
+    "sharebone-vmap": ({"vmap": True}, True),
+    "sharebone-default-malloc": ({}, False),
+    "learn2learn": (None, False),
+    "learn2learn-keep-freed-memory": (None, True),
+}
 
 
 def episodes(data: str, meta_batch: int, batches: int):
@@ -55,28 +71,21 @@ def episodes(data: str, meta_batch: int, batches: int):
             for b in range(batches)]
 
 
-def sharebone_step(first_order: bool, vmap: bool, chunks: int = 1):
-    """One optimizer step on a meta-batch; ``chunks > 1`` splits it into equal parts with a
-    backward each, as Lightning's ``accumulate_grad_batches`` does with a smaller
-    ``meta_batch_size`` (same meta-gradient, 1/chunks of the activation memory)."""
-    from sharebone.data.episodes import Episode
+def sharebone_step(first_order: bool, **options):
+    """One optimizer step on a meta-batch, as Lightning takes it (``episode_loss``, one
+    ``backward``, the optimizer); ``options`` go to :class:`~sharebone.regimes.MAML`."""
     from sharebone.regimes import MAML
 
     torch.manual_seed(0)
-    model = MAML(SPEC, n_way=N_WAY, inner_lr=INNER_LR, first_order=first_order, vmap=vmap)
+    model = MAML(SPEC, n_way=N_WAY, inner_lr=INNER_LR, first_order=first_order, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(episode):
         optimizer.zero_grad()
-        total = 0.0
-        size = episode.num_tasks // chunks
-        for c in range(chunks):
-            part = Episode(*(x[c * size:(c + 1) * size] for x in episode._tensors()))
-            loss, _ = model.episode_loss(part)
-            (loss / chunks).backward()
-            total += loss.item() / chunks
+        loss, _ = model.episode_loss(episode)
+        loss.backward()
         optimizer.step()
-        return total
+        return loss.item()
 
     return model, step
 
@@ -112,12 +121,15 @@ def learn2learn_step(first_order: bool):
 def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup: int) -> dict:
     batches = episodes(data, meta_batch, warmup + iters)
     first_order = order == 1
-    if impl == "learn2learn":
+    options, keep_freed = IMPLS[impl]
+    if keep_freed:
+        from sharebone.memory import keep_freed_memory
+
+        keep_freed_memory()
+    if options is None:
         _, step = learn2learn_step(first_order)
-    elif impl.startswith("sharebone-accum"):
-        _, step = sharebone_step(first_order, vmap=False, chunks=int(impl[len("sharebone-accum"):]))
     else:
-        _, step = sharebone_step(first_order, vmap=impl == "sharebone-vmap")
+        _, step = sharebone_step(first_order, **options)
     for b in batches[:warmup]:
         step(b)
     base = rss_mb("VmRSS")
@@ -153,7 +165,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def check_equal_numerics(tasks: int = 2) -> float:
+def check_equal_numerics(tasks: int = 4) -> float:
     """Largest |difference| of the float64 meta-gradients of both implementations."""
     from sharebone.data.episodes import Episode
 
@@ -162,7 +174,7 @@ def check_equal_numerics(tasks: int = 2) -> float:
                     batch.query_labels, batch.classes)
     worst = 0.0
     for first_order in (False, True):
-        model, _ = sharebone_step(first_order, vmap=False)
+        model, _ = sharebone_step(first_order)
         maml, _ = learn2learn_step(first_order)
         model.double()
         maml.double()
@@ -187,9 +199,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    parser.add_argument("--impls", default="sharebone,learn2learn,sharebone-accum4",
-                        help="comma list of sharebone, sharebone-vmap, sharebone-accum<N> "
-                             "(meta-batch in N backward passes), learn2learn")
+    parser.add_argument("--impls", default="sharebone,learn2learn,learn2learn-keep-freed-memory,"
+                                           "sharebone-default-malloc",
+                        help=f"comma list of {', '.join(IMPLS)}, learn2learn")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds over all implementations, alternating; the best counts")
     parser.add_argument("--orders", default="2,1")
@@ -212,7 +224,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data={data}, "
           f"meta-batch {args.meta_batch}, {args.iters} timed meta-batches after {args.warmup}")
     difference = check_equal_numerics()
-    print(f"equal numerics: max |meta-gradient difference| (float64, 2 tasks) = {difference:.2e}")
+    print(f"equal numerics: max |meta-gradient difference| (float64, 4 tasks) = {difference:.2e}")
     runs = []
     for order in (int(o) for o in args.orders.split(",")):
         for round_ in range(args.repeats):

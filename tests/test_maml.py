@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -194,10 +196,91 @@ def test_per_step_batch_norm_keeps_statistics_per_inner_step():
     ({"adapt": "backbone"}, ValueError, "adapt must be one of"),
     ({"batch_norm": "per_step", "vmap": True}, ValueError, "cannot batch across tasks"),
     ({"head": "proto", "loss": "mse"}, ValueError, "needs loss='cross_entropy'"),
+    ({"vmap": True, "per_task_backward": True}, ValueError, "needs the tasks looped"),
+    ({"vmap": True, "compile": True}, ValueError, "cannot be combined with vmap=True"),
+    ({"batch_norm": "per_step", "compile": True}, ValueError, "cannot be combined"),
 ])
 def test_bad_settings_fail_with_a_clear_message(kwargs, error, match):
     with pytest.raises(error, match=match):
         MAML(TINY_CONV, n_way=3, **kwargs)
+
+
+def as_double(episode):
+    return type(episode)(episode.support.double(), episode.support_labels,
+                         episode.query.double(), episode.query_labels, episode.classes)
+
+
+@pytest.mark.parametrize("head", ["learned", "zero"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_per_task_backward_gives_the_meta_batch_loss_and_meta_gradient(name, head):
+    episode = as_double(conv_episode(tasks=3))
+    results = []
+    for per_task in (False, True):
+        torch.manual_seed(0)
+        model = PRESETS[name](TINY_CONV, n_way=3, inner_lr=0.1, inner_steps=2, head=head,
+                              per_task_backward=per_task).double()
+        loss, predictions = model.episode_loss(episode)
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        results.append((loss.detach(), predictions.detach(), grads))
+    (loss, predictions, grads), (loss_pt, predictions_pt, grads_pt) = results
+    torch.testing.assert_close(loss_pt, loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(predictions_pt, predictions, rtol=0, atol=1e-12)
+    assert [k for k, g in grads.items() if g is None] == [k for k, g in grads_pt.items()
+                                                         if g is None]
+    for k, g in grads.items():
+        if g is not None:
+            torch.testing.assert_close(grads_pt[k], g, rtol=0, atol=1e-12)
+
+
+def max_live_saved_tensors(fn):
+    """Most tensors that autograd graphs held at once while ``fn`` ran (and its result lived)."""
+    import weakref
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    live, peak = weakref.WeakSet(), [0]
+
+    def pack(tensor):
+        box = Saved(tensor)
+        live.add(box)
+        peak[0] = max(peak[0], len(live))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        result = fn()
+    return peak[0], result
+
+
+@pytest.mark.parametrize("per_task", [True, False])
+def test_per_task_backward_holds_one_task_graph_at_a_time(per_task):
+    torch.manual_seed(0)
+    model = MAML(TINY_CONV, n_way=3, inner_lr=0.1, per_task_backward=per_task)
+    one, _ = max_live_saved_tensors(lambda: model.episode_loss(conv_episode(tasks=1)))
+    four, (loss, _) = max_live_saved_tensors(lambda: model.episode_loss(conv_episode(tasks=4)))
+    loss.backward()
+    if per_task:
+        assert four == one, "per-task backward should hold one task's graph, whatever T"
+    else:
+        assert four > 3 * one, "one backward holds every task's graph until the end"
+
+
+def test_compiled_backbone_gives_the_eager_meta_gradient():
+    episode = conv_episode()
+    for name in ("fomaml", "maml"):  # maml: compiled query pass, eager support pass
+        grads = []
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = PRESETS[name](TINY_CONV, n_way=3, inner_lr=0.1, compile=compiled)
+            grads.append(meta_grads(model, episode))
+        for k, g in grads[0].items():
+            torch.testing.assert_close(grads[1][k], g, rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+    model.eval()
+    assert torch.equal(model.predict_episode(episode).argmax(-1),
+                       model.predict_episode(episode).argmax(-1))
+    assert "_compiled" in vars(model) and "_compiled" not in vars(copy.deepcopy(model))
 
 
 def test_zero_test_steps_are_accepted():

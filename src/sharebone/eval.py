@@ -23,6 +23,7 @@ from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.folder import load_episode_folder
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
 
 
@@ -72,6 +73,8 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     ckpt = find_checkpoint(cfg.ckpt)
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.backbone else None
     model = load_regime(ckpt, backbone=backbone)

@@ -34,6 +34,7 @@ from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.memory import keep_freed_memory
 from sharebone.sweep import swept_keys
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
 
     family = instantiate(cfg.task.family)
     datamodule = build_datamodule(cfg, family)

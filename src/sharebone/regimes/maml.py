@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -104,6 +105,20 @@ class MAML(FewShotRegime):
             conv4 5-way 1-shot, scripts/bench_maml.py) and with ``batch_norm="per_step"``.
         backend: ``"torch_func"`` (this package's inner loop) or ``"learn2learn"``
             (``l2l.algorithms.MAML`` / ``MetaSGD``; same numerics, for comparison).
+        per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
+            its query loss is known and free its graph (as learn2learn's examples do), so that
+            meta-training holds one task's activations instead of the whole meta-batch's; the
+            loss returned then carries the accumulated meta-gradient for Lightning's backward
+            (same value, same gradient). ``None``: on whenever tasks are looped. Gradients are
+            taken at the loss's own scale, so with float16 mixed precision prefer bf16 or turn
+            this off.
+        compile: run the backbone through :func:`torch.compile` wherever it is differentiated at
+            most once: every pass of first-order MAML and ANIL, the query pass of second-order
+            MAML / Meta-SGD (their support pass needs a second derivative, which compiled code
+            does not provide, so it stays eager), and evaluation. Compiling costs tens of
+            seconds at the first meta-batch and again per new input shape; it pays off in long
+            runs (scripts/bench_maml.py). Not with ``vmap``, ``batch_norm="per_step"`` or the
+            learn2learn backend.
 
     Example:
         >>> import torch
@@ -132,7 +147,8 @@ class MAML(FewShotRegime):
                  learn_step_sizes: bool | None = None,
                  head: str = "learned", batch_norm: str = "transductive",
                  loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
-                 backend: str = "torch_func") -> None:
+                 backend: str = "torch_func", per_task_backward: bool | None = None,
+                 compile: bool = False) -> None:
         super().__init__(backbone)
         # FOMAML, ANIL and Meta-SGD are presets: they change only these defaults (`preset`);
         # an explicit argument wins. Resolved before save_hyperparameters, so checkpoints hold
@@ -164,6 +180,15 @@ class MAML(FewShotRegime):
                 "vmap=True cannot be combined with batch_norm='per_step': per-step running "
                 "statistics are updated in place, which torch.vmap cannot batch across tasks. "
                 "Use vmap=False (loop over tasks) or batch_norm='transductive'.")
+        if vmap and per_task_backward:
+            raise ValueError(
+                "per_task_backward=True needs the tasks looped (vmap=False or null): torch.vmap "
+                "computes the whole meta-batch in one pass, so there is no task to free early.")
+        if compile and (vmap or batch_norm == "per_step" or backend == "learn2learn"):
+            raise ValueError(
+                "compile=True runs sharebone's own looped inner loop through torch.compile; it "
+                "cannot be combined with vmap=True, batch_norm='per_step' (running statistics "
+                "updated in place) or backend='learn2learn'. Drop one of them.")
         if backend == "learn2learn":
             if not learn2learn_available():
                 raise ImportError("backend='learn2learn' needs learn2learn: run "
@@ -201,9 +226,17 @@ class MAML(FewShotRegime):
 
     def _use_vmap(self) -> bool:
         vmap = self.hparams.vmap
-        if vmap is None:  # auto: vmap on accelerators, unless per-step statistics forbid it
-            return self.device.type != "cpu" and not self._bn_names
+        if vmap is None:  # auto: vmap on accelerators, unless another option needs the loop
+            looped = (self._bn_names or self.hparams.per_task_backward
+                      or self.hparams.compile or self.hparams.backend == "learn2learn")
+            return self.device.type != "cpu" and not looped
         return bool(vmap)
+
+    def _use_per_task_backward(self) -> bool:
+        """Meta-training through the loop, unless turned off (see ``per_task_backward``)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        return self.hparams.per_task_backward is not False and not self._use_vmap()
 
     def _adapted_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -235,18 +268,43 @@ class MAML(FewShotRegime):
                 for name in self._bn_names for stat in ("running_mean", "running_var")}
 
     # -- the model as a function of its parameters -------------------------------------------
-    def features(self, params: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def features(self, params: Params, x: torch.Tensor, step: int = 0,
+                 twice_differentiable: bool = False) -> torch.Tensor:
         """Backbone features of ``x`` under ``params`` (``backbone.*`` entries; the module's own
-        parameters for those absent), with inner step ``step``'s batch-norm statistics."""
+        parameters for those absent), with inner step ``step``'s batch-norm statistics.
+        ``twice_differentiable``: the pass will be differentiated twice (second-order support
+        pass), so it must not run compiled code."""
         backbone = {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}
+        if self.hparams.compile and not twice_differentiable:
+            own = dict(self.backbone.named_parameters())
+            return self._compiled_backbone()(own | backbone, x)
         backbone.update(self._bn_buffers(step))
         if not backbone:
             return self.backbone(x)
         return functional_call(self.backbone, backbone, (x,))
 
-    def forward_with(self, params: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def _compiled_backbone(self) -> Callable[[Params, torch.Tensor], torch.Tensor]:
+        # Built on first use and kept out of pickles/copies (see __getstate__): a compiled
+        # function is a cache of generated code, not part of the model.
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None:
+            backbone = self.backbone
+
+            def backbone_fn(params: Params, x: torch.Tensor) -> torch.Tensor:
+                return functional_call(backbone, params, (x,))
+
+            compiled = self.__dict__["_compiled"] = torch.compile(backbone_fn)
+        return compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled", None)
+        return state
+
+    def forward_with(self, params: Params, x: torch.Tensor, step: int = 0,
+                     twice_differentiable: bool = False) -> torch.Tensor:
         """Predictions for inputs ``x`` ``[M, *input]`` under ``params`` -> ``[M, n_way]``."""
-        features = self.features(params, x, step)
+        features = self.features(params, x, step, twice_differentiable)
         if self.head is None:
             return features
         return F.linear(features, params["head.weight"], params["head.bias"])
@@ -296,14 +354,16 @@ class MAML(FewShotRegime):
                 return self.task_loss(logits, support_labels)
         else:
             def support_loss(p: Params, step: int) -> torch.Tensor:
-                return self.task_loss(self.forward_with(p, support, step), support_labels)
+                predictions = self.forward_with(p, support, step,
+                                                twice_differentiable=not first_order)
+                return self.task_loss(predictions, support_labels)
         adapted = adapt(support_loss, params, steps, step_sizes, first_order=first_order,
                         functional=functional)
         return adapted, fixed_features
 
     def _task_predictions(self, support: torch.Tensor, support_labels: torch.Tensor,
                           query: torch.Tensor, n_way: int, steps: int, first_order: bool,
-                          functional: bool, meta_gradient: bool = True) -> torch.Tensor:
+                          functional: bool = False, meta_gradient: bool = True) -> torch.Tensor:
         adapted, _ = self.adapt_task(support, support_labels, n_way, steps, first_order,
                                      functional)
         # Without a meta-gradient to take, the query pass keeps no graph: evaluating a
@@ -372,11 +432,47 @@ class MAML(FewShotRegime):
             episode.support, episode.support_labels, episode.query, strict=True)])
 
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._use_per_task_backward():
+            return self._episode_loss_per_task(episode)
         predictions = self.predict_episode(episode)
         if self.hparams.loss == "mse":
             return F.mse_loss(predictions, episode.query_labels), predictions
         loss = F.cross_entropy(predictions.flatten(0, 1), episode.query_labels.flatten())
         return loss, predictions
+
+    def _episode_loss_per_task(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta-batch's loss with each task's meta-gradient taken as soon as the task is
+        done, so that only one task's graph is alive at a time.
+
+        The loss returned has the value of the meta-batch's query loss and, as its only graph,
+        ``sum(p * g)`` with ``g`` the accumulated meta-gradient of every parameter ``p``:
+        Lightning's ``backward`` on it puts exactly ``g`` into ``p.grad`` (through DDP's hooks,
+        clipping and loss scaling like any other loss).
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        meta_grads: list[torch.Tensor | None] = [None] * len(params)
+        losses, predictions = [], []
+        tasks = episode.num_tasks
+        task = functools.partial(self._task_predictions_l2l if self.hparams.backend ==
+                                 "learn2learn" else self._task_predictions,
+                                 n_way=episode.n_way, steps=self.hparams.inner_steps,
+                                 first_order=self.hparams.first_order)
+        for args in zip(episode.support, episode.support_labels, episode.query,
+                        episode.query_labels, strict=True):
+            task_predictions = task(*args[:3])
+            # The meta-batch loss is the mean of the tasks' losses (equal query sets).
+            loss = self.task_loss(task_predictions, args[3])
+            grads = torch.autograd.grad(loss / tasks, params, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    # Accumulate in place, into a copy: autograd may hand one tensor to two inputs.
+                    meta_grads[i] = g.clone() if meta_grads[i] is None else meta_grads[i].add_(g)
+            losses.append(loss.detach())
+            predictions.append(task_predictions.detach())
+        carrier = sum((p * g).sum() for p, g in zip(params, meta_grads, strict=True)
+                      if g is not None)
+        loss = torch.stack(losses).mean() + (carrier - carrier.detach())
+        return loss, torch.stack(predictions)
 
     def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "mse":
