@@ -318,6 +318,18 @@ def test_lightning_fit_save_reload_and_predict(name, tmp_path):
     torch.testing.assert_close(loaded.predict_episode(episode), model.predict_episode(episode))
 
 
+def test_lightning_fit_with_a_compiled_backbone(tmp_path):
+    torch.manual_seed(0)
+    model = FOMAML(TINY_CONV, n_way=3, inner_lr=0.1, compile=True)
+    trainer, path = fit(model, tmp_path)
+    assert trainer.global_step == 2 and "_compiled" in vars(model)
+    loaded = load_regime(path)
+    assert loaded.hparams.compile
+    episode = RandomImages().sampler("test", 3, 1, 2, 0).batch(range(2)).to_float()
+    torch.testing.assert_close(loaded.eval().predict_episode(episode),
+                               model.eval().predict_episode(episode), rtol=1e-4, atol=1e-5)
+
+
 CONFIGS = ["regime=maml", "regime=fomaml", "regime=anil", "regime=metasgd",
            "experiment=omniglot_maml_5w1s", "experiment=omniglot_maml_20w1s"]
 

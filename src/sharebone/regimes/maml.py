@@ -101,8 +101,9 @@ class MAML(FewShotRegime):
             the regime then reports MSE, lower is better).
         lr: Adam's meta learning rate (beta).
         vmap: batch the tasks of a meta-batch with :func:`torch.vmap` (True), loop over them
-            (False), or ``None``: vmap on GPU, loop on CPU (measured 1.6-5x faster there for
-            conv4 5-way 1-shot, scripts/bench_maml.py) and with ``batch_norm="per_step"``.
+            (False), or ``None``: vmap on GPU, loop on CPU (3x faster there for conv4 5-way
+            1-shot, scripts/bench_maml.py), and loop whenever another option needs it
+            (``batch_norm="per_step"``, ``per_task_backward=True``, ``compile=True``).
         backend: ``"torch_func"`` (this package's inner loop) or ``"learn2learn"``
             (``l2l.algorithms.MAML`` / ``MetaSGD``; same numerics, for comparison).
         per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
