@@ -325,13 +325,16 @@ class MAML(FewShotRegime):
         return sizes
 
     def _initial_params(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
-                        support_features: torch.Tensor | None) -> Params:
+                        support_features: torch.Tensor | None,
+                        twice_differentiable: bool = False) -> Params:
         params: Params = {}
         if self.hparams.adapt == "all":
             params.update({f"backbone.{k}": p for k, p in self.backbone.named_parameters()})
         if self.head is not None:
             if self.hparams.head == "proto" and support_features is None:
-                support_features = self.features({}, support, 0)
+                # Proto-MAML: when every parameter adapts with second-order gradients, the
+                # support gradient reaches the backbone through these prototypes too.
+                support_features = self.features({}, support, 0, twice_differentiable)
             head = initial_head(self.head, n_way, support_features, support_labels,
                                 like=support)
             params.update({f"head.{k}": v for k, v in head.items()})
@@ -347,7 +350,8 @@ class MAML(FewShotRegime):
         fixed_features = None
         if self.hparams.adapt == "head":
             fixed_features = self.features({}, support, 0)
-        params = self._initial_params(support, support_labels, n_way, fixed_features)
+        params = self._initial_params(support, support_labels, n_way, fixed_features,
+                                      twice_differentiable=not first_order)
         step_sizes = self._step_sizes(params, n_way)
         if fixed_features is not None:
             def support_loss(p: Params, step: int) -> torch.Tensor:
