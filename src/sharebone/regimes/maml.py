@@ -416,25 +416,26 @@ class MAML(FewShotRegime):
         keeps the graph for the meta-gradient; otherwise support gradients are constants and
         the predictions carry no graph (nothing will differentiate through them), so
         evaluation holds one task's activations at a time."""
-        training = self.training and torch.is_grad_enabled()
-        steps = self.hparams.inner_steps if self.training else self.test_inner_steps
-        first_order = self.hparams.first_order or not training
-        n_way = episode.n_way
-        if self.hparams.backend == "learn2learn":
-            task = functools.partial(self._task_predictions_l2l, n_way=n_way, steps=steps,
-                                     first_order=first_order, meta_gradient=training)
-            return torch.stack([task(*args) for args in zip(
-                episode.support, episode.support_labels, episode.query, strict=True)])
-        task = functools.partial(self._task_predictions, n_way=n_way, steps=steps,
-                                 first_order=first_order, meta_gradient=training)
+        task = self._task_function(episode.n_way)
         if self._use_vmap():
             if self._bn_names:
                 raise ValueError("vmap cannot batch batch_norm='per_step' (running statistics are "
                                  "updated in place); set vmap=False.")
             return torch.vmap(functools.partial(task, functional=True), randomness="same")(
                 episode.support, episode.support_labels, episode.query)
-        return torch.stack([task(*args, functional=False) for args in zip(
+        return torch.stack([task(*args) for args in zip(
             episode.support, episode.support_labels, episode.query, strict=True)])
+
+    def _task_function(self, n_way: int) -> Callable[..., torch.Tensor]:
+        """``(support, support_labels, query) -> query predictions`` of one task, with the
+        inner loop of the current mode (meta-training, or evaluation) and backend."""
+        training = self.training and torch.is_grad_enabled()
+        steps = self.hparams.inner_steps if self.training else self.test_inner_steps
+        first_order = self.hparams.first_order or not training
+        task = (self._task_predictions_l2l if self.hparams.backend == "learn2learn"
+                else self._task_predictions)
+        return functools.partial(task, n_way=n_way, steps=steps, first_order=first_order,
+                                 meta_gradient=training)
 
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         if self._use_per_task_backward():
@@ -458,10 +459,7 @@ class MAML(FewShotRegime):
         meta_grads: list[torch.Tensor | None] = [None] * len(params)
         losses, predictions = [], []
         tasks = episode.num_tasks
-        task = functools.partial(self._task_predictions_l2l if self.hparams.backend ==
-                                 "learn2learn" else self._task_predictions,
-                                 n_way=episode.n_way, steps=self.hparams.inner_steps,
-                                 first_order=self.hparams.first_order)
+        task = self._task_function(episode.n_way)
         for args in zip(episode.support, episode.support_labels, episode.query,
                         episode.query_labels, strict=True):
             task_predictions = task(*args[:3])
