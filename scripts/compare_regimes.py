@@ -25,11 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from sharebone import tracking
 from sharebone.config import compose_config
+from sharebone.data.families import build_family
 from sharebone.regimes import REGIMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def compose_run(overrides: list[str], output_dir: Path) -> DictConfig:
 
 def episodes_fingerprint(cfg: DictConfig) -> str:
     """sha256 of the first test episodes of every setting: equal fingerprints, equal tasks."""
-    family = instantiate(cfg.task.family)
+    family = build_family(cfg.task.family)
     digest = hashlib.sha256()
     for n_way, k_shot in SETTINGS:
         episode = family.sampler("test", n_way=n_way, k_shot=k_shot, q_query=cfg.test.q_query,

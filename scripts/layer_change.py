@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sharebone.analysis import format_layer_table, layer_change, plot_layer_change
 from sharebone.checkpoints import load_regime
 from sharebone.config import CONFIG_DIR
+from sharebone.data.families import build_family
 
 
 def task_family(task: str, data_dir: str | None) -> Any:
@@ -43,7 +42,7 @@ def task_family(task: str, data_dir: str | None) -> Any:
         if data_dir:
             overrides.append(f"data_dir={data_dir}")
         cfg = compose(config_name="train", overrides=overrides)
-    return instantiate(OmegaConf.to_container(cfg.task.family, resolve=True))
+    return build_family(cfg.task.family)
 
 
 def adapted_backbone(model: Any, support: torch.Tensor, labels: torch.Tensor, n_way: int,

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from sharebone.checkpoints import CheckpointError, find_checkpoint
+from sharebone.checkpoints import CheckpointError, find_checkpoint, read_checkpoint
 from sharebone.files import chmod_like_open
 
 #: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in ``.ckpt``, so no
@@ -63,6 +63,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         _fsync_dir(target.parent)
         return None
+
+    def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Always ``weights_only=True``: a checkpoint is data, and resuming one must never run
+        its pickle, whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` asks for (an
+        explicit ``True`` is the one thing that variable does not override)."""
+        if weights_only is False:
+            raise CheckpointError(f"Refusing to load {path} with weights_only=False: sharebone "
+                                  "checkpoints hold tensors and plain values only.")
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -115,8 +125,11 @@ def resume_checkpoint(resume: str | Path | None) -> str | None:
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
-                return str(candidate)
+                path = candidate
+                break
     try:
-        return str(find_checkpoint(path))
+        path = find_checkpoint(path)
+        read_checkpoint(path)  # weights_only=True, sharebone's own: refused here, not mid-fit
     except CheckpointError as err:
         raise CheckpointError(f"Cannot resume: {err}") from err
+    return str(path)

@@ -13,12 +13,12 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoints import CheckpointError, find_checkpoint, load_regime
 from sharebone.config import CONFIG_DIR
+from sharebone.data.families import build_family, check_plain
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.folder import load_episode_folder
 from sharebone.evaluation.report import write_results
@@ -27,12 +27,15 @@ from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
 
 
-def task_config(cfg: DictConfig, trained: dict[str, Any]) -> dict[str, Any]:
-    """The task to evaluate on: ``task=<name>`` from tasks/, else the training run's own."""
+def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The task to evaluate on, and whether its config is trusted: ``task=<name>`` from tasks/
+    (the user's own config), else the one saved in the checkpoint (data, never code: its family
+    is rebuilt only as a registered family from plain values)."""
     if cfg.get("task"):
-        task = OmegaConf.to_container(cfg.task, resolve=True)
-    elif "task" in trained:
-        task = dict(trained["task"])
+        task, trusted = OmegaConf.to_container(cfg.task, resolve=True), True
+    elif isinstance(trained.get("task"), dict):
+        task, trusted = dict(trained["task"]), False
+        check_plain({k: v for k, v in task.items() if k != "family"}, "task")
     else:
         raise CheckpointError(f"{cfg.ckpt} does not record its task; pass task=<name from tasks/>.")
     family = dict(task["family"])
@@ -40,7 +43,7 @@ def task_config(cfg: DictConfig, trained: dict[str, Any]) -> dict[str, Any]:
         if cfg.get(key) and key in family:
             family[key] = cfg[key]
     task["family"] = family
-    return task
+    return task, trusted
 
 
 def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.hparams.test_inner_steps = int(cfg.inner_steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    task = task_config(cfg, model.run_config or {})
+    task, trusted = task_config(cfg, model.run_config or {})
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "eval"
 
@@ -97,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (output_dir / "episode_predictions.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    family = instantiate(task["family"])
+    family = build_family(task["family"], trusted=trusted)
     settings = OmegaConf.to_container(cfg.settings, resolve=True)
     results = evaluate(model, family, settings, episodes=cfg.episodes, q_query=cfg.q_query,
                        seed=cfg.seed, split=cfg.split, batch_size=cfg.batch_size)

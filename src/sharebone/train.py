@@ -31,6 +31,7 @@ from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpo
 from sharebone.checkpoints import load_regime
 from sharebone.config import CONFIG_DIR
 from sharebone.data.datamodule import EpisodicDataModule
+from sharebone.data.families import build_family
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
@@ -143,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
 
-    family = instantiate(cfg.task.family)
+    family = build_family(cfg.task.family)
     datamodule = build_datamodule(cfg, family)
     # Impossible episode settings fail now, with the numbers, not after hours of training.
     datamodule.check_settings()
@@ -175,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         print(f"[sharebone] resuming from {ckpt_path}")
     started = time.perf_counter()
     with ddp_job(cfg, output_dir):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, float] = {"train_seconds": train_seconds}

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.episodes import Episode
+from sharebone.data.families import register_family
 from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, SyntheticImageTasks, TaskFamily
 
 __all__ = ["OmniglotAlphabets", "SyntheticImageGroups", "SyntheticRegressionTasks",
@@ -150,6 +151,7 @@ def held_out_split(data: TaskSet, train_per_class: int) -> tuple[TaskSet, TaskSe
     return pick(train), pick(~train)
 
 
+@register_family("omniglot_alphabets")
 class OmniglotAlphabets(OmniglotTasks):
     """Omniglot with each alphabet of a split as its own classification task.
 
@@ -169,6 +171,7 @@ class OmniglotAlphabets(OmniglotTasks):
         return _task_set(data.images, data.labels, alphabets)
 
 
+@register_family("synthetic_image_groups")
 class SyntheticImageGroups(SyntheticImageTasks):
     """Generated image classes (:class:`~sharebone.data.tasks.SyntheticImageTasks`, same
     images and episodes) dealt round-robin into ``num_tasks`` classification tasks: the
@@ -198,6 +201,7 @@ def _regression_weights(generator: torch.Generator, shared: torch.Tensor, tasks:
     return mix, readout
 
 
+@register_family("synthetic_regression")
 class SyntheticRegressionTasks:
     """Regression tasks that share a latent subspace to a set degree.
 

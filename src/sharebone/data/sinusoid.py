@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from sharebone.data.episodes import Episode, hash_keys
+from sharebone.data.families import register_family
 
 _U53 = (1 << 53) - 1
 
@@ -74,6 +75,7 @@ class SinusoidSampler:
                 f"q_query={self.q_query})")
 
 
+@register_family("sinusoid")
 class SinusoidTasks:
     """The sinusoid task family (Finn et al. 2017): every split is an infinite, seeded stream
     of regression tasks; splits differ only by their name in the hash, not by their ranges.

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from sharebone.data.episodes import Episode, EpisodeSampler
+from sharebone.data.families import register_family
 
 
 class EpisodeSource(Protocol):
@@ -40,6 +41,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SHAREBONE_CACHE_DIR", "~/.cache/sharebone")).expanduser()
 
 
+@register_family("omniglot")
 class OmniglotTasks:
     """Omniglot characters as classes, one image split per ``splits`` entry.
 
@@ -154,6 +156,7 @@ class EpochOffsetSampler(torch.utils.data.Sampler[int]):
         self._resume_at = self.next_batch
 
 
+@register_family("synthetic_images")
 class SyntheticImageTasks:
     """Generated image classes: no download, for smoke runs and tests.
 
