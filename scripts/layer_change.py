@@ -30,9 +30,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from sharebone.analysis import format_layer_table, layer_change, plot_layer_change
-from sharebone.checkpoints import load_regime
 from sharebone.config import CONFIG_DIR
 from sharebone.data.families import build_family
+from sharebone.regimes import load_regime
 
 
 def task_family(task: str, data_dir: str | None) -> Any:

@@ -25,7 +25,7 @@ def sharebone(cmd: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cfg_job_prints_the_composed_config(tmp_path):
     out = sharebone("train", "--cfg", "job", "regime.lr=0.005", "backbone=mlp", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "_target_: sharebone.regimes.ProtoNet" in out.stdout
+    assert "name: protonet" in out.stdout
     assert "lr: 0.005" in out.stdout and "name: mlp" in out.stdout
     assert "name: omniglot_small" in out.stdout
 

@@ -10,7 +10,8 @@ from conftest import FAST, compose_train
 from pytorch_lightning.callbacks import BackboneFinetuning
 
 from sharebone.analysis import layer_change
-from sharebone.checkpoints import CheckpointError, load_regime
+from sharebone.checkpoint_io import CheckpointError
+from sharebone.regimes import load_regime
 from sharebone.regimes.finetune import FineTune, GradualUnfreezing, Pretrain
 from sharebone.train import run
 

@@ -13,8 +13,7 @@ from conftest import FAST, compose_train
 from helpers.crafted import pickle_bomb
 
 from sharebone import eval as sb_eval
-from sharebone.checkpointing import AtomicCheckpointIO
-from sharebone.checkpoints import CheckpointError
+from sharebone.checkpoint_io import AtomicCheckpointIO, CheckpointError
 from sharebone.data.families import UnsafeConfigError, build_family
 from sharebone.train import run
 

@@ -12,11 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import sharebone.config
-from sharebone.checkpoints import load_regime
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.models.heads import initial_head
-from sharebone.regimes import ANIL, FOMAML, MAML, REGIMES, MetaSGD
+from sharebone.regimes import ANIL, FOMAML, MAML, REGIMES, MetaSGD, load_regime
 
 PRESETS = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "metasgd": MetaSGD}
 TINY_CONV = {"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}

@@ -9,7 +9,7 @@ import torch
 from conftest import compose_train
 from omegaconf import OmegaConf, open_dict
 
-from sharebone.checkpoints import load_regime
+from sharebone.build import build_run
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.multitask import (
     OmniglotAlphabets,
@@ -20,8 +20,9 @@ from sharebone.data.multitask import (
     held_out_split,
 )
 from sharebone.data.tasks import SyntheticImageTasks
+from sharebone.regimes import load_regime
 from sharebone.regimes.multitask import MultiTask, NonFiniteWeightError, fit_linear_classifier
-from sharebone.train import build_datamodule, run
+from sharebone.train import run
 from sharebone.weighting import WEIGHTINGS
 
 MLP = {"name": "mlp", "in_features": 4, "hidden": [8]}
@@ -207,10 +208,9 @@ REGRESSION = ["task=synthetic_regression", "backbone=mlp", "regime=multitask",
 def test_a_task_with_no_head_configured_is_refused_before_training(tmp_path):
     cfg = compose_train(tmp_path, REGRESSION + ["logger=none",
                                                 "+regime.heads={task0: 1, task1: 1}"])
-    family = SyntheticRegressionTasks()
     with pytest.raises(ValueError, match=r"Task\(s\) \['task2', 'task3', 'task4', 'task5'\] "
                                          "have no head configured"):
-        build_datamodule(cfg, family)
+        build_run(cfg)
 
 
 def test_multitask_regression_trains_logs_per_task_and_reloads(tmp_path):

@@ -18,8 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpoint
-from sharebone.checkpoints import find_checkpoint
+from sharebone.checkpoint_io import AtomicCheckpointIO, RNGState, find_checkpoint, resume_checkpoint
 from sharebone.data.datamodule import EpisodeLoader
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.tasks import EpochOffsetSampler, MetaBatches
@@ -142,7 +141,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from sharebone.checkpointing import AtomicCheckpointIO
+    from sharebone.checkpoint_io import AtomicCheckpointIO
 
     class Stall:  # pickled after the tensors' records: the file is half written here
         def __reduce__(self):

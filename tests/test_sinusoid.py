@@ -11,9 +11,8 @@ from conftest import compose_train
 from hydra.utils import instantiate
 from test_maml import fit
 
-from sharebone.checkpoints import load_regime
 from sharebone.data.sinusoid import SinusoidTasks, uniforms
-from sharebone.regimes import MAML, MetaSGD
+from sharebone.regimes import MAML, MetaSGD, load_regime
 from sharebone.train import run
 
 MLP = {"name": "mlp", "in_features": 1, "hidden": [40, 40]}

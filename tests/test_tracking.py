@@ -38,7 +38,7 @@ def test_offline_run_holds_config_params_curves_and_test_results(wandb_run):
     run_dir, metrics = wandb_run
     summary = json.loads(inspect(run_dir, "--summary", "--json"))
     config = summary["config"]
-    assert config["regime"]["_target_"] == "sharebone.regimes.ProtoNet"
+    assert config["regime"]["name"] == "protonet"
     assert config["task"]["name"] == "synthetic_images" and config["backbone"]["name"] == "conv4"
     records = [json.loads(line) for line in inspect(run_dir, "--json").splitlines()]
     history = [r["history"]["item"] for r in records if r["type"] == "history"]

@@ -11,7 +11,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 from sharebone import eval as sb_eval
-from sharebone.checkpoints import CheckpointError, load_regime
+from sharebone.checkpoint_io import CheckpointError
+from sharebone.regimes import load_regime
 from sharebone.train import run
 
 

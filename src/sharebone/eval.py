@@ -16,15 +16,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sharebone.adaptation import check_inner_loop
-from sharebone.checkpoints import CheckpointError, find_checkpoint, load_regime
+from sharebone.checkpoint_io import CheckpointError, find_checkpoint
 from sharebone.config import CONFIG_DIR
 from sharebone.data.families import build_family, check_plain
-from sharebone.evaluation.fewshot import evaluate
+from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import load_episode_folder
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
+from sharebone.regimes.loading import load_regime
 
 
 def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -102,8 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     family = build_family(task["family"], trusted=trusted)
     settings = OmegaConf.to_container(cfg.settings, resolve=True)
-    results = evaluate(model, family, settings, episodes=cfg.episodes, q_query=cfg.q_query,
-                       seed=cfg.seed, split=cfg.split, batch_size=cfg.batch_size)
+    tests = test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed, split=cfg.split)
+    results = evaluate(model, tests, episodes=cfg.episodes, batch_size=cfg.batch_size)
     print(f"\n{model.regime_name} from {ckpt}\n{task['name']} ({cfg.split} episodes, "
           f"seed {cfg.seed}):\n{format_table(results)}\n")
     paths = write_results(results, output_dir, stem=f"fewshot_{task['name']}_{cfg.split}",

@@ -22,20 +22,19 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sharebone import tracking
-from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpoint
-from sharebone.checkpoints import load_regime
+from sharebone.build import build_run, check_world_size, resolved
+from sharebone.checkpoint_io import AtomicCheckpointIO, RNGState, resume_checkpoint
 from sharebone.config import CONFIG_DIR
-from sharebone.data.datamodule import EpisodicDataModule
-from sharebone.data.families import build_family
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.memory import keep_freed_memory
+from sharebone.regimes import load_regime
 from sharebone.sweep import swept_keys
 
 log = logging.getLogger(__name__)
@@ -118,20 +117,6 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path) -> list[pl.Ca
     return callbacks
 
 
-def build_datamodule(cfg: DictConfig, family: Any) -> pl.LightningDataModule:
-    """Episodes, unless the regime's class builds its own datamodule: a regime that trains on
-    plain batches (multitask, pre-training, fine-tuning) defines a classmethod
-    ``build_datamodule(cfg, family)``."""
-    custom = getattr(get_class(cfg.regime._target_), "build_datamodule", None)
-    if custom is not None:
-        return custom(cfg, family)
-    s = cfg.sampler
-    return EpisodicDataModule(
-        family, train=dict(s.train), val=dict(s.val), meta_batch_size=s.meta_batch_size,
-        batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes, seed=s.seed,
-        eval_seed=s.eval_seed, num_workers=s.num_workers)
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.regime`` on ``cfg.task`` and evaluate it; returns the final metrics.
 
@@ -144,15 +129,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
 
-    family = build_family(cfg.task.family)
-    datamodule = build_datamodule(cfg, family)
-    # Impossible episode settings fail now, with the numbers, not after hours of training.
-    datamodule.check_settings()
-    for setting in cfg.test.settings:
-        family.sampler("test", n_way=setting.n_way, k_shot=setting.k_shot,
-                       q_query=setting.get("q_query", cfg.test.q_query), seed=cfg.test.seed)
-    model = instantiate(cfg.regime, _convert_="all")
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    # Every setting is checked and every sampler built now, not after hours of training.
+    parts = build_run(cfg)
+    model, datamodule = parts.regime, parts.datamodule
+    model.run_config = resolved(cfg, parts.from_data)
 
     sharing = model.parameter_sharing()
     log.info("%s on %s: %s", model.regime_name, cfg.task.name, sharing)
@@ -171,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                       plugins=[AtomicCheckpointIO()])
+    check_world_size(datamodule, trainer.world_size)
     ckpt_path = resume_checkpoint(cfg.get("resume"))
     if ckpt_path:
         print(f"[sharebone] resuming from {ckpt_path}")
@@ -194,8 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # Score what was saved, through the same loader sharebone-eval uses.
         model = load_regime(best).to(trainer.strategy.root_device)
     t = cfg.test
-    results = evaluate(model, family, t.settings, episodes=t.episodes, q_query=t.q_query,
-                       seed=t.seed, batch_size=t.batch_size)
+    results = evaluate(model, parts.tests, episodes=t.episodes, batch_size=t.batch_size)
     table = format_table(results)
     print(f"\nTest episodes ({cfg.task.name}, seed {t.seed}):\n{table}\n")
     paths = write_results(results, output_dir, extra={"regime": model.regime_name,

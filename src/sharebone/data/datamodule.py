@@ -7,8 +7,9 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from sharebone.checks import check_count
 from sharebone.data.episodes import Episode
-from sharebone.data.tasks import EpochOffsetSampler, MetaBatches, TaskFamily
+from sharebone.data.tasks import EpisodeSource, EpochOffsetSampler, MetaBatches, TaskFamily
 
 
 class EpisodeLoader(DataLoader):
@@ -65,16 +66,21 @@ class EpisodicDataModule(pl.LightningDataModule):
         super().__init__()
         self.family = family
         self.train_setting, self.val_setting = dict(train), dict(val)
-        self.meta_batch_size = meta_batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.val_episodes = val_episodes
+        self.meta_batch_size = check_count("meta_batch_size", meta_batch_size)
+        self.batches_per_epoch = check_count("batches_per_epoch", batches_per_epoch)
+        self.val_episodes = check_count("val_episodes", val_episodes)
         self.seed, self.eval_seed = seed, eval_seed
-        self.num_workers = num_workers
+        self.num_workers = check_count("num_workers", num_workers, low=0)
+        self._sources: dict[str, EpisodeSource] = {}
 
-    def check_settings(self) -> None:
-        """Build the train and val samplers once: an impossible n_way/k_shot raises here."""
-        self.family.sampler("train", seed=self.seed, **self.train_setting)
-        self.family.sampler("val", seed=self.eval_seed, **self.val_setting)
+    def source(self, split: str) -> EpisodeSource:
+        """The ``train`` or ``val`` episode source, built once (an impossible n_way/k_shot
+        raises here, with the numbers)."""
+        if split not in self._sources:
+            setting, seed = ((self.train_setting, self.seed) if split == "train"
+                             else (self.val_setting, self.eval_seed))
+            self._sources[split] = self.family.sampler(split, seed=seed, **setting)
+        return self._sources[split]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Episodes travel as uint8 and become floats on the model's device.
@@ -92,12 +98,12 @@ class EpisodicDataModule(pl.LightningDataModule):
                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        source = self.family.sampler("train", seed=self.seed, **self.train_setting)
-        dataset = MetaBatches(source, self.meta_batch_size, self.batches_per_epoch, **self._ddp())
+        dataset = MetaBatches(self.source("train"), self.meta_batch_size,
+                              self.batches_per_epoch, **self._ddp())
         return self._loader(dataset, EpochOffsetSampler(self.batches_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
-        source = self.family.sampler("val", seed=self.eval_seed, **self.val_setting)
+        source = self.source("val")
         ddp = self._ddp()
         size = max(self.meta_batch_size, ddp["world_size"])
         size -= size % ddp["world_size"]

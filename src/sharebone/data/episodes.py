@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sharebone.checks import check_count
+
 __all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys"]
 
 _MASK = (1 << 64) - 1
@@ -157,10 +159,9 @@ class EpisodeSampler:
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
-        checks = (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("q_query", q_query, 0))
-        for name, value, low in checks:
-            if int(value) != value or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        # An empty query set would score every episode as NaN: refused like an empty support.
+        n_way, k_shot = check_count("n_way", n_way), check_count("k_shot", k_shot)
+        q_query = check_count("q_query", q_query)
         order = torch.argsort(labels, stable=True)
         self.images = images[order]
         labels = labels[order]

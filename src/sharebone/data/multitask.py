@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from sharebone.checks import check_count
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.episodes import Episode
 from sharebone.data.families import register_family
@@ -261,7 +262,9 @@ class SyntheticRegressionTasks:
                 seed: int) -> _RegressionEpisodes:
         if split not in self.samples:
             raise KeyError(f"Unknown split '{split}'. This family has: {sorted(self.samples)}.")
-        return _RegressionEpisodes(self, split, n_way * k_shot, n_way * q_query, seed)
+        n_way = check_count("n_way", n_way)
+        return _RegressionEpisodes(self, split, n_way * check_count("k_shot", k_shot),
+                                   n_way * check_count("q_query", q_query), seed)
 
 
 class _RegressionEpisodes:
@@ -355,10 +358,6 @@ class TaskBatchDataModule(EpisodicDataModule):
     @property
     def task_names(self) -> list[str]:
         return list(self.data.names)
-
-    def check_settings(self) -> None:
-        if self.val_data is None:
-            self.family.sampler("val", seed=self.eval_seed, **self.val_setting)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return _to_float(batch)

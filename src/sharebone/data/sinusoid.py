@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sharebone.checks import check_count
 from sharebone.data.episodes import Episode, hash_keys
 from sharebone.data.families import register_family
 
@@ -102,7 +103,5 @@ class SinusoidTasks:
         if n_way != 1:
             raise ValueError(f"Sinusoid tasks are regression tasks with one output (n_way=1), "
                              f"got n_way={n_way}. Set n_way: 1 (tasks/sinusoid.yaml does).")
-        for name, value, low in (("k_shot", k_shot, 1), ("q_query", q_query, 1)):
-            if int(value) != value or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        return SinusoidSampler(self, split, k_shot, q_query, seed)
+        return SinusoidSampler(self, split, check_count("k_shot", k_shot),
+                               check_count("q_query", q_query), seed)

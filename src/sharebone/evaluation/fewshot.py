@@ -3,51 +3,88 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from sharebone.data.tasks import TaskFamily
+from sharebone.checks import check_count
+from sharebone.data.tasks import EpisodeSource, TaskFamily
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
 
 
-def episode_scores(model: FewShotRegime, family: TaskFamily, split: str, n_way: int,
-                       k_shot: int, q_query: int, episodes: int, seed: int,
-                       batch_size: int = 32) -> torch.Tensor:
+@dataclass(frozen=True)
+class TestEpisodes:
+    """The fixed episodes of one test setting: episode ``i`` is ``source.batch([i])``."""
+
+    n_way: int
+    k_shot: int
+    q_query: int
+    source: EpisodeSource
+
+    @property
+    def name(self) -> str:
+        return f"{self.n_way}w{self.k_shot}s"
+
+
+def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_query: int = 15,
+                  seed: int = 0, split: str = "test") -> list[TestEpisodes]:
+    """The episode source of every ``{"n_way", "k_shot"[, "q_query"]}`` setting, built (and so
+    checked against the split's classes) once, before any training or scoring.
+
+    Example:
+        >>> from sharebone.data.tasks import SyntheticImageTasks
+        >>> family = SyntheticImageTasks({"test": 10})
+        >>> [t.name for t in test_episodes(family, [{"n_way": 5, "k_shot": 1}], q_query=5)]
+        ['5w1s']
+        >>> test_episodes(family, [{"n_way": 5, "k_shot": 1}], q_query=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: test setting 1 (5w1s): q_query must be an integer >= 1, got 0.
+    """
+    tests = []
+    for i, setting in enumerate(settings, start=1):
+        n_way, k_shot = setting.get("n_way"), setting.get("k_shot")
+        q = setting.get("q_query", q_query)
+        try:
+            source = family.sampler(split, n_way=n_way, k_shot=k_shot, q_query=q, seed=seed)
+        except ValueError as err:
+            raise ValueError(f"test setting {i} ({n_way}w{k_shot}s): {err}") from err
+        tests.append(TestEpisodes(int(n_way), int(k_shot), int(q), source))
+    return tests
+
+
+def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
+                   batch_size: int = 32) -> torch.Tensor:
     """Per-episode query score ``[episodes]`` (the regime's metric, accuracy for
-    classification) on episodes ``0..episodes-1`` of ``split``."""
-    source = family.sampler(split, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed)
+    classification) on episodes ``0..episodes-1`` of ``test``."""
     was_training = model.training
     model.eval()
     # MAML-like regimes adapt with gradients even at test time.
     grad = torch.no_grad() if model.predicts_without_grad else contextlib.nullcontext()
-    accs = []
+    scores = []
     try:
         with grad:
             for start in range(0, episodes, batch_size):
                 index = torch.arange(start, min(start + batch_size, episodes))
-                episode = source.batch(index).to(model.device).to_float()
-                logits = model.predict_episode(episode)
-                accs.append(model.episode_metric(logits.detach(), episode.query_labels).cpu())
+                episode = test.source.batch(index).to(model.device).to_float()
+                predictions = model.predict_episode(episode)
+                scores.append(model.episode_metric(predictions.detach(),
+                                                   episode.query_labels).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(accs)
+    return torch.cat(scores)
 
 
-def evaluate(model: FewShotRegime, family: TaskFamily, settings: Iterable[Mapping[str, int]],
-             episodes: int = 600, q_query: int = 15, seed: int = 0, split: str = "test",
+def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int = 600,
              batch_size: int = 32) -> list[FewShotResult]:
-    """Mean score (accuracy) ± 95% CI for each ``{"n_way", "k_shot"}`` setting.
+    """Mean score (accuracy) ± 95% CI for each test setting (see :func:`test_episodes`).
 
     Episode ``i`` of a setting is fixed by ``(seed, split, i)``: two checkpoints evaluated
-    with the same arguments see exactly the same support and query images.
+    with the same settings see exactly the same support and query images.
     """
-    results = []
-    for setting in settings:
-        n_way, k_shot = int(setting["n_way"]), int(setting["k_shot"])
-        q = int(setting.get("q_query", q_query))
-        scores = episode_scores(model, family, split, n_way, k_shot, q, episodes, seed,
-                                batch_size)
-        results.append(summarize(scores, n_way, k_shot, q, metric=model.metric_name))
-    return results
+    check_count("episodes", episodes)
+    check_count("batch_size", batch_size)
+    return [summarize(episode_scores(model, test, episodes, batch_size), test.n_way,
+                      test.k_shot, test.q_query, metric=model.metric_name) for test in tests]

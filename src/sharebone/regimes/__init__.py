@@ -1,10 +1,17 @@
 """Training regimes: one LightningModule each, all built on a shared backbone."""
 
-from sharebone.regimes.base import REGIMES, FewShotRegime, accuracy, register_regime
+from sharebone.regimes.base import (
+    REGIMES,
+    FewShotRegime,
+    accuracy,
+    create_regime,
+    register_regime,
+)
 from sharebone.regimes.finetune import FineTune, Pretrain
+from sharebone.regimes.loading import load_regime
 from sharebone.regimes.maml import ANIL, FOMAML, MAML, MetaSGD
 from sharebone.regimes.multitask import MultiTask
 from sharebone.regimes.protonet import ProtoNet
 
 __all__ = ["ANIL", "FOMAML", "MAML", "REGIMES", "FewShotRegime", "FineTune", "MetaSGD", "MultiTask",
-           "Pretrain", "ProtoNet", "accuracy", "register_regime"]
+           "Pretrain", "ProtoNet", "accuracy", "create_regime", "load_regime", "register_regime"]

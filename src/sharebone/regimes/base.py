@@ -15,6 +15,17 @@ from sharebone.models.registry import Registry
 REGIMES: Registry[type[pl.LightningModule]] = Registry("regime")
 
 
+def create_regime(name: str, **kwargs: Any) -> FewShotRegime:
+    """Build a regime by its registered name: what Hydra configs (``_target_`` this function,
+    ``name: maml``) and checkpoint loading both call.
+
+    Example:
+        >>> create_regime("protonet", backbone={"name": "mlp", "in_features": 4}).regime_name
+        'protonet'
+    """
+    return REGIMES.create(name, **kwargs)
+
+
 def register_regime(name: str):
     """Class decorator: make a regime buildable by name (and loadable from its checkpoints)."""
 
@@ -46,6 +57,11 @@ class FewShotRegime(pl.LightningModule):
     metric_higher_is_better: bool = True
     #: False when predicting needs gradients (MAML adapts on the support set).
     predicts_without_grad: bool = True
+    #: What the regime trains on; :mod:`sharebone.build` makes the data for it:
+    #: ``episodes`` (meta-batches of few-shot episodes), ``tasks`` (task-balanced batches of
+    #: the family's training tasks, a head each), ``classes`` (batches over every training
+    #: class as one task), ``new_task`` (a split's classes as a new task, images held out).
+    trains_on: str = "episodes"
 
     def __init__(self, backbone: dict[str, Any]) -> None:
         super().__init__()
@@ -87,7 +103,7 @@ class FewShotRegime(pl.LightningModule):
                       prog_bar=True, batch_size=episode.num_tasks, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # What `sharebone.checkpoints.load_regime` needs to rebuild this model by name, with
+        # What `sharebone.regimes.loading.load_regime` needs to rebuild this model by name, with
         # plain types only so that the file loads with weights_only=True.
         checkpoint["sharebone"] = {
             "regime": self.regime_name,

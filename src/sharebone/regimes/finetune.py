@@ -31,6 +31,7 @@ from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning
 from torch import nn
 
 from sharebone.analysis import layer_groups
+from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
 from sharebone.regimes.base import FewShotRegime, register_regime
@@ -69,6 +70,8 @@ class Pretrain(SharedBackboneRegime):
         shared=40  task-specific=45  (1 trained head(s); ...)
     """
 
+    trains_on = "classes"
+
     def __init__(self, backbone: dict[str, Any], num_classes: int | None = None,
                  lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 64,
                  head_fit: dict[str, Any] | None = None) -> None:
@@ -78,31 +81,13 @@ class Pretrain(SharedBackboneRegime):
                          head_fit=head_fit)
         self.save_hyperparameters()
 
-    @classmethod
-    def training_tasks(cls, family: Any, regime_cfg: Any):
-        from sharebone.data.multitask import class_tasks
-
-        return class_tasks(family, "train", name="classes")
-
-    @classmethod
-    def fill_heads(cls, regime_cfg: Any, heads: dict[str, int]) -> None:
-        n = heads["classes"]
-        if regime_cfg.get("num_classes") is None:
-            regime_cfg.num_classes = n
-        elif int(regime_cfg.num_classes) != n:
-            raise ValueError(f"regime.num_classes={regime_cfg.num_classes} but the training "
-                             f"split has {n} classes; set regime.num_classes=null to take it "
-                             "from the data.")
-
 
 # ------------------------------------------------------------------------------- transfer
 
 
 def source_backbone(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The backbone spec and weights (``backbone.*`` keys, prefix removed) of a sharebone
-    checkpoint; :class:`~sharebone.checkpoints.CheckpointError` when it has none."""
-    from sharebone.checkpoints import CheckpointError, read_checkpoint  # (imports regimes)
-
+    checkpoint; :class:`~sharebone.checkpoint_io.CheckpointError` when it has none."""
     checkpoint = read_checkpoint(path)
     spec = checkpoint["sharebone"].get("hparams", {}).get("backbone")
     weights = {k[len("backbone."):]: v for k, v in checkpoint.get("state_dict", {}).items()
@@ -221,6 +206,8 @@ class FineTune(FewShotRegime):
         ['FrozenBackbone']
     """
 
+    trains_on = "new_task"
+
     def __init__(self, source: str | None = None, backbone: dict[str, Any] | None = None,
                  num_classes: int | None = None, mode: str = "probe", lr: float = 1e-3,
                  backbone_lr_ratio: float = 0.1, unfreeze_at_epoch: int = 1,
@@ -243,38 +230,7 @@ class FineTune(FewShotRegime):
         self.hparams["backbone"], self.hparams["source"] = dict(backbone), source
         self._source_loaded = False
 
-    # -- data -----------------------------------------------------------------------------------
-    @classmethod
-    def build_datamodule(cls, cfg: Any, family: Any):
-        """The new task: ``target_split``'s classes, ``train_per_class`` images each to train
-        on, the rest to validate on. Checks the source checkpoint before any data is read."""
-        from sharebone.checkpoints import CheckpointError, describe_backbone
-        from sharebone.data.multitask import TaskBatchDataModule, class_tasks, held_out_split
-
-        r = cfg.regime
-        if r.get("source"):
-            spec, _ = source_backbone(r.source)
-            if r.get("backbone") is not None and dict(r.backbone) != spec:
-                raise CheckpointError(
-                    f"{r.source} has backbone ({describe_backbone(spec)}) but "
-                    f"({describe_backbone(dict(r.backbone))}) is configured; pass the same "
-                    "backbone=..., or regime.backbone=null to take the checkpoint's.")
-        data = class_tasks(family, r.target_split, name="target")
-        train, held = held_out_split(data, int(r.train_per_class))
-        if r.get("num_classes") is None:
-            r.num_classes = data.outputs[0]
-        elif int(r.num_classes) != data.outputs[0]:
-            raise ValueError(f"regime.num_classes={r.num_classes} but split '{r.target_split}' "
-                             f"has {data.outputs[0]} classes; set regime.num_classes=null.")
-        s = cfg.sampler
-        return TaskBatchDataModule(family, train, per_task=r.batch_size, val=dict(s.val),
-                                   batches_per_epoch=s.batches_per_epoch, seed=s.seed,
-                                   eval_seed=s.eval_seed, num_workers=s.num_workers,
-                                   val_data=held)
-
     def setup(self, stage: str) -> None:
-        from sharebone.checkpoints import CheckpointError, describe_backbone
-
         if stage == "fit" and self.hparams.source and not self._source_loaded:
             spec, weights = source_backbone(self.hparams.source)
             if spec != dict(self.hparams.backbone):

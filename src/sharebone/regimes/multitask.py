@@ -206,36 +206,6 @@ class SharedBackboneRegime(FewShotRegime):
         if loss == "mse":
             self.metric_name, self.metric_higher_is_better = "mse", False
 
-    # -- data ---------------------------------------------------------------------------------
-    @classmethod
-    def training_tasks(cls, family: Any, regime_cfg: Any):
-        """The :class:`~sharebone.data.multitask.TaskSet` this regime trains on."""
-        raise NotImplementedError
-
-    @classmethod
-    def build_datamodule(cls, cfg: Any, family: Any):
-        """The datamodule ``sharebone-train`` uses for this regime: task-balanced batches of
-        :meth:`training_tasks`, few-shot validation episodes. Fills ``cfg.regime.heads`` from
-        the data when it is null (so the checkpoint records the heads), and refuses a task
-        without a head before any training."""
-        from sharebone.data.multitask import TaskBatchDataModule
-
-        data = cls.training_tasks(family, cfg.regime)
-        cls.fill_heads(cfg.regime, data.heads)
-        s = cfg.sampler
-        return TaskBatchDataModule(
-            family, data, per_task=cfg.regime.batch_size, val=dict(s.val),
-            batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes, seed=s.seed,
-            eval_seed=s.eval_seed, num_workers=s.num_workers)
-
-    @classmethod
-    def fill_heads(cls, regime_cfg: Any, heads: dict[str, int]) -> None:
-        configured = regime_cfg.get("heads")
-        if configured is None:
-            regime_cfg.heads = heads
-        else:
-            check_heads(dict(configured), heads)
-
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         data = getattr(datamodule, "data", None)
@@ -414,6 +384,8 @@ class MultiTask(SharedBackboneRegime):
         shared=40  task-specific=45  (2 trained head(s); ...)
     """
 
+    trains_on = "tasks"
+
     def __init__(self, backbone: dict[str, Any], heads: dict[str, int] | None = None,
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
@@ -422,13 +394,3 @@ class MultiTask(SharedBackboneRegime):
                          weight_decay=weight_decay, batch_size=batch_size,
                          conflict_every=conflict_every, head_fit=head_fit)
         self.save_hyperparameters()
-
-    @classmethod
-    def training_tasks(cls, family: Any, regime_cfg: Any):
-        if not hasattr(family, "tasks"):
-            raise ValueError(
-                f"Task family {type(family).__name__} does not split its training data into "
-                "tasks (no .tasks()); multitask needs one that does, e.g. task=omniglot_alphabets "
-                "or task=synthetic_regression. To train one head on all classes use "
-                "regime=pretrain.")
-        return family.tasks("train")

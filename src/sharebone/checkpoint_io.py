@@ -1,5 +1,9 @@
-"""Writing checkpoints that survive a kill, and picking up a run where it stopped.
+"""Checkpoint files: finding and reading them safely, writing them so that a kill never
+leaves half a file, and picking up a run where it stopped. Rebuilding a regime from a
+checkpoint is :func:`sharebone.regimes.loading.load_regime`.
 
+- :func:`read_checkpoint`: ``weights_only=True`` always (a checkpoint is data), and only
+  files sharebone wrote.
 - :class:`AtomicCheckpointIO`: a checkpoint is written to a temporary file next to it and
   renamed over the target (``os.replace``, atomic on POSIX), so a process killed while saving
   leaves either the previous complete file or the new complete file, never a truncated one.
@@ -20,8 +24,53 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from sharebone.checkpoints import CheckpointError, find_checkpoint, read_checkpoint
 from sharebone.files import chmod_like_open
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A ``.ckpt`` file, or a run directory (its ``checkpoints/best.ckpt``, else ``last.ckpt``)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt",
+                          path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        found = sorted(path.rglob("*.ckpt"))
+        if not found:
+            raise CheckpointError(f"No checkpoint (*.ckpt) under {path}. Pass ckpt=<file.ckpt> "
+                                  "or a run directory that sharebone-train wrote.")
+        if len(found) > 1:  # a folder of runs: picking one by name order would be a guess
+            listed = "\n  ".join(str(p) for p in found[:10])
+            more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
+            raise CheckpointError(f"{path} holds {len(found)} checkpoints in other folders than "
+                                  f"a run's checkpoints/; pass one of them:\n  {listed}{more}")
+        return found[0]
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist. Pass ckpt=<file.ckpt> or a run "
+                              "directory (outputs/<date>/<time>).")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = find_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/unsafe files
+        raise CheckpointError(f"Could not read checkpoint {path}: {err}. Is it a complete file "
+                              "written by sharebone-train?") from err
+    if not isinstance(checkpoint, dict) or "sharebone" not in checkpoint:
+        raise CheckpointError(f"{path} is not a sharebone checkpoint (no 'sharebone' metadata). "
+                              "Evaluate checkpoints written by sharebone-train.")
+    return checkpoint
+
+
+def describe_backbone(spec: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in spec.items())
+
 
 #: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in ``.ckpt``, so no
 #: checkpoint search (``*.ckpt``) can mistake a half-written one for a checkpoint.
@@ -117,7 +166,7 @@ def resume_checkpoint(resume: str | Path | None) -> str | None:
 
     A run directory is resolved to ``checkpoints/last.ckpt`` (the latest state, written every
     ``checkpoint.every_n_train_steps`` steps and at each epoch end), else to whatever
-    :func:`sharebone.checkpoints.find_checkpoint` finds there.
+    :func:`find_checkpoint` finds there.
     """
     if resume in (None, ""):
         return None

@@ -1,0 +1,208 @@
+"""From a composed config to the parts of a run: task family, training data, regime, test
+episodes. The one place that reads ``cfg.task``, ``cfg.sampler``, ``cfg.regime`` and
+``cfg.test`` together.
+
+Regimes only train. A regime declares what it trains on (``FewShotRegime.trains_on``:
+``episodes``, ``tasks``, ``classes`` or ``new_task``); :data:`TRAINING_DATA` makes that data
+from the config and says what the regime must be built with to fit it (its heads, its number
+of classes). Every setting is checked here, before any training, with the key it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sharebone.checkpoint_io import CheckpointError, describe_backbone
+from sharebone.checks import check_count
+from sharebone.data.datamodule import EpisodicDataModule
+from sharebone.data.families import build_family
+from sharebone.data.multitask import TaskBatchDataModule, TaskSet, class_tasks, held_out_split
+from sharebone.evaluation.fewshot import TestEpisodes, test_episodes
+from sharebone.regimes import REGIMES, FewShotRegime
+from sharebone.regimes.finetune import source_backbone
+from sharebone.regimes.multitask import check_heads
+
+
+@dataclass
+class RunParts:
+    """What ``sharebone-train`` trains and scores: all built, all settings checked."""
+
+    family: Any
+    datamodule: pl.LightningDataModule
+    regime: FewShotRegime
+    tests: list[TestEpisodes]
+    #: Regime arguments taken from the data (``heads``, ``num_classes``).
+    from_data: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def setting(key: str) -> Iterator[None]:
+    """Name the config key in any ``ValueError`` raised while building from it."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from err
+
+
+def regime_class(spec: DictConfig) -> type[FewShotRegime]:
+    """The class a ``regime`` config builds: its registered ``name``, else its ``_target_``."""
+    name = spec.get("name")
+    if name is not None:
+        return REGIMES.get(name)
+    return get_class(spec._target_)
+
+
+def build_run(cfg: DictConfig) -> RunParts:
+    """Family, training data, regime and test episodes for ``cfg``; raises before training
+    on any impossible setting, naming its key."""
+    family = build_family(cfg.task.family)
+    trains_on = regime_class(cfg.regime).trains_on
+    if trains_on not in TRAINING_DATA:
+        raise ValueError(f"Regime {cfg.regime.get('name')} trains on {trains_on!r}, which "
+                         f"sharebone cannot build (known: {sorted(TRAINING_DATA)}).")
+    datamodule, from_data = TRAINING_DATA[trains_on](cfg, family)
+    t = cfg.test
+    with setting("test"):
+        check_count("episodes", t.episodes)
+        check_count("batch_size", t.batch_size)
+        tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed)
+    regime = instantiate(cfg.regime, **from_data, _convert_="all")
+    return RunParts(family, datamodule, regime, tests, from_data)
+
+
+def check_world_size(datamodule: pl.LightningDataModule, world_size: int) -> None:
+    """Under DDP every rank takes an equal share of each meta-batch: checked once the trainer
+    knows its world size, before any process is started."""
+    size = getattr(datamodule, "meta_batch_size", 1)
+    if world_size > 1 and size % world_size:
+        raise ValueError(f"sampler.meta_batch_size={size} does not split evenly across "
+                         f"{world_size} processes; make it a multiple of {world_size}.")
+
+
+# -- training data, by what the regime trains on -------------------------------------------
+
+
+def episodes(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict[str, Any]]:
+    """Meta-batches of few-shot episodes (ProtoNet, the MAML family)."""
+    s = cfg.sampler
+    with setting("sampler"):
+        datamodule = EpisodicDataModule(
+            family, train=dict(s.train), val=dict(s.val), meta_batch_size=s.meta_batch_size,
+            batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes, seed=s.seed,
+            eval_seed=s.eval_seed, num_workers=s.num_workers)
+    for split in ("train", "val"):
+        with setting(f"sampler.{split}"):
+            datamodule.source(split)
+    check_meta_batch_memory(datamodule, family)
+    return datamodule, {}
+
+
+def check_meta_batch_memory(datamodule: EpisodicDataModule, family: Any,
+                            available: int | None = None) -> None:
+    """Refuse a meta-batch whose float inputs alone exceed the machine's memory: it would
+    fail deep inside an allocation after minutes, or take the machine down with it."""
+    setting_ = datamodule.train_setting
+    per_task = (int(setting_["n_way"]) * (int(setting_["k_shot"]) + int(setting_["q_query"]))
+                * math.prod(getattr(family, "input_shape", (1,))))
+    needed = 4 * per_task * datamodule.meta_batch_size
+    available = available if available is not None else physical_memory()
+    if available and needed > available:
+        raise ValueError(
+            f"sampler.meta_batch_size={datamodule.meta_batch_size}: one meta-batch of "
+            f"{setting_['n_way']}-way {setting_['k_shot']}-shot {setting_['q_query']}-query "
+            f"episodes is {needed / 2**30:.1f} GiB of float32 inputs alone, more than this "
+            f"machine's {available / 2**30:.1f} GiB. Lower sampler.meta_batch_size (and raise "
+            "trainer.accumulate_grad_batches for the same meta-gradient).")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _task_batches(cfg: DictConfig, family: Any, data: TaskSet,
+                  val_data: TaskSet | None = None) -> TaskBatchDataModule:
+    s = cfg.sampler
+    with setting("sampler"):
+        datamodule = TaskBatchDataModule(
+            family, data, per_task=check_count("regime.batch_size", cfg.regime.batch_size),
+            val=dict(s.val), batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes,
+            seed=s.seed, eval_seed=s.eval_seed, num_workers=s.num_workers, val_data=val_data)
+    if val_data is None:
+        with setting("sampler.val"):
+            datamodule.source("val")
+    return datamodule
+
+
+def tasks(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict[str, Any]]:
+    """The family's training tasks, task-balanced batches, one head per task (multitask)."""
+    if not hasattr(family, "tasks"):
+        raise ValueError(
+            f"Task family {type(family).__name__} does not split its training data into "
+            "tasks (no .tasks()); multitask needs one that does, e.g. task=omniglot_alphabets "
+            "or task=synthetic_regression. To train one head on all classes use "
+            "regime=pretrain.")
+    data = family.tasks("train")
+    heads = cfg.regime.get("heads")
+    if heads is not None:
+        check_heads(dict(heads), data.heads)
+    return _task_batches(cfg, family, data), {"heads": dict(heads or data.heads)}
+
+
+def classes(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict[str, Any]]:
+    """Every training class as one task: a classifier over all of them (pre-training)."""
+    data = class_tasks(family, "train", name="classes")
+    n = _num_classes(cfg, data.outputs[0], "the training split")
+    return _task_batches(cfg, family, data), {"num_classes": n}
+
+
+def new_task(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict[str, Any]]:
+    """A split's classes as a new task: ``train_per_class`` images each to train on, the rest
+    to validate on (fine-tuning). The source checkpoint is checked before any data is read."""
+    r = cfg.regime
+    if r.get("source"):
+        spec, _ = source_backbone(r.source)
+        if r.get("backbone") is not None and dict(r.backbone) != spec:
+            raise CheckpointError(
+                f"{r.source} has backbone ({describe_backbone(spec)}) but "
+                f"({describe_backbone(dict(r.backbone))}) is configured; pass the same "
+                "backbone=..., or regime.backbone=null to take the checkpoint's.")
+    data = class_tasks(family, r.target_split, name="target")
+    train, held = held_out_split(data, check_count("regime.train_per_class",
+                                                   r.train_per_class))
+    n = _num_classes(cfg, data.outputs[0], f"split '{r.target_split}'")
+    return _task_batches(cfg, family, train, val_data=held), {"num_classes": n}
+
+
+def _num_classes(cfg: DictConfig, found: int, where: str) -> int:
+    configured = cfg.regime.get("num_classes")
+    if configured is not None and int(configured) != found:
+        raise ValueError(f"regime.num_classes={configured} but {where} has {found} classes; "
+                         "set regime.num_classes=null to take it from the data.")
+    return found
+
+
+#: ``FewShotRegime.trains_on`` -> the function that builds that training data.
+TRAINING_DATA: dict[str, Callable[[DictConfig, Any], tuple[pl.LightningDataModule,
+                                                           dict[str, Any]]]] = {
+    "episodes": episodes, "tasks": tasks, "classes": classes, "new_task": new_task}
+
+
+def resolved(cfg: DictConfig, from_data: dict[str, Any]) -> dict[str, Any]:
+    """The run's config as plain values, with what was taken from the data filled in (so the
+    logged and saved config says which heads the model has)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["regime"].update(from_data)
+    return plain
