@@ -118,7 +118,8 @@ def test_resumed_run_sees_the_same_episodes_as_an_uninterrupted_one(killed_and_r
 
 def test_resumed_run_ends_with_exactly_the_same_weights(killed_and_resumed):
     cwd, _ = killed_and_resumed
-    a, b = weights(cwd / "full"), weights(cwd / "resumed")
+    # The resumed run goes on in the killed run's own directory.
+    a, b = weights(cwd / "full"), weights(cwd / "killed")
     assert a["global_step"] == b["global_step"] == BATCHES * EPOCHS
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, tensor in a["state_dict"].items():
@@ -127,8 +128,26 @@ def test_resumed_run_ends_with_exactly_the_same_weights(killed_and_resumed):
                     b["optimizer_states"][0]["state"].values(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
     full_metrics = json.loads((cwd / "full" / "metrics.json").read_text())
-    resumed_metrics = json.loads((cwd / "resumed" / "metrics.json").read_text())
+    resumed_metrics = json.loads((cwd / "killed" / "metrics.json").read_text())
     assert full_metrics["test/5w1s/acc"] == resumed_metrics["test/5w1s/acc"]
+    assert not (cwd / "resumed" / "checkpoints").exists()
+
+
+def best_scores(run: Path) -> list[torch.Tensor]:
+    """What the best-checkpoint callback tracks, as saved in ``last.ckpt``."""
+    return [state["best_model_score"] for key, state in weights(run)["callbacks"].items()
+            if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None]
+
+
+def test_resumed_run_keeps_the_best_checkpoint_of_its_first_part(killed_and_resumed):
+    cwd, _ = killed_and_resumed
+    full = torch.load(cwd / "full" / "checkpoints" / "best.ckpt", weights_only=True)
+    resumed = torch.load(cwd / "killed" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert full["global_step"] == resumed["global_step"]
+    for name, tensor in full["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    scores, full_scores = best_scores(cwd / "killed"), best_scores(cwd / "full")
+    assert scores == full_scores and len(scores) == 1
 
 
 def test_resume_takes_a_run_dir_last_checkpoint(killed_and_resumed, tmp_path):

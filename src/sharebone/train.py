@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,18 +24,25 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sharebone import tracking
-from sharebone.build import build_run, check_world_size, resolved
-from sharebone.checkpoint_io import AtomicCheckpointIO, RNGState, resume_checkpoint
+from sharebone.build import RunParts, build_run, check_world_size, resolved
+from sharebone.checkpoint_io import (
+    AtomicCheckpointIO,
+    RNGState,
+    read_checkpoint,
+    resume_checkpoint,
+)
 from sharebone.config import CONFIG_DIR
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.guards import NonFiniteLoss, finite_or_none
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes import load_regime
+from sharebone.run_dir import RunLock, check_fresh, check_same_run, run_dir_of
 from sharebone.sweep import swept_keys
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,7 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path) -> list[pl.Ca
                                          save_top_k=0, save_last=True,
                                          enable_version_counter=False))
     callbacks.append(RNGState())
+    callbacks.append(NonFiniteLoss(cfg.get("on_nonfinite_loss", "stop")))
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is not None:
             log.info("callback %s: %s", name, spec.get("_target_"))
@@ -121,9 +130,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.regime`` on ``cfg.task`` and evaluate it; returns the final metrics.
 
     A plain function (the Hydra app only calls it), so tests and scripts can call it with a
-    composed config.
+    composed config. One training at a time per run directory; a new run never writes over
+    another's checkpoints; ``resume=`` continues a run in its own directory.
     """
+    ckpt_path = resume_checkpoint(cfg.get("resume"))
+    if ckpt_path:
+        continue_in_run_dir(cfg, ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
+    first = launch_rank() == 0  # ranks a launcher started share rank 0's directory and lock
+    with RunLock(output_dir) if first else contextlib.nullcontext():
+        if first and not ckpt_path:
+            check_fresh(output_dir)
+        return train_and_test(cfg, output_dir, ckpt_path)
+
+
+def continue_in_run_dir(cfg: DictConfig, ckpt_path: str) -> None:
+    """A resumed run goes on in its own directory (its best checkpoint, results, W&B run and
+    CSV rows are there), and only as the run it was: same task, backbone and regime."""
+    saved = read_checkpoint(ckpt_path)["sharebone"].get("config")
+    check_same_run(saved, OmegaConf.to_container(cfg, resolve=True), str(cfg.resume))
+    run_dir = run_dir_of(ckpt_path)
+    if Path(cfg.paths.output_dir).resolve() != run_dir.resolve():
+        print(f"[sharebone] resuming in the run's own directory {run_dir}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+
+
+def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("keep_freed_memory", True):
@@ -131,9 +164,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # Every setting is checked and every sampler built now, not after hours of training.
     parts = build_run(cfg)
-    model, datamodule = parts.regime, parts.datamodule
+    model = parts.regime
     model.run_config = resolved(cfg, parts.from_data)
-
     sharing = model.parameter_sharing()
     log.info("%s on %s: %s", model.regime_name, cfg.task.name, sharing)
     print(f"[sharebone] {model.regime_name} / {cfg.backbone.name} / {cfg.task.name}: {sharing}")
@@ -147,42 +179,49 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    if isinstance(v, int)})
 
     callbacks = build_callbacks(cfg, model, output_dir)
-    checkpoint = callbacks[0]
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                       plugins=[AtomicCheckpointIO()])
-    check_world_size(datamodule, trainer.world_size)
-    ckpt_path = resume_checkpoint(cfg.get("resume"))
+    check_world_size(parts.datamodule, trainer.world_size)
     if ckpt_path:
         print(f"[sharebone] resuming from {ckpt_path}")
     started = time.perf_counter()
     with ddp_job(cfg, output_dir):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    train_seconds = time.perf_counter() - started
-
-    metrics: dict[str, float] = {"train_seconds": train_seconds}
+        trainer.fit(model, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics: dict[str, float] = {"train_seconds": time.perf_counter() - started}
     if trainer.global_rank != 0:
         return metrics
     # The last validation (reduced across ranks); under ddp_spawn Lightning hands it back.
     value = trainer.callback_metrics.get(f"val/{model.metric_name}")
     if value is not None:
         metrics[f"val/{model.metric_name}"] = float(value)
+    best = best_checkpoint(callbacks[0], output_dir)
+    if best:
+        # Score what was saved, through the same loader sharebone-eval uses.
+        model = load_regime(best).to(trainer.strategy.root_device)
+    score_and_report(cfg, model, parts, output_dir, loggers, metrics, best)
+    return metrics
+
+
+def best_checkpoint(checkpoint: ModelCheckpoint, output_dir: Path) -> str:
+    """The best checkpoint's path ('' when none was written)."""
     best = checkpoint.best_model_path or checkpoint.last_model_path
     if not best:  # e.g. a ddp_spawn worker wrote them: the main process only knows the files
         best = next((str(p) for p in (output_dir / "checkpoints" / "best.ckpt",
                                       output_dir / "checkpoints" / "last.ckpt") if p.is_file()), "")
-    if best:
-        # Score what was saved, through the same loader sharebone-eval uses.
-        model = load_regime(best).to(trainer.strategy.root_device)
+    return best
+
+
+def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: Path,
+                     loggers: list[Any], metrics: dict[str, float], best: str) -> None:
+    """Score ``model`` on the run's test episodes; results to files, loggers and ``metrics``."""
     t = cfg.test
     results = evaluate(model, parts.tests, episodes=t.episodes, batch_size=t.batch_size)
-    table = format_table(results)
-    print(f"\nTest episodes ({cfg.task.name}, seed {t.seed}):\n{table}\n")
-    paths = write_results(results, output_dir, extra={"regime": model.regime_name,
-                                                      "task": cfg.task.name,
-                                                      "train_seconds": train_seconds,
-                                                      "checkpoint": str(best),
-                                                      **sharing.as_dict()})
+    print(f"\nTest episodes ({cfg.task.name}, seed {t.seed}):\n{format_table(results)}\n")
+    paths = write_results(results, output_dir, extra={
+        "regime": model.regime_name, "task": cfg.task.name,
+        "train_seconds": metrics["train_seconds"], "checkpoint": str(best),
+        **model.parameter_sharing().as_dict()})
     for r in results:
         metrics[f"test/{r.name}/{r.metric}"] = r.mean
         metrics[f"test/{r.name}/ci95"] = r.ci95
@@ -190,12 +229,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tracking.log_table(loggers, "test/results", [r.as_dict() for r in results])
     if best:
         tracking.log_checkpoint(loggers, best, name=f"{model.regime_name}-{cfg.task.name}",
-                                metadata={k: v for k, v in metrics.items()})
+                                metadata=dict(metrics))
     for note in tracking.finish(loggers):
         print(f"[sharebone] {note}")
     print(f"[sharebone] results: {paths['json']}")
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    (output_dir / "metrics.json").write_text(
+        json.dumps(finite_or_none(metrics), indent=2, allow_nan=False))
 
 
 #: What Lightning's DDP launcher writes into the launching process's environment and leaves

@@ -13,6 +13,7 @@ from typing import Any
 
 from sharebone.evaluation.stats import FewShotResult
 from sharebone.files import chmod_like_open
+from sharebone.guards import finite_or_none
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -34,7 +35,9 @@ def write_results(results: Sequence[FewShotResult], output_dir: str | Path,
     output_dir = Path(output_dir)
     rows = [r.as_dict() for r in results]
     paths = {"json": output_dir / f"{stem}.json", "csv": output_dir / f"{stem}.csv"}
-    _atomic_write(paths["json"], json.dumps({**dict(extra or {}), "results": rows}, indent=2))
+    # NaN is not JSON: a score that is not a number is written as null.
+    document = finite_or_none({**dict(extra or {}), "results": rows})
+    _atomic_write(paths["json"], json.dumps(document, indent=2, allow_nan=False))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["setting"])
     writer.writeheader()

@@ -1,0 +1,114 @@
+"""A run directory holds one training run: one process trains in it at a time, a new run never
+writes over an old one's checkpoints and results, and a resumed run continues there, with the
+run's own task, backbone and regime."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".sharebone.lock"
+#: What must be equal for a resumed run to be the same run (everything else, e.g. the
+#: trainer's epochs or the test settings, may change on resume).
+SAME_RUN_KEYS = ("task", "backbone", "regime")
+#: Task keys that only say where data lives: they may change when a run moves machines.
+LOCATION_KEYS = ("data_dir", "cache_dir", "download")
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked; the message says why and what to do."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as a training runs in it.
+
+    ``fcntl.flock`` on a file in the directory: the OS drops it when the process ends, however
+    it ends (``kill -9`` included), so a crashed run never leaves a stale lock behind. The file
+    names the holder (pid, host, command), so the refusal can say who.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent} is in use by another training ({holder}). Two runs in one "
+                "directory would overwrite each other's checkpoints and results: wait for it, "
+                "or give this run its own directory (hydra.run.dir=...).") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "command": " ".join(sys.argv)}).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_fresh(folder: str | Path) -> None:
+    """A new (not resumed) run refuses a directory that already holds a run's checkpoints."""
+    found = sorted((Path(folder) / "checkpoints").glob("*.ckpt"))
+    if found:
+        raise RunDirError(
+            f"{folder} already holds another run's checkpoints ({', '.join(p.name for p in found)})"
+            f". Continue that run with resume={folder}, or give this run its own directory "
+            "(hydra.run.dir=...).")
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/last.ckpt`` -> ``<run>``)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+        else checkpoint.parent
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    value = {k: v for k, v in value.items() if k not in ("_target_",)}
+    if key == "task" and isinstance(value.get("family"), dict):
+        value["family"] = {k: v for k, v in value["family"].items() if k not in LOCATION_KEYS}
+    return value
+
+
+def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source: str) -> None:
+    """Refuse to resume a run under another task, backbone or regime than it was trained
+    with (weights would load, and the run would silently train something else)."""
+    if not saved:
+        return
+    changed = [k for k in SAME_RUN_KEYS
+               if k in saved and _comparable(k, saved[k]) != _comparable(k, current.get(k))]
+    if not changed:
+        return
+    lines = [f"  {k}: the run has {_brief(saved[k])}, this command has {_brief(current.get(k))}"
+             for k in changed]
+    raise RunDirError(
+        f"resume={source} was trained with another {', '.join(changed)} than this command "
+        "composes:\n" + "\n".join(lines) + "\nRepeat the run's own overrides (its "
+        ".hydra/overrides.yaml lists them) and change only what may change on resume, e.g. "
+        "trainer.max_epochs or test settings.")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, dict) and "name" in value:
+        others = {k: v for k, v in value.items() if k not in ("name", "_target_", "family")}
+        return f"{value['name']} {json.dumps(others, default=str)[:300]}"
+    return json.dumps(value, default=str)[:300]
