@@ -50,3 +50,14 @@ def real_data_dir() -> Path:
         pytest.skip(f"real Omniglot archives not found at {SHARED_DATA}/omniglot (the project's "
                     "shared data; CI has it, a user's clone may not)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished training run (ProtoNet, generated images, seconds), read-only for tests."""
+    from sharebone.train import run
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    run(compose_train(out, FAST + ["sampler.batches_per_epoch=2", "test.episodes=2",
+                                   "test.settings=[{n_way: 5, k_shot: 1}]"]))
+    return out

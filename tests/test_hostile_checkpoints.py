@@ -18,14 +18,6 @@ from sharebone.data.families import UnsafeConfigError, build_family
 from sharebone.train import run
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    run(compose_train(out, FAST + ["sampler.batches_per_epoch=2", "test.episodes=2",
-                                   "test.settings=[{n_way: 5, k_shot: 1}]"]))
-    return out
-
-
 def crafted_family(victim) -> dict:
     """What the sweep used: print into a file the attacker chose (opened for appending)."""
     return {"_target_": "builtins.print", "_args_": ["export PATH=/evil:$PATH"],

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from sharebone.evaluation.stats import format_table
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
+from sharebone.run_dir import run_dir_of
 
 
 def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -75,6 +77,17 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
     return summary
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse a results folder that cannot be written (a read-only run directory, say)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(f"Cannot write results to {folder} ({err.strerror}). Pass "
+                              "output_dir=<a folder you can write> to sharebone-eval.") from err
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
     if cfg.get("keep_freed_memory", True):
@@ -92,8 +105,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     task, trusted = task_config(cfg, model.run_config or {})
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "eval"
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir_of(ckpt) / "eval"
+    check_writable(output_dir)  # now, not after scoring thousands of episodes
 
     if cfg.episode_dir:
         summary = score_folder(model, cfg, task)

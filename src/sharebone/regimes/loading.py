@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
+from sharebone.models import BACKBONES
 from sharebone.regimes.base import REGIMES, FewShotRegime, create_regime
+
+
+def backbone_differences(requested: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``requested`` whose values differ from the trained backbone's, the factory's
+    defaults standing in for keys the checkpoint does not record: ``{name: conv4}`` asks for
+    a conv4, not for a conv4 spelled out the same way.
+
+    Example:
+        >>> backbone_differences({"name": "conv4"}, {"name": "conv4", "in_channels": 1})
+        {}
+        >>> backbone_differences({"name": "conv4", "hidden": 32}, {"name": "conv4"})
+        {'hidden': (32, 64)}
+    """
+    name = trained.get("name")
+    known = {}
+    if name in BACKBONES:
+        parameters = inspect.signature(BACKBONES.get(name)).parameters.values()
+        known = {p.name: p.default for p in parameters if p.default is not p.empty}
+    known.update(trained)
+    return {k: (v, known.get(k)) for k, v in requested.items()
+            if _plain(v) != _plain(known.get(k))}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_regime(path: str | Path, backbone: dict[str, Any] | None = None) -> FewShotRegime:
@@ -21,7 +48,7 @@ def load_regime(path: str | Path, backbone: dict[str, Any] | None = None) -> Few
     meta = checkpoint["sharebone"]
     hparams = dict(meta["hparams"])
     trained = dict(hparams.get("backbone", {}))
-    if backbone is not None and dict(backbone) != trained:
+    if backbone is not None and backbone_differences(dict(backbone), trained):
         raise CheckpointError(
             f"Checkpoint {path} was trained with backbone ({describe_backbone(trained)}) but "
             f"({describe_backbone(dict(backbone))}) was requested. Drop the backbone override to "
@@ -30,7 +57,12 @@ def load_regime(path: str | Path, backbone: dict[str, Any] | None = None) -> Few
     if meta["regime"] not in REGIMES:
         raise CheckpointError(f"Checkpoint {path} is of regime '{meta['regime']}', which this "
                               f"sharebone does not know (known: {', '.join(REGIMES.names())}).")
-    model = create_regime(meta["regime"], **hparams)
+    try:
+        model = create_regime(meta["regime"], **hparams)
+    except TypeError as err:  # hparams this version's regime does not take
+        raise CheckpointError(f"Checkpoint {path} records settings a {meta['regime']} model "
+                              f"does not take ({err}). Was it written by another version of "
+                              "sharebone, or edited?") from err
     try:
         model.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:
