@@ -60,7 +60,7 @@ def test_episode_i_is_a_pure_function_of_seed_split_index():
 
 def test_classes_and_images_are_drawn_uniformly():
     images, labels = toy_data(n_classes=10, per_class=10)
-    ep = EpisodeSampler(images, labels, 2, 1, 0, seed=0).batch(range(5000))
+    ep = EpisodeSampler(images, labels, 2, 1, 1, seed=0).batch(range(5000))
     counts = torch.bincount(ep.classes.flatten(), minlength=10).float()
     assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean()
     picks = torch.bincount(ep.support.flatten(1)[:, 0], minlength=100).float()
