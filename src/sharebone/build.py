@@ -76,7 +76,21 @@ def build_run(cfg: DictConfig) -> RunParts:
         check_count("batch_size", t.batch_size)
         tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed)
     regime = instantiate(cfg.regime, **from_data, _convert_="all")
+    regime.optimizer_factory = partial_from(cfg, "optimizer")
+    regime.scheduler_factory = partial_from(cfg, "scheduler")
     return RunParts(family, datamodule, regime, tests, from_data)
+
+
+def partial_from(cfg: DictConfig, key: str) -> Callable[..., Any] | None:
+    """``cfg[key]`` (an ``optimizer``/``scheduler`` config) as a callable; None when unset."""
+    spec = cfg.get(key)
+    if not spec:
+        return None
+    if not spec.get("_partial_"):
+        raise ValueError(f"{key}: set _partial_: true (the regime hands the {key} its "
+                         f"{'parameters' if key == 'optimizer' else 'optimizer'}), e.g. "
+                         f"configs/{key}/*.yaml.")
+    return instantiate(spec)
 
 
 def check_world_size(datamodule: pl.LightningDataModule, world_size: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,8 @@ from sharebone.models import ParameterSharing, create_backbone
 from sharebone.models.registry import Registry
 
 REGIMES: Registry[type[pl.LightningModule]] = Registry("regime")
+OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def create_regime(name: str, **kwargs: Any) -> FewShotRegime:
@@ -67,6 +70,11 @@ class FewShotRegime(pl.LightningModule):
         super().__init__()
         spec = dict(backbone)
         self.backbone = create_backbone(spec.pop("name"), **spec)
+        #: ``params -> Optimizer`` and ``optimizer -> LR scheduler`` from the run's config
+        #: (``optimizer=`` / ``scheduler=`` groups, ``_partial_`` Hydra configs); unset, the
+        #: regime's own defaults (:meth:`default_optimizer`, :meth:`default_scheduler`).
+        self.optimizer_factory: OptimizerFactory | None = None
+        self.scheduler_factory: SchedulerFactory | None = None
 
     # -- what a regime defines ---------------------------------------------------------------
     def predict_episode(self, episode: Episode) -> torch.Tensor:
@@ -101,6 +109,33 @@ class FewShotRegime(pl.LightningModule):
         score = self.episode_metric(logits.detach(), episode.query_labels).mean()
         self.log_dict({"val/loss": loss.detach(), f"val/{self.metric_name}": score},
                       prog_bar=True, batch_size=episode.num_tasks, sync_dist=True)
+
+    # -- optimisation -----------------------------------------------------------------------
+    def optimizer_param_groups(self) -> list[Any]:
+        """What the optimizer trains: every parameter that requires a gradient (regimes with
+        per-group learning rates, e.g. fine-tuning, return groups)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def default_optimizer(self, params: list[Any]) -> torch.optim.Optimizer:
+        """Adam at ``hparams.lr`` (and ``weight_decay`` where the regime has one)."""
+        return torch.optim.Adam(params, lr=self.hparams.lr,
+                                weight_decay=self.hparams.get("weight_decay", 0.0))
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """No schedule unless a regime's paper prescribes one."""
+        return None
+
+    def configure_optimizers(self) -> Any:
+        params = self.optimizer_param_groups()
+        optimizer = (self.optimizer_factory(params) if self.optimizer_factory is not None
+                     else self.default_optimizer(params))
+        scheduler = (self.scheduler_factory(optimizer) if self.scheduler_factory is not None
+                     else self.default_scheduler(optimizer))
+        if scheduler is None:
+            return optimizer
+        # Schedules count optimizer steps (episodes seen), as the meta-learning papers do.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What `sharebone.regimes.loading.load_regime` needs to rebuild this model by name, with

@@ -282,11 +282,13 @@ class FineTune(FewShotRegime):
         return ParameterSharing(shared=backbone, task_specific=adapted,
                                 description=f"{mode}: {how}")
 
-    def configure_optimizers(self):
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The head at ``lr``; in ``full`` mode the backbone too, at ``lr * backbone_lr_ratio``
+        (the other modes add backbone groups as they unfreeze)."""
         h = self.hparams
-        head = [p for p in self.head.parameters()] if self.head is not None else []
+        head = list(self.head.parameters()) if self.head is not None else []
         groups = [{"params": head, "lr": h.lr}]
         if h.mode == "full":
             groups.append({"params": list(self.backbone.parameters()),
                            "lr": h.lr * h.backbone_lr_ratio})
-        return torch.optim.Adam(groups, lr=h.lr, weight_decay=h.weight_decay)
+        return groups

@@ -329,8 +329,7 @@ class SharedBackboneRegime(FewShotRegime):
             meta=meta, description=f"{len(self.heads)} trained head(s); few-shot: a fresh "
                                    f"{self.head_fit['method']} head per support set")
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+    def default_optimizer(self, params: list[Any]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
 

@@ -77,9 +77,7 @@ class ProtoNet(FewShotRegime):
         return ParameterSharing(shared=count_parameters(self.backbone), task_specific=0,
                                 description="prototypes: class means of support embeddings")
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=self.hparams.lr_step_size, gamma=self.hparams.lr_gamma)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def default_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The paper's schedule: ``lr`` times ``lr_gamma`` every ``lr_step_size`` steps."""
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.hparams.lr_step_size,
+                                               gamma=self.hparams.lr_gamma)
