@@ -66,7 +66,7 @@ def test_regime_under_ddp_learns_and_scores_on_rank_zero(trained_ddp):
     losses = train_losses(out)
     assert len(losses) == BATCHES * EPOCHS
     assert sum(losses[-4:]) < sum(losses[:4]), losses
-    assert 0.0 <= metrics["test/5w1s/acc"] <= 1.0 and "val/acc" in metrics
+    assert metrics["test/5w1s/acc"] > 0.2 + 3 * metrics["test/5w1s/ci95"] and "val/acc" in metrics
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test/5w1s/acc"] == metrics["test/5w1s/acc"]
     assert (out / "fewshot.json").is_file()

@@ -43,7 +43,8 @@ def backbone_change(model, source) -> list[float]:
 def test_pretrain_fills_its_classes_scores_every_setting_and_reloads(pretrained):
     out, metrics = pretrained
     for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
-        assert 0.0 <= metrics[f"test/{setting}/acc"] <= 1.0
+        chance = 1 / int(setting.split("w")[0])
+        assert metrics[f"test/{setting}/acc"] > chance + 3 * metrics[f"test/{setting}/ci95"]
     model = load_regime(out)
     assert isinstance(model, Pretrain) and model.hparams.num_classes == 64  # synthetic train
     sharing = model.parameter_sharing()  # mlp: 64 features, 64 classes

@@ -29,8 +29,9 @@ def test_run_trains_checkpoints_and_scores_every_setting(trained):
     out, cfg, metrics = trained
     for name in ("best.ckpt", "last.ckpt"):
         assert (out / "checkpoints" / name).is_file()
-    for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
-        assert 0.0 <= metrics[f"test/{setting}/acc"] <= 1.0
+    # It learned: every setting well above chance (1/n_way), on 20 fixed episodes.
+    for setting, chance in (("5w1s", 0.2), ("5w5s", 0.2), ("20w1s", 0.05), ("20w5s", 0.05)):
+        assert metrics[f"test/{setting}/acc"] > chance + 3 * metrics[f"test/{setting}/ci95"]
         assert metrics[f"test/{setting}/ci95"] > 0
     saved = json.loads((out / "fewshot.json").read_text())
     assert saved["shared"] == 111936 and saved["task_specific"] == 0
