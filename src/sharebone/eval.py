@@ -117,7 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     family = build_family(task["family"], trusted=trusted)
     settings = OmegaConf.to_container(cfg.settings, resolve=True)
     tests = test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed, split=cfg.split)
-    results = evaluate(model, tests, episodes=cfg.episodes, batch_size=cfg.batch_size)
+    results = evaluate(model, tests, episodes=cfg.episodes,
+                       episodes_per_batch=cfg.batch_size)
     print(f"\n{model.regime_name} from {ckpt}\n{task['name']} ({cfg.split} episodes, "
           f"seed {cfg.seed}):\n{format_table(results)}\n")
     paths = write_results(results, output_dir, stem=f"fewshot_{task['name']}_{cfg.split}",

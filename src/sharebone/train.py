@@ -216,7 +216,8 @@ def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: P
                      loggers: list[Any], metrics: dict[str, float], best: str) -> None:
     """Score ``model`` on the run's test episodes; results to files, loggers and ``metrics``."""
     t = cfg.test
-    results = evaluate(model, parts.tests, episodes=t.episodes, batch_size=t.batch_size)
+    results = evaluate(model, parts.tests, episodes=t.episodes,
+                       episodes_per_batch=t.batch_size)
     print(f"\nTest episodes ({cfg.task.name}, seed {t.seed}):\n{format_table(results)}\n")
     paths = write_results(results, output_dir, extra={
         "regime": model.regime_name, "task": cfg.task.name,

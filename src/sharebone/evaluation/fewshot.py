@@ -56,7 +56,7 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
 
 
 def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
-                   batch_size: int = 32) -> torch.Tensor:
+                   episodes_per_batch: int = 32) -> torch.Tensor:
     """Per-episode query score ``[episodes]`` (the regime's metric, accuracy for
     classification) on episodes ``0..episodes-1`` of ``test``."""
     was_training = model.training
@@ -66,8 +66,8 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
     scores = []
     try:
         with grad:
-            for start in range(0, episodes, batch_size):
-                index = torch.arange(start, min(start + batch_size, episodes))
+            for start in range(0, episodes, episodes_per_batch):
+                index = torch.arange(start, min(start + episodes_per_batch, episodes))
                 episode = test.source.batch(index).to(model.device).to_float()
                 predictions = model.predict_episode(episode)
                 scores.append(model.episode_metric(predictions.detach(),
@@ -78,13 +78,13 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
 
 
 def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int = 600,
-             batch_size: int = 32) -> list[FewShotResult]:
+             episodes_per_batch: int = 32) -> list[FewShotResult]:
     """Mean score (accuracy) ± 95% CI for each test setting (see :func:`test_episodes`).
 
     Episode ``i`` of a setting is fixed by ``(seed, split, i)``: two checkpoints evaluated
     with the same settings see exactly the same support and query images.
     """
     check_count("episodes", episodes)
-    check_count("batch_size", batch_size)
-    return [summarize(episode_scores(model, test, episodes, batch_size), test.n_way,
+    check_count("batch_size (episodes per forward pass)", episodes_per_batch)
+    return [summarize(episode_scores(model, test, episodes, episodes_per_batch), test.n_way,
                       test.k_shot, test.q_query, metric=model.metric_name) for test in tests]
