@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from sharebone import tracking
 from sharebone.checkpointing import AtomicCheckpointIO, RNGState, resume_checkpoint
 from sharebone.checkpoints import load_regime
-from sharebone.config import CONFIG_DIR
+from sharebone.config import CONFIG_DIR, escape_interpolations
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.families import build_family
 from sharebone.evaluation.fewshot import evaluate
@@ -247,7 +247,10 @@ class ddp_job:
         self.had_group = dist.is_available() and dist.is_initialized()
         self.env = {key: os.environ.get(key) for key in (*LAUNCHER_ENV, RUN_CONFIG_ENV)}
         if launch_rank() == 0:
-            self.path.write_text(OmegaConf.to_yaml(OmegaConf.to_container(self.cfg, resolve=True)))
+            # Escaped: a resolved value holding "${" (a path from the environment) must reach
+            # the other ranks as the same string, not as an interpolation.
+            resolved = escape_interpolations(OmegaConf.to_container(self.cfg, resolve=True))
+            self.path.write_text(OmegaConf.to_yaml(resolved))
             os.environ[RUN_CONFIG_ENV] = str(self.path)
         return self
 
