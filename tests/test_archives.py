@@ -23,7 +23,6 @@ from sharebone.data.archives import (
     UnsafeArchiveError,
     check_member_name,
     download,
-    ensure_archive,
     ensure_archives,
     md5sum,
     resolve_data_dir,
@@ -113,24 +112,24 @@ def test_download_into_unwritable_place_is_a_download_error(tmp_path, source):
         download(source.url, blocker / "payload.zip", source.md5)
 
 
-# ------------------------------------------------------------------------------ ensure_archive
+# ----------------------------------------------------------------------------- ensure_archives
 
 
-def test_ensure_archive_uses_a_verified_local_file_without_downloading(tmp_path, source):
+def test_ensure_archives_uses_a_verified_local_file_without_downloading(tmp_path, source):
     root = tmp_path / "data"
     root.mkdir()
     (root / source.filename).write_bytes(PAYLOAD)
     offline = ArchiveSpec(source.name, "file:///nonexistent/x.zip", source.md5, source.filename)
-    assert ensure_archive(offline, root, download=True) == root / source.filename
+    assert ensure_archives([offline], root, download=True) == [root / source.filename]
 
 
-def test_ensure_archive_wrong_local_md5_is_an_error_and_the_file_is_kept(tmp_path, source):
+def test_ensure_archives_wrong_local_md5_is_an_error_and_the_file_is_kept(tmp_path, source):
     root = tmp_path / "data"
     root.mkdir()
     bad = root / source.filename
     bad.write_bytes(PAYLOAD[:1000])
     with pytest.raises(ChecksumError) as info:
-        ensure_archive(source, root)
+        ensure_archives([source], root)
     message = str(info.value)
     assert str(bad) in message
     assert source.md5 in message and md5_bytes(PAYLOAD[:1000]) in message
@@ -140,18 +139,18 @@ def test_ensure_archive_wrong_local_md5_is_an_error_and_the_file_is_kept(tmp_pat
     assert list(root.iterdir()) == [bad]
 
 
-def test_ensure_archive_downloads_a_missing_file(tmp_path, source):
+def test_ensure_archives_downloads_a_missing_file(tmp_path, source):
     root = tmp_path / "data"
-    path = ensure_archive(source, root)
+    (path,) = ensure_archives([source], root)
     assert path == root / source.filename
     assert md5sum(path) == source.md5
     assert tree(root) == [source.filename]
 
 
-def test_ensure_archive_missing_with_download_disabled(tmp_path, source):
+def test_ensure_archives_missing_with_download_disabled(tmp_path, source):
     root = tmp_path / "data" / "omniglot"
     with pytest.raises(DataNotFoundError) as info:
-        ensure_archive(source, root, download=False)
+        ensure_archives([source], root, download=False)
     message = str(info.value)
     for expected in (source.filename, source.md5, source.url, str(root), "download=False"):
         assert expected in message
@@ -160,22 +159,22 @@ def test_ensure_archive_missing_with_download_disabled(tmp_path, source):
     assert tree(tmp_path / "data") == []
 
 
-def test_ensure_archive_missing_with_failing_url(tmp_path):
+def test_ensure_archives_missing_with_failing_url(tmp_path):
     root = tmp_path / "data"
     spec = ArchiveSpec("x", (tmp_path / "gone.zip").as_uri(), "0" * 32, "x.zip")
     with pytest.raises(DataNotFoundError) as info:
-        ensure_archive(spec, root, download=True)
+        ensure_archives([spec], root, download=True)
     message = str(info.value)
     assert "x.zip" in message and "download failed" in message and "gone.zip" in message
     assert "data_dir=" in message and "SHAREBONE_DATA_DIR" in message
     assert tree(root) == []
 
 
-def test_ensure_archive_download_with_wrong_md5_is_not_found(tmp_path, source):
+def test_ensure_archives_download_with_wrong_md5_is_not_found(tmp_path, source):
     root = tmp_path / "data"
     spec = ArchiveSpec(source.name, source.url, "f" * 32, source.filename)
     with pytest.raises(DataNotFoundError, match="download failed.*md5"):
-        ensure_archive(spec, root)
+        ensure_archives([spec], root)
     assert tree(root) == []
 
 

@@ -15,8 +15,6 @@ checkpoint is :func:`sharebone.regimes.loading.load_regime`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from sharebone.files import chmod_like_open
+from sharebone.files import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -72,13 +70,9 @@ def describe_backbone(spec: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in spec.items())
 
 
-#: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in ``.ckpt``, so no
-#: checkpoint search (``*.ckpt``) can mistake a half-written one for a checkpoint.
-TMP_SUFFIX = ".tmp"
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace``.
+    """``torch.save`` through :func:`sharebone.files.atomic_write`: a temporary file in the
+    target's folder, fsync, then ``os.replace``.
 
     Lightning 2.6's default serialises the whole checkpoint into memory, writes it to a
     temporary file in the *system* temp folder and moves it over the target. When that
@@ -96,21 +90,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"{storage_options!r}.")
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(str(path).removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX,
-                                   dir=target.parent)
-        try:
-            chmod_like_open(fd)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        with atomic_write(Path(str(path).removeprefix("file://"))) as f:
+            torch.save(checkpoint, f)
         return None
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
@@ -122,20 +103,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(f"Refusing to load {path} with weights_only=False: sharebone "
                                   "checkpoints hold tensors and plain values only.")
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class RNGState(pl.Callback):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -23,6 +25,32 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def escape_interpolations(value: Any) -> Any:
+    r"""``value`` (a string, or dicts and lists of them) with every ``${`` escaped, so that
+    OmegaConf, reading it as config, keeps it as written instead of interpolating it.
+
+    A value taken from outside the config (a path, an environment variable) may contain ``${``:
+    ``SHAREBONE_DATA_DIR=/data/${USER}`` taken literally by the shell, a folder named so. The
+    first resolution of ``${oc.env:...}`` keeps it literal, but a resolved config that is read
+    as config again (a DDP rank reading the one rank 0 wrote) would parse it; escaped, it reads
+    back as the very same string.
+
+    Example:
+        >>> escape_interpolations({"data_dir": "/tmp/a${b}", "n": 1})
+        {'data_dir': '/tmp/a\\${b}', 'n': 1}
+    """
+    if isinstance(value, str):
+        # OmegaConf: "\${" is a literal "${"; backslashes right before it are doubled.
+        return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(escape_interpolations(v) for v in value)
+    return value
 
 
 def compose_config(overrides: list[str], output_dir: str | Path, config_name: str = "train",

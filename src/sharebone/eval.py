@@ -24,6 +24,7 @@ from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import load_episode_folder
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
@@ -60,9 +61,9 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
     probs = logits.softmax(-1)
     rows = []
     targets = loaded.query_targets.tolist()
-    for path, target, p in zip(loaded.query_paths, targets, probs, strict=True):
+    for path, target, p in zip(loaded.query_names, targets, probs, strict=True):
         predicted = int(p.argmax())
-        rows.append({"query": str(path), "predicted": loaded.class_names[predicted],
+        rows.append({"query": path, "predicted": loaded.class_names[predicted],
                      "confidence": round(float(p[predicted]), 4),
                      "true": loaded.class_names[target] if target >= 0 else None})
         mark = "" if target < 0 else ("  ok" if target == predicted else
@@ -110,8 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.episode_dir:
         summary = score_folder(model, cfg, task)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "episode_predictions.json").write_text(json.dumps(summary, indent=2))
+        with atomic_write(output_dir / "episode_predictions.json", "w") as f:
+            f.write(json.dumps(summary, indent=2))
         return summary
 
     family = build_family(task["family"], trusted=trusted)

@@ -35,7 +35,7 @@ from sharebone.checkpoint_io import (
     read_checkpoint,
     resume_checkpoint,
 )
-from sharebone.config import CONFIG_DIR
+from sharebone.config import CONFIG_DIR, escape_interpolations
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
@@ -267,7 +267,10 @@ class ddp_job:
         self.had_group = dist.is_available() and dist.is_initialized()
         self.env = {key: os.environ.get(key) for key in (*LAUNCHER_ENV, RUN_CONFIG_ENV)}
         if launch_rank() == 0:
-            self.path.write_text(OmegaConf.to_yaml(OmegaConf.to_container(self.cfg, resolve=True)))
+            # Escaped: a resolved value holding "${" (a path from the environment) must reach
+            # the other ranks as the same string, not as an interpolation.
+            resolved = escape_interpolations(OmegaConf.to_container(self.cfg, resolve=True))
+            self.path.write_text(OmegaConf.to_yaml(resolved))
             os.environ[RUN_CONFIG_ENV] = str(self.path)
         return self
 

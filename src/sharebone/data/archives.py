@@ -6,32 +6,39 @@ calls :func:`ensure_archives` to find (or download) them, then reads members thr
 
 Guarantees:
 
-* A download is atomic. Bytes are streamed into a temporary file next to the destination, the md5
-  is checked, and only then is the file moved into place with ``os.replace``. On any failure
-  (network error, md5 mismatch, ``KeyboardInterrupt``) the temporary file is removed and nothing
-  is created at the destination.
+* A download is atomic (:func:`sharebone.files.atomic_write`). Bytes are streamed into a
+  temporary file next to the destination, the md5 is checked, and only then is the file moved
+  into place with ``os.replace``. On any failure (network error, md5 mismatch,
+  ``KeyboardInterrupt``) the temporary file is removed and nothing is created at the destination.
 * A local archive whose md5 is wrong is an error (:class:`ChecksumError`) and is left untouched:
   the user decides whether to delete it; sharebone never deletes a file it did not create.
-* A zip member whose path is absolute or contains ``..`` makes the whole archive refused
-  (:class:`UnsafeArchiveError`); a truncated or corrupt zip raises :class:`CorruptArchiveError`.
+* An archive path that is not a regular file (a directory, a FIFO, a link to ``/dev/zero``) is
+  refused before anything reads it (:class:`NotAFileError`).
+* A zip member whose path is absolute or contains ``..``, or that is a symbolic link, makes the
+  whole archive refused (:class:`UnsafeArchiveError`); so does reading a member that inflates to
+  more than :data:`MAX_MEMBER_BYTES` (a zip bomb), whatever its header says. A truncated,
+  corrupt or encrypted zip, or one naming a member twice, raises :class:`CorruptArchiveError`.
 
 Every error derives from :class:`DataError` and says what to do about it.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
 import re
-import tempfile
+import stat
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,11 @@ log = logging.getLogger(__name__)
 DATA_DIR_ENV = "SHAREBONE_DATA_DIR"
 
 _CHUNK = 1 << 20
+
+#: The most bytes one zip member may inflate to. Dataset members are small files (an Omniglot
+#: drawing is about 1 KiB); a member beyond this is a zip bomb or not the dataset. Raise it (a
+#: module attribute, read at each :class:`SafeZip`) for a dataset with larger members.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 class DataError(RuntimeError):
@@ -54,7 +66,12 @@ class ChecksumError(DataError):
 
 
 class UnsafeArchiveError(DataError):
-    """An archive has a member that would escape the extraction folder."""
+    """An archive has a member that would escape the extraction folder (an absolute path, ``..``
+    or a symbolic link) or exhaust memory (it inflates beyond :data:`MAX_MEMBER_BYTES`)."""
+
+
+class NotAFileError(DataError):
+    """A path that should be a regular file (an archive) is a directory, a device, a FIFO..."""
 
 
 class CorruptArchiveError(DataError):
@@ -82,8 +99,40 @@ class ArchiveSpec:
     filename: str
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def require_regular_file(path: str | os.PathLike[str]) -> None:
+    """Refuse ``path`` unless it is (a link to) a regular file, before anything opens it:
+    reading a FIFO or ``/dev/zero`` would hang, a directory gives a bare ``IsADirectoryError``.
+
+    Raises:
+        FileNotFoundError: nothing is at ``path``.
+        NotAFileError: something other than a regular file is, naming the path and its kind.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise NotAFileError(
+            f"{path}{link} is a {_file_kind(mode)}, not a file; an archive must be a regular "
+            "file. sharebone leaves it untouched. Fix: move it out of the way and put the "
+            "archive file there (or let sharebone download it)."
+        )
+
+
 def md5sum(path: str | os.PathLike[str], chunk_size: int = _CHUNK) -> str:
-    """The md5 hex digest of a file, read in chunks (constant memory)."""
+    """The md5 hex digest of a regular file, read in chunks (constant memory).
+
+    Raises:
+        NotAFileError: ``path`` is a directory, device, FIFO... (it is not read).
+    """
+    require_regular_file(path)
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
@@ -95,28 +144,19 @@ def download(url: str, dest: str | os.PathLike[str], md5: str, *, timeout: float
     """Download ``url`` to ``dest`` atomically and verify its md5.
 
     The bytes are streamed into a temporary file in ``dest``'s folder (created if needed) while
-    being hashed; if the md5 matches, the temporary file is moved onto ``dest`` with
-    ``os.replace``. On any failure the temporary file is removed and ``dest`` is not created (an
-    existing ``dest`` is left as it was).
+    being hashed (:func:`sharebone.files.atomic_write`); if the md5 matches, the temporary file
+    is moved onto ``dest``. On any failure the temporary file is removed and ``dest`` is not
+    created (an existing ``dest`` is left as it was).
 
     Raises:
         DownloadError: the URL could not be read or the destination is not writable.
         ChecksumError: the downloaded bytes do not have the expected md5.
     """
     dest = Path(dest)
+    size = 0
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as e:
-        raise DownloadError(
-            f"Cannot write the download of {url} into {dest.parent}: {e}. Choose a writable data "
-            "folder, or download the file yourself and place it there."
-        ) from e
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        size = 0
-        with os.fdopen(fd, "wb") as out:
+        with atomic_write(dest) as out:
+            digest = hashlib.md5(usedforsecurity=False)
             try:
                 response = urllib.request.urlopen(url, timeout=timeout)
             except (urllib.error.URLError, OSError, ValueError) as e:
@@ -134,18 +174,18 @@ def download(url: str, dest: str | os.PathLike[str], md5: str, *, timeout: float
                     digest.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-        actual = digest.hexdigest()
-        if actual != md5:
-            raise ChecksumError(
-                f"The download of {url} ({size} bytes) has md5 {actual}, expected {md5}; it was "
-                "discarded. The file at that URL has changed or the transfer was corrupted: "
-                "retry, or download it by hand and check its md5."
-            )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a data file is meant to be shared
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            actual = digest.hexdigest()
+            if actual != md5:
+                raise ChecksumError(
+                    f"The download of {url} ({size} bytes) has md5 {actual}, expected {md5}; it "
+                    "was discarded. The file at that URL has changed or the transfer was "
+                    "corrupted: retry, or download it by hand and check its md5."
+                )
+    except OSError as e:  # the network's errors are DownloadErrors already: this is the disk
+        raise DownloadError(
+            f"Cannot write the download of {url} into {dest.parent}: {e}. Choose a writable data "
+            "folder, or download the file yourself and place it there."
+        ) from e
     log.info("Downloaded %s to %s (%d bytes, md5 ok)", url, dest, size)
     return dest
 
@@ -186,7 +226,7 @@ def _not_found_message(
 
 
 def _check_local(spec: ArchiveSpec, path: Path) -> None:
-    actual = md5sum(path)
+    actual = md5sum(path)  # refuses a directory, FIFO or device before reading it
     if actual != spec.md5:
         raise ChecksumError(
             f"{path} has md5 {actual}, expected {spec.md5} ({spec.name}). It is incomplete, "
@@ -198,7 +238,7 @@ def _check_local(spec: ArchiveSpec, path: Path) -> None:
 def _ensure(spec: ArchiveSpec, root: Path, allow_download: bool) -> tuple[Path, str | None]:
     """(path, None) if the archive is (now) present and verified, else (path, failure reason)."""
     path = root / spec.filename
-    if path.exists():
+    if path.exists() or path.is_symlink():  # a dangling link is replaced by the download
         _check_local(spec, path)
         return path, None
     if not allow_download:
@@ -219,9 +259,12 @@ def ensure_archives(
 
     Raises:
         ChecksumError: a local file has the wrong md5 (the file is not touched).
-        DataNotFoundError: some archives are missing and could not or may not be downloaded.
+        NotAFileError: an archive's path holds a directory, FIFO, device... (not touched).
+        DataNotFoundError: some archives are missing and could not or may not be downloaded, or
+            ``root`` lies under a file instead of a folder.
     """
     root = Path(root)
+    _require_folder(root)
     paths: list[Path] = []
     missing: list[tuple[ArchiveSpec, str | None]] = []
     for spec in specs:
@@ -235,14 +278,18 @@ def ensure_archives(
     return paths
 
 
-def ensure_archive(spec: ArchiveSpec, root: str | os.PathLike[str], download: bool = True) -> Path:
-    """The path of the verified archive ``root/spec.filename``; downloads it if allowed.
-
-    Raises:
-        ChecksumError: the local file has the wrong md5 (the file is not touched).
-        DataNotFoundError: it is missing and could not or may not be downloaded.
-    """
-    return ensure_archives([spec], root, download=download)[0]
+def _require_folder(root: Path) -> None:
+    """``root`` and the parts of it that exist must be folders (a data dir can be a file)."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise DataNotFoundError(
+                    f"{folder} is a file, not a folder; the data folder must be a folder that "
+                    f"holds (or may receive) {root}. Fix: point sharebone at a folder: Hydra "
+                    f"override `data_dir=/path/to/data`, or environment variable "
+                    f"{DATA_DIR_ENV}=/path/to/data."
+                )
+            return
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -271,12 +318,19 @@ def _corrupt(archive: Path, detail: str) -> CorruptArchiveError:
     )
 
 
-class SafeZip:
-    """A read-only zip archive whose member names have all been validated.
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)  # 3: Unix
 
-    Members are read into memory (no extraction to disk). Opening validates every member name
-    (:func:`check_member_name`); reading converts zip/CRC/decompression errors into
-    :class:`CorruptArchiveError`.
+
+class SafeZip:
+    """A read-only zip archive whose members have all been validated.
+
+    Members are read into memory (no extraction to disk). Opening refuses a path that is not a
+    regular file (:func:`require_regular_file`), a member name that is absolute or contains
+    ``..`` (:func:`check_member_name`), a symbolic-link member, an encrypted member and a name
+    present twice. Reading refuses a member that declares, or inflates to, more than
+    ``max_member_bytes`` (default :data:`MAX_MEMBER_BYTES`), and converts zip/CRC/decompression
+    errors into :class:`CorruptArchiveError`.
 
     Example::
 
@@ -285,21 +339,45 @@ class SafeZip:
                 data = archive.read(name)
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], max_member_bytes: int | None = None):
         self.path = Path(path)
+        self.max_member_bytes = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
         try:
+            require_regular_file(self.path)
             self._zip = zipfile.ZipFile(self.path)
         except zipfile.BadZipFile as e:
             raise _corrupt(self.path, str(e)) from e
         except FileNotFoundError as e:
             raise DataNotFoundError(f"Archive {self.path} does not exist.") from e
+        except OSError as e:
+            raise DataError(f"Cannot read archive {self.path}: {e}") from e
         try:
             self._infos = self._zip.infolist()
             for info in self._infos:
-                check_member_name(self.path, info.filename)
+                self._check(info)
+            counts = collections.Counter(info.filename for info in self._infos)
+            twice = {name: n for name, n in counts.items() if n > 1}
+            if twice:
+                name, n = next(iter(twice.items()))
+                raise _corrupt(self.path, f"member {name!r} appears {n} times"
+                               + (f", and {len(twice) - 1} other name(s) too" if len(twice) > 1
+                                  else ""))
         except BaseException:
             self._zip.close()
             raise
+
+    def _check(self, info: zipfile.ZipInfo) -> None:
+        check_member_name(self.path, info.filename)
+        if _is_symlink(info):
+            raise UnsafeArchiveError(
+                f"Refusing archive {self.path}: member {info.filename!r} is a symbolic link, "
+                "which a dataset archive has no use for (extracted, it could point anywhere). "
+                "The archive is not a genuine copy; delete it and download it again from the "
+                "official URL."
+            )
+        if info.flag_bits & 0x1:
+            raise _corrupt(self.path, f"member {info.filename!r} is encrypted, and sharebone "
+                                      "reads no passwords")
 
     def names(self, suffix: str = "") -> list[str]:
         """File (not folder) members ending with ``suffix``, in archive order."""
@@ -309,17 +387,39 @@ class SafeZip:
             if not info.is_dir() and info.filename.endswith(suffix)
         ]
 
-    def read(self, name: str) -> bytes:
-        """The member's bytes, CRC-checked."""
-        try:
-            return self._zip.read(name)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
-            raise _corrupt(self.path, f"member {name!r}: {e}") from e
+    def _too_large(self, name: str, what: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(
+            f"Refusing archive {self.path}: member {name!r} {what}, more than the "
+            f"{self.max_member_bytes:,} bytes a member may have "
+            "(sharebone.data.archives.MAX_MEMBER_BYTES). It is a zip bomb or not this dataset: "
+            "delete it and download it again from the official URL (or raise MAX_MEMBER_BYTES "
+            "if its members really are that large)."
+        )
 
-    def iter_read(self, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        """``(name, bytes)`` for each name."""
-        for name in names:
-            yield name, self.read(name)
+    def read(self, name: str) -> bytes:
+        """The member's bytes, CRC-checked, at most ``max_member_bytes`` of them.
+
+        The cap holds twice: against the size the member declares (refused before anything is
+        inflated) and against the bytes actually inflated (a header can lie; reading stops one
+        byte past the smaller of the two, so memory stays bounded either way).
+        """
+        try:
+            info = self._zip.getinfo(name)
+        except KeyError as e:
+            raise DataError(f"Archive {self.path} has no member {name!r}.") from e
+        if info.file_size > self.max_member_bytes:
+            raise self._too_large(name, f"declares {info.file_size:,} bytes")
+        try:
+            with self._zip.open(info) as member:
+                # Not zipfile's read(): it inflates a whole member before cutting it to the
+                # declared size, so a header that understates the size costs all of it.
+                data = member.read(min(info.file_size, self.max_member_bytes) + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+                RuntimeError) as e:  # RuntimeError: zipfile's "password required"
+            raise _corrupt(self.path, f"member {name!r}: {e}") from e
+        if len(data) > self.max_member_bytes:  # zipfile stops at the declared size; belt and braces
+            raise self._too_large(name, f"inflates to over {len(data) - 1:,} bytes")
+        return data
 
     def close(self) -> None:
         self._zip.close()

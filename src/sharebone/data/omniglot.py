@@ -9,6 +9,8 @@ of its own, ``"<alphabet>/<characterNN>/rot90"``.
 Preprocessing (:func:`load_image`): grayscale, **inverted** so that strokes are bright (255) and
 the background is 0 (the usual convention for Omniglot models), then resized to
 ``image_size x image_size`` with Lanczos antialiasing; pixels are stored as uint8 0..255.
+Members whose path has a hidden part (``.ipynb_checkpoints/``, ``.DS_Store``, ``._x.png``) or
+that sit under ``__MACOSX/`` are not drawings and are skipped.
 
 Each archive is decoded once and cached in ``cache_dir`` as a ``.pt`` file keyed by the archive's
 md5 and the image size; later loads read that file (milliseconds) and do not need the archive.
@@ -28,7 +30,7 @@ import io
 import logging
 import os
 import re
-import tempfile
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ from sharebone.data.archives import (
     ensure_archives,
     resolve_data_dir,
 )
+from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,14 @@ SPLIT_KEYS = ("archives", "alphabets", "exclude_alphabets", "characters", "rotat
 DATASET_DIR = "omniglot"
 
 _CACHE_FORMAT = "sharebone.omniglot.v1"
+
+#: The most pixels an image may have to be decoded (8192 x 8192). A drawing, or a photo of
+#: one, has far fewer; a small file declaring more is a decompression bomb (Pillow itself only
+#: refuses beyond twice its ``Image.MAX_IMAGE_PIXELS``, 179 M pixels).
+MAX_IMAGE_PIXELS = 1 << 26
+
+#: Pillow modes with more than 8 bits per pixel, and the shift that keeps their top 8 bits.
+_WIDE_MODES = {"I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 8}
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,16 +155,29 @@ class ImageSet:
 # ----------------------------------------------------------------------------------- decoding
 
 
-def _decode_array(
-    source: str | os.PathLike[str] | bytes, image_size: int, channels: int, invert: bool
-) -> np.ndarray:
+def _check_decode_args(image_size: int, channels: int) -> None:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
+def _decode_array(
+    source: str | os.PathLike[str] | bytes, image_size: int, channels: int, invert: bool
+) -> np.ndarray:
+    _check_decode_args(image_size, channels)
     fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     with Image.open(fp) as img:
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{img.width}x{img.height} pixels is larger than the {MAX_IMAGE_PIXELS:,} pixels "
+                "sharebone decodes (sharebone.data.omniglot.MAX_IMAGE_PIXELS); scale it down"
+            )
         img.load()
+        if img.format != "PNG" or "exif" in img.info or "Raw profile type exif" in img.info:
+            ImageOps.exif_transpose(img, in_place=True)  # a phone photo: sideways plus a tag
+        if img.mode in _WIDE_MODES:
+            img = _to_8_bit(img)
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
             # Transparent background (common in user drawings): composite onto white.
             rgba = img.convert("RGBA")
@@ -167,6 +191,23 @@ def _decode_array(
         return np.asarray(img, dtype=np.uint8)
 
 
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grayscale image as ``L``, keeping its top 8 bits.
+
+    Pillow's own ``convert("L")`` clips such values to 255, which turns a 16-bit drawing into a
+    blank page. Values of mode ``I`` are taken as 16-bit when any exceeds 255 (how Pillow reads
+    16-bit PGM), else as 8-bit. A transparent value becomes an alpha channel.
+    """
+    pixels = np.asarray(img).astype(np.int64)
+    shift = _WIDE_MODES[img.mode] if img.mode != "I" or pixels.max(initial=0) > 255 else 0
+    gray = Image.fromarray((np.clip(pixels, 0, 65535) >> shift).clip(0, 255).astype(np.uint8))
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = Image.fromarray(np.where(pixels == transparent, 0, 255).astype(np.uint8))
+        gray = Image.merge("LA", (gray, alpha))
+    return gray
+
+
 def load_image(
     source: str | os.PathLike[str] | bytes,
     image_size: int = 28,
@@ -176,11 +217,12 @@ def load_image(
 ) -> torch.Tensor:
     """Decode one image with Omniglot's preprocessing: uint8 ``[channels, image_size, image_size]``.
 
-    Steps: decode (PNG or any format PIL reads; a transparent background is composited onto
-    white), convert to grayscale (``channels=1``) or RGB (``channels=3``), invert (dark strokes
-    on a light background become bright strokes on 0), resize to a square ``image_size`` with
-    Lanczos antialiasing. Use the same function for one's own drawings so that they match the
-    training data.
+    Steps: decode (PNG or any format PIL reads; turned upright by its EXIF orientation; 16-bit
+    grayscale scaled to 8 bits; a transparent background is composited onto white), convert to
+    grayscale (``channels=1``) or RGB (``channels=3``), invert (dark strokes on a light
+    background become bright strokes on 0), resize to a square ``image_size`` with Lanczos
+    antialiasing. Use the same function for one's own drawings so that they match the training
+    data.
 
     Args:
         source: a file path or the file's bytes.
@@ -189,13 +231,17 @@ def load_image(
         invert: invert intensities (default True, as for Omniglot: strokes bright).
 
     Raises:
-        DataError: the image cannot be decoded.
+        DataError: the image cannot be decoded, or has more than :data:`MAX_IMAGE_PIXELS`.
     """
+    _check_decode_args(image_size, channels)
     try:
         array = _decode_array(source, image_size, channels, invert)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         where = "image bytes" if isinstance(source, bytes | bytearray) else str(source)
-        raise DataError(f"Cannot decode {where} as an image: {e}") from e
+        raise DataError(
+            f"Cannot decode {where} as an image ({e}). Fix: re-save it as a PNG (or JPEG), or "
+            "remove it."
+        ) from e
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
@@ -230,13 +276,14 @@ def decode_archive(path: str | os.PathLike[str], image_size: int = 28) -> Decode
             ``<archive>/<alphabet>/<character>/<file>.png``.
     """
     path = Path(path)
+    _check_decode_args(image_size, 1)  # a bad argument is not a corrupt archive
     start = time.perf_counter()
     with SafeZip(path) as archive:
         groups: dict[tuple[str, str], list[str]] = {}
         for name in archive.names(suffix=".png"):
             parts = name.split("/")
-            if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
-                continue
+            if parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts):
+                continue  # macOS resource forks, .ipynb_checkpoints/, other hidden files
             if len(parts) != 4 or not all(parts):
                 raise CorruptArchiveError(
                     f"Archive {path}: member {name!r} is not laid out as "
@@ -256,7 +303,7 @@ def decode_archive(path: str | os.PathLike[str], image_size: int = 28) -> Decode
             for name in members:
                 try:
                     out[i] = _decode_array(archive.read(name), image_size, 1, True)
-                except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                     raise CorruptArchiveError(
                         f"Archive {path}: cannot decode {name!r} ({e}). Fix: delete the archive "
                         "and download it again."
@@ -314,7 +361,14 @@ def _validate_cached(obj: Any, spec: ArchiveSpec, image_size: int) -> DecodedArc
 
 
 def _read_cache(path: Path, spec: ArchiveSpec, image_size: int) -> DecodedArchive | None:
-    if not path.exists():
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # absent (or unreadable): decode the archive
+    if not stat.S_ISREG(mode):
+        # A FIFO would block the read forever; a folder is not ours to remove.
+        log.warning("Cache entry %s is not a regular file; ignoring it (remove it to let the "
+                    "cache work again).", path)
         return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -337,21 +391,14 @@ def _write_cache(path: Path, spec: ArchiveSpec, image_size: int, decoded: Decode
         "offsets": decoded.offsets,
         "characters": decoded.characters,
     }
-    tmp: Path | None = None
+    if path.exists() and not path.is_file():
+        return  # a folder or FIFO there is left alone (_read_cache has said so)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; let other users share the cache
-        os.replace(tmp, path)
     except OSError as e:
         # The cache only saves time: a read-only or full cache folder must not stop a run.
         log.warning("Cannot write the cache file %s (%s); continuing without it.", path, e)
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def load_archive(
@@ -368,15 +415,38 @@ def load_archive(
     cannot be loaded or fails validation is removed and rebuilt. ``cache_dir=None`` disables the
     cache.
     """
-    path = cache_path(spec, cache_dir, image_size) if cache_dir is not None else None
-    if path is not None and (cached := _read_cache(path, spec, image_size)) is not None:
-        return cached
-    root = resolve_data_dir(data_dir) / DATASET_DIR
-    (archive,) = ensure_archives([spec], root, download=download)
-    decoded = decode_archive(archive, image_size)
-    if path is not None:
-        _write_cache(path, spec, image_size, decoded)
-    return decoded
+    return load_archives([spec], data_dir, cache_dir, image_size, download)[0]
+
+
+def load_archives(
+    specs: Sequence[ArchiveSpec],
+    data_dir: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    image_size: int = 28,
+    download: bool = True,
+) -> list[DecodedArchive]:
+    """Several archives decoded, as :func:`load_archive` does one.
+
+    The archives the cache does not hold are looked up together, so a missing-data error lists
+    every missing archive (with its URL and where it is expected), not just the first one.
+    """
+    paths = [
+        cache_path(spec, cache_dir, image_size) if cache_dir is not None else None
+        for spec in specs
+    ]
+    decoded = [
+        _read_cache(path, spec, image_size) if path is not None else None
+        for spec, path in zip(specs, paths, strict=True)
+    ]
+    todo = [i for i, d in enumerate(decoded) if d is None]
+    if todo:
+        root = resolve_data_dir(data_dir) / DATASET_DIR
+        archives = ensure_archives([specs[i] for i in todo], root, download=download)
+        for i, archive in zip(todo, archives, strict=True):
+            decoded[i] = decode_archive(archive, image_size)
+            if paths[i] is not None:
+                _write_cache(paths[i], specs[i], image_size, decoded[i])
+    return decoded  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------- splits
@@ -492,10 +562,9 @@ def load_split(
     char_slice = _parse_slice(spec["characters"]) if spec.get("characters") is not None else None
     rotations = _parse_rotations(spec.get("rotations"))
 
-    decoded = [
-        load_archive(registry[n], data_dir, cache_dir, image_size, download)
-        for n in dict.fromkeys(names)
-    ]
+    decoded = load_archives(
+        [registry[n] for n in dict.fromkeys(names)], data_dir, cache_dir, image_size, download
+    )
 
     available = sorted(
         {c.split("/", 1)[0] for d in decoded for c in d.characters}, key=_natural_key

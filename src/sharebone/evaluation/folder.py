@@ -4,6 +4,10 @@
       support/<class>/*.png     labelled examples, at least one per class
       query/<class>/*.png       images to classify (their folder is the true class), and/or
       query/*.png               unlabelled images to classify
+
+Hidden entries (names starting with ``.``: ``.ipynb_checkpoints/``, ``.DS_Store``, macOS ``._x``
+files) are ignored. Names that are not valid UTF-8 are read all the same and shown with U+FFFD in
+their place.
 """
 
 from __future__ import annotations
@@ -28,14 +32,30 @@ class FolderEpisode:
     """The episode (one task, batched as ``T=1``), with names to report predictions by."""
 
     episode: Episode
+    #: The class folders' names, printable (see :func:`display_name`).
     class_names: list[str]
     query_paths: list[Path]
     #: True class of each query image, or -1 where it is unlabelled.
     query_targets: torch.Tensor
 
+    @property
+    def query_names(self) -> list[str]:
+        """The query paths, printable (see :func:`display_name`)."""
+        return [display_name(p) for p in self.query_paths]
+
+
+def display_name(path: str | Path) -> str:
+    """``path`` as text that can be printed and written as UTF-8: bytes of a file name that are
+    not UTF-8 (kept by Python as lone surrogates, which no UTF-8 stream accepts) become U+FFFD."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) -> FolderEpisode:
@@ -47,16 +67,23 @@ def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) ->
             raise EpisodeFolderError(
                 f"{d} is missing. An episode folder holds support/<class>/*.png (labelled "
                 f"examples) and query/<class>/*.png or query/*.png (images to classify).")
-    classes = sorted(p for p in support_dir.iterdir() if p.is_dir())
+    classes = [p for p in _visible(support_dir) if p.is_dir()]
+    stray = _images(support_dir)
+    if stray:
+        raise EpisodeFolderError(
+            f"{display_name(stray[0])} is not in a class folder ({len(stray)} such image(s) in "
+            f"{display_name(support_dir)}): a support image's folder is its label. Fix: move it "
+            "to support/<class>/.")
     if len(classes) < 2:
         raise EpisodeFolderError(f"{support_dir} has {len(classes)} class folder(s); a few-shot "
                                  "episode needs at least 2 (support/<class>/*.png).")
-    names = [c.name for c in classes]
+    names = [c.name for c in classes]  # as on disk, to match query folders by
     support, support_labels = [], []
     for label, folder in enumerate(classes):
         files = _images(folder)
         if not files:
-            raise EpisodeFolderError(f"Support class '{folder.name}' ({folder}) has no images "
+            raise EpisodeFolderError(f"Support class '{display_name(folder.name)}' "
+                                     f"({display_name(folder)}) has no images "
                                      f"({', '.join(IMAGE_SUFFIXES)}). Add at least one or remove "
                                      "the folder.")
         support += [load_image(f, image_size, channels) for f in files]
@@ -67,15 +94,17 @@ def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) ->
         query.append(load_image(path, image_size, channels))
         targets.append(-1)
         paths.append(path)
-    for folder in sorted(p for p in query_dir.iterdir() if p.is_dir()):
+    shown = [display_name(n) for n in names]
+    for folder in (p for p in _visible(query_dir) if p.is_dir()):
         if folder.name not in names:
+            name = display_name(folder.name)
             raise EpisodeFolderError(
-                f"Query class '{folder.name}' has no support examples: support/ has "
-                f"{', '.join(names)}. Rename the query folder or add support/{folder.name}/.")
+                f"Query class '{name}' has no support examples: support/ has "
+                f"{', '.join(shown)}. Rename the query folder or add support/{name}/.")
         files = _images(folder)
         if not files:
-            raise EpisodeFolderError(f"Query class folder {folder} is empty; add images or "
-                                     "remove it.")
+            raise EpisodeFolderError(f"Query class folder {display_name(folder)} is empty; "
+                                     "add images or remove it.")
         for path in files:
             query.append(load_image(path, image_size, channels))
             targets.append(names.index(folder.name))
@@ -91,4 +120,4 @@ def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) ->
         query_labels=query_targets.clamp(min=0).unsqueeze(0),
         classes=torch.arange(len(names)).unsqueeze(0),
     )
-    return FolderEpisode(episode, names, paths, query_targets)
+    return FolderEpisode(episode, shown, paths, query_targets)
