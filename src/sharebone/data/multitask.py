@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from sharebone.checks import check_count
 from sharebone.data.datamodule import EpisodicDataModule
-from sharebone.data.episodes import Episode
+from sharebone.data.episodes import Episode, split_id
 from sharebone.data.families import register_family
 from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, SyntheticImageTasks, TaskFamily
 
@@ -277,8 +277,6 @@ class _RegressionEpisodes:
                                                                         query, seed)
 
     def batch(self, indices: Any) -> Episode:
-        from sharebone.data.episodes import split_id
-
         f = self.family
         xs, ys = [], []
         for i in torch.as_tensor(indices).reshape(-1).tolist():

@@ -16,6 +16,7 @@ import torch
 
 from sharebone.data.episodes import Episode, EpisodeSampler
 from sharebone.data.families import register_family
+from sharebone.data.omniglot import load_split
 
 
 class EpisodeSource(Protocol):
@@ -66,8 +67,6 @@ class OmniglotTasks:
 
     def images(self, split: str):
         """The split's :class:`~sharebone.data.omniglot.ImageSet`, decoded once per process."""
-        from sharebone.data.omniglot import load_split
-
         if split not in self.splits:
             raise KeyError(f"Unknown split '{split}'. This task family has: {sorted(self.splits)}.")
         if split not in self._loaded:
