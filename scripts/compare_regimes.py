@@ -181,7 +181,7 @@ def log_to_wandb(rows: list[dict[str, Any]], out: Path, png: Path, mode: str) ->
                    "tags": ["comparison"]}}, out)
     tracking.log_table(loggers, "comparison", rows)
     for logger in tracking.wandb_loggers(loggers):
-        tracking._safely(logger.log_image, key="accuracy_vs_shots", images=[str(png)])
+        tracking.safely(logger.log_image, key="accuracy_vs_shots", images=[str(png)])
     return tracking.finish(loggers)
 
 

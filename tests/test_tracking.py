@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
-import shutil
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 from conftest import FAST, compose_train
+from helpers.wandb_service import leet_inspect as inspect
 
-from sharebone.tracking import wandb_mode
+from sharebone.tracking import resumes_in, wandb_mode, wandb_run_id
 from sharebone.train import run
-
-WANDB = Path(sys.executable).parent / "wandb"
-
-
-def inspect(run_dir: Path, *args: str) -> str:
-    exe = str(WANDB) if WANDB.exists() else shutil.which("wandb")
-    return subprocess.run([exe, "leet", "inspect", *args, str(run_dir)], check=True,
-                          capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +67,54 @@ def test_a_broken_wandb_setup_never_stops_training(tmp_path):
         metrics = run(compose_train(tmp_path, overrides))
     assert "test/5w1s/acc" in metrics
     assert (tmp_path / "csv" / "metrics.csv").is_file(), "fell back to the CSV logger"
+
+
+def history(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in inspect(run_dir, "--json").splitlines()]
+    return [r["history"]["item"] for r in records if r["type"] == "history"]
+
+
+def test_a_run_resumed_in_its_own_directory_continues_its_wandb_run_and_csv(tmp_path):
+    """Epoch 1, then ``resume=<that dir>`` for epoch 2 in the same directory: one W&B run id
+    (offline, W&B writes a second directory for it; ``wandb sync`` joins them), its history
+    going on from step 3, and one ``metrics.csv`` holding both epochs, nothing twice."""
+    overrides = [o for o in FAST if not o.startswith("logger=")] + [
+        "logger=wandb", "+logger.csv={}", "test.episodes=2",
+        "test.settings=[{n_way: 5, k_shot: 1}]"]
+    run(compose_train(tmp_path, overrides))
+    first_id = wandb_run_id(tmp_path)
+    assert first_id
+    metrics_csv = tmp_path / "csv" / "metrics.csv"
+    with open(metrics_csv, newline="") as f:
+        epoch_0 = [r for r in csv.DictReader(f) if r["train/loss"]]
+    run(compose_train(tmp_path, overrides + [f"resume={tmp_path}", "trainer.max_epochs=2"]))
+
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{first_id}") for r in runs)
+    assert wandb_run_id(tmp_path) == first_id
+    steps = [[item["trainer/global_step"] for item in history(r) if "train/loss" in item]
+             for r in runs]
+    assert steps == [[0, 1, 2], [3, 4, 5]]
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["train/loss"]]
+    assert [int(r["step"]) for r in train] == [0, 1, 2, 3, 4, 5]
+    assert [r["train/loss"] for r in train[:3]] == [r["train/loss"] for r in epoch_0]
+    assert [int(r["step"]) for r in rows if r["val/loss"]] == [2, 5]
+
+
+def test_wandb_run_id_is_the_newest_run_in_the_folder(tmp_path):
+    assert wandb_run_id(tmp_path) is None
+    folder = tmp_path / "wandb"
+    for name in ("offline-run-20260101_120000-aaaa1111", "run-20260102_080000-bbbb2222",
+                 "offline-run-20251231_235959-cccc3333", "run-garbage", "latest-run.txt"):
+        (folder / name).mkdir(parents=True)
+    os.symlink(folder / "offline-run-20251231_235959-cccc3333", folder / "latest-run")
+    assert wandb_run_id(tmp_path) == "bbbb2222"
+
+
+def test_only_a_resume_of_the_same_directory_continues_its_logs(tmp_path):
+    assert resumes_in(tmp_path, tmp_path)
+    assert resumes_in(tmp_path / "checkpoints" / "last.ckpt", tmp_path)
+    assert not resumes_in(tmp_path.parent / "another_run", tmp_path)
+    assert not resumes_in(None, tmp_path) and not resumes_in("", tmp_path)

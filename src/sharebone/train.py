@@ -172,9 +172,11 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
 
     # One W&B run per job: ranks that a launcher started as processes of their own log nothing
     # (Lightning's loggers only write on rank 0 anyway; this keeps them from opening runs).
-    loggers = tracking.build_loggers(logger_config(cfg), output_dir) if launch_rank() == 0 else []
+    resume = tracking.resumes_in(cfg.get("resume"), output_dir)  # same dir: logs continue
+    loggers = (tracking.build_loggers(logger_config(cfg), output_dir, resume=resume)
+               if launch_rank() == 0 else [])
     for logger in loggers:
-        tracking._safely(logger.log_hyperparams, model.run_config)
+        tracking.safely(logger.log_hyperparams, model.run_config)
     tracking.log_summary(loggers, {f"params/{k}": v for k, v in sharing.as_dict().items()
                                    if isinstance(v, int)})
 
