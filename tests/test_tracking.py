@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, compose_train
 from helpers.wandb_service import leet_inspect as inspect
 
-from sharebone.tracking import resumes_in, wandb_mode, wandb_run_id
+from sharebone.tracking import wandb_mode, wandb_run_id
 from sharebone.train import run
 
 
@@ -113,8 +113,3 @@ def test_wandb_run_id_is_the_newest_run_in_the_folder(tmp_path):
     assert wandb_run_id(tmp_path) == "bbbb2222"
 
 
-def test_only_a_resume_of_the_same_directory_continues_its_logs(tmp_path):
-    assert resumes_in(tmp_path, tmp_path)
-    assert resumes_in(tmp_path / "checkpoints" / "last.ckpt", tmp_path)
-    assert not resumes_in(tmp_path.parent / "another_run", tmp_path)
-    assert not resumes_in(None, tmp_path) and not resumes_in("", tmp_path)

@@ -69,7 +69,6 @@ def safely(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return None
 
 
-_safely = safely  # the former private name, for callers not yet updated
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,16 +491,6 @@ def wandb_run_id(output_dir: str | Path) -> str | None:
         if match and path.is_dir() and not path.is_symlink():
             found.append((match.group(1), path.stat().st_mtime, match.group(2)))
     return max(found)[2] if found else None
-
-
-def resumes_in(resume: str | Path | None, output_dir: str | Path) -> bool:
-    """True when ``resume=`` names ``output_dir`` itself or a checkpoint inside it: the run
-    continues in its own directory, so its logs continue too."""
-    if resume in (None, ""):
-        return False
-    path = Path(str(resume)).expanduser().resolve()
-    out = Path(output_dir).expanduser().resolve()
-    return path == out or out in path.parents
 
 
 def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,

@@ -172,8 +172,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
 
     # One W&B run per job: ranks that a launcher started as processes of their own log nothing
     # (Lightning's loggers only write on rank 0 anyway; this keeps them from opening runs).
-    resume = tracking.resumes_in(cfg.get("resume"), output_dir)  # same dir: logs continue
-    loggers = (tracking.build_loggers(logger_config(cfg), output_dir, resume=resume)
+    # A resumed run is in its own directory: its W&B run and CSV rows continue.
+    loggers = (tracking.build_loggers(logger_config(cfg), output_dir, resume=bool(ckpt_path))
                if launch_rank() == 0 else [])
     for logger in loggers:
         tracking.safely(logger.log_hyperparams, model.run_config)
