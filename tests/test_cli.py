@@ -69,7 +69,10 @@ def test_train_then_eval_from_the_command_line(tmp_path):
                    cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert "| 5w1s | 4 | acc |" in ev.stdout
-    assert (tmp_path / "run" / "eval" / "fewshot_synthetic_images_test.json").is_file()
+    assert len(list((tmp_path / "run" / "eval").glob("fewshot_synthetic_images_test_*.json"))) == 1
+    # eval's own Hydra folder is outputs/eval/..., not one that looks like a training run
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["eval"]
+    assert "5w1s: 4/4 episodes" in ev.stdout  # progress, also without a terminal
 
 
 @pytest.mark.parametrize("args, message", [

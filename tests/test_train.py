@@ -54,7 +54,9 @@ def test_eval_scores_the_very_same_episodes_as_training(trained, tmp_path):
     by_setting = {r["setting"]: r["mean"] for r in result["results"]}
     for setting, acc in by_setting.items():
         assert acc == pytest.approx(metrics[f"test/{setting}/acc"], abs=1e-9)
-    assert (tmp_path / "fewshot_synthetic_images_test.csv").is_file()
+    assert len(list(tmp_path.glob("fewshot_synthetic_images_test_seed0_20ep_*.csv"))) == 1
+    sb_eval.run(cfg)  # a second evaluation keeps the first's results
+    assert len(list(tmp_path.glob("fewshot_synthetic_images_test_seed0_20ep_*.json"))) == 2
 
 
 def test_eval_refuses_a_checkpoint_of_another_backbone(trained, tmp_path):

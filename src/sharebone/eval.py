@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,15 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
     return summary
 
 
+def unique_stem(folder: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... when results of that name are already there."""
+    candidate, n = stem, 1
+    while any((folder / f"{candidate}{ext}").exists() for ext in (".json", ".csv")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
 def check_writable(folder: Path) -> None:
     """Refuse a results folder that cannot be written (a read-only run directory, say)."""
     try:
@@ -122,7 +132,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        episodes_per_batch=cfg.batch_size)
     print(f"\n{model.regime_name} from {ckpt}\n{task['name']} ({cfg.split} episodes, "
           f"seed {cfg.seed}):\n{format_table(results)}\n")
-    paths = write_results(results, output_dir, stem=f"fewshot_{task['name']}_{cfg.split}",
+    # One file per evaluation, never over an earlier one: task, split, seed, episodes, time.
+    stem = unique_stem(output_dir, f"fewshot_{task['name']}_{cfg.split}_seed{cfg.seed}_"
+                                   f"{cfg.episodes}ep_{time.strftime('%Y%m%d-%H%M%S')}")
+    paths = write_results(results, output_dir, stem=stem,
                           extra={"checkpoint": str(ckpt), "regime": model.regime_name,
                                  "task": task["name"], "split": cfg.split, "seed": cfg.seed,
                                  **model.parameter_sharing().as_dict()})

@@ -220,7 +220,9 @@ def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: P
     t = cfg.test
     results = evaluate(model, parts.tests, episodes=t.episodes,
                        episodes_per_batch=t.batch_size)
-    print(f"\nTest episodes ({cfg.task.name}, seed {t.seed}):\n{format_table(results)}\n")
+    table = f"Test episodes ({cfg.task.name}, seed {t.seed}):\n{format_table(results)}"
+    print(f"\n{table}\n")
+    log.info("%s", table)  # the results in train.log too
     paths = write_results(results, output_dir, extra={
         "regime": model.regime_name, "task": cfg.task.name,
         "train_seconds": metrics["train_seconds"], "checkpoint": str(best),

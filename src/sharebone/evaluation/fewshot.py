@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +14,8 @@ from sharebone.checks import check_count
 from sharebone.data.tasks import EpisodeSource, TaskFamily
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
     # MAML-like regimes adapt with gradients even at test time.
     grad = torch.no_grad() if model.predicts_without_grad else contextlib.nullcontext()
     scores = []
+    progress = Progress(test.name, episodes)
     try:
         with grad:
             for start in range(0, episodes, episodes_per_batch):
@@ -72,9 +77,29 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
                 predictions = model.predict_episode(episode)
                 scores.append(model.episode_metric(predictions.detach(),
                                                    episode.query_labels).cpu())
+                progress.update(int(index[-1]) + 1)
     finally:
         model.train(was_training)
     return torch.cat(scores)
+
+
+class Progress:
+    """A log line every ``every`` seconds and at the end (done, rate, ETA): plain lines, so
+    they show in ``train.log``, under nohup and in a SLURM ``.out`` file, not only on a TTY."""
+
+    def __init__(self, name: str, total: int, every: float = 15.0) -> None:
+        self.name, self.total, self.every = name, total, every
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        eta = (self.total - done) / rate if done < self.total else 0.0
+        log.info("%s: %d/%d episodes, %.1f episodes/s, %s", self.name, done, self.total, rate,
+                 f"ETA {eta:.0f}s" if done < self.total else f"{now - self.started:.1f}s")
 
 
 def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int = 600,
