@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, compose_train
 from helpers.wandb_service import leet_inspect as inspect
 
-from sharebone.tracking import wandb_mode, wandb_run_id
+from sharebone.tracking import build_loggers, finish, wandb_mode, wandb_run_id
 from sharebone.train import run
 
 
@@ -113,3 +113,9 @@ def test_wandb_run_id_is_the_newest_run_in_the_folder(tmp_path):
     assert wandb_run_id(tmp_path) == "bbbb2222"
 
 
+
+
+def test_the_wandb_logger_does_not_pass_the_deprecated_anonymous_setting(tmp_path):
+    logger = build_loggers({"wandb": {"mode": "offline", "project": "noise"}}, tmp_path)[0]
+    assert "anonymous" not in logger._wandb_init
+    finish([logger])

@@ -27,6 +27,7 @@ from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
+from sharebone.noise import quiet_known_noise
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
 from sharebone.run_dir import run_dir_of
@@ -101,6 +102,7 @@ def check_writable(folder: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
+    quiet_known_noise()
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     ckpt = find_checkpoint(cfg.ckpt)

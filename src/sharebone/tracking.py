@@ -295,6 +295,9 @@ class SafeWandbLogger(WandbLogger):
     def __init__(self, *args: Any, fallback_dir: str | Path | None = None,
                  resume: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Lightning passes anonymous=None through; wandb 0.31 warns about any value it gets.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
         self.failed = False
         self.fallback: ResumableCSVLogger | None = None
         self._fallback_dir = None if fallback_dir is None else str(fallback_dir)

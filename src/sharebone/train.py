@@ -41,6 +41,7 @@ from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.guards import NonFiniteLoss, finite_or_none
 from sharebone.memory import keep_freed_memory
+from sharebone.noise import quiet_known_noise
 from sharebone.regimes import load_regime
 from sharebone.run_dir import RunLock, check_fresh, check_same_run, run_dir_of
 from sharebone.sweep import swept_keys
@@ -133,6 +134,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     composed config. One training at a time per run directory; a new run never writes over
     another's checkpoints; ``resume=`` continues a run in its own directory.
     """
+    quiet_known_noise()
     ckpt_path = resume_checkpoint(cfg.get("resume"))
     if ckpt_path:
         continue_in_run_dir(cfg, ckpt_path)
