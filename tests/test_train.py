@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import FAST, compose_train
 from hydra.errors import ConfigCompositionException
@@ -132,3 +133,24 @@ def test_eval_inner_steps_only_applies_to_gradient_based_regimes(trained, tmp_pa
     cfg = compose_train(tmp_path, [f"ckpt={out}", "inner_steps=10"], config_name="eval")
     with pytest.raises(ValueError, match="inner_steps=10 applies to gradient-based regimes"):
         sb_eval.run(cfg)
+
+
+class RecordThreads(pl.Callback):
+    seen: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        RecordThreads.seen.append(torch.get_num_threads())
+
+
+@pytest.mark.parametrize(("threads", "expected"), [("auto", 1), (2, 2)])
+def test_a_tiny_model_trains_on_one_thread_and_the_setting_is_given_back(threads, expected,
+                                                                          tmp_path):
+    RecordThreads.seen = []
+    before = torch.get_num_threads()
+    cfg = compose_train(tmp_path, ["experiment=sinusoid_maml", "logger=none", f"threads={threads}",
+                                   "+trainer.max_steps=2", "sampler.batches_per_epoch=2",
+                                   "sampler.val_episodes=2", "test.episodes=2",
+                                   f"+callbacks.threads._target_={__name__}.RecordThreads"])
+    run(cfg)
+    assert RecordThreads.seen == [expected, expected]
+    assert torch.get_num_threads() == before

@@ -21,6 +21,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -45,6 +46,7 @@ from sharebone.noise import quiet_known_noise
 from sharebone.regimes import load_regime
 from sharebone.run_dir import RunLock, check_fresh, check_same_run, run_dir_of
 from sharebone.sweep import swept_keys
+from sharebone.threads import choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with RunLock(output_dir) if first else contextlib.nullcontext():
         if first and not ckpt_path:
             check_fresh(output_dir)
-        return train_and_test(cfg, output_dir, ckpt_path)
+        threads = torch.get_num_threads()
+        try:
+            return train_and_test(cfg, output_dir, ckpt_path)
+        finally:  # a caller running several jobs in one process gets its setting back
+            torch.set_num_threads(threads)
 
 
 def continue_in_run_dir(cfg: DictConfig, ckpt_path: str) -> None:
@@ -168,6 +174,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
     parts = build_run(cfg)
     model = parts.regime
     model.run_config = resolved(cfg, parts.from_data)
+    threads = choose_threads(cfg.get("threads", "auto"), model)
+    log.info("torch uses %d CPU thread(s)", threads)
     sharing = model.parameter_sharing()
     log.info("%s on %s: %s", model.regime_name, cfg.task.name, sharing)
     print(f"[sharebone] {model.regime_name} / {cfg.backbone.name} / {cfg.task.name}: {sharing}")
