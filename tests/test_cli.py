@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 FAST = ["task=synthetic_images", "debug=fast", "logger=none", "test.episodes=4",
@@ -84,3 +85,17 @@ def test_train_then_eval_from_the_command_line(tmp_path):
 def test_eval_errors_say_what_to_pass(tmp_path, args, message):
     out = sharebone("eval", *args, cwd=tmp_path)
     assert out.returncode != 0 and message in out.stderr
+
+
+def test_resume_from_the_command_line_restores_the_runs_own_overrides(tmp_path):
+    first = sharebone("train", *FAST, "task.family.flip=0.3", "sampler.batches_per_epoch=2",
+                      "test.episodes=2", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # Only resume= and what may change: task, its flip and the rest come from run/.hydra.
+    resumed = sharebone("train", "resume=run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "the run's own overrides ['task=synthetic_images'" in resumed.stdout
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    changed = sharebone("train", "resume=run", "task.family.flip=0.1", cwd=tmp_path)
+    assert changed.returncode != 0 and "task: the run has synthetic_images" in changed.stderr

@@ -80,6 +80,54 @@ def run_dir_of(checkpoint: str | Path) -> Path:
         else checkpoint.parent
 
 
+#: Overrides never carried over from a run directory's record: where the new process runs
+#: and logs (Hydra's own keys), what it resumes, and anything that names code to call.
+_NOT_RESTORED = ("hydra.", "hydra/", "resume=", "+resume=")
+_CODE_KEYS = ("_target_", "_partial_", "_args_", "_call_", "_recursive_", "_convert_")
+
+
+def restore_overrides(argv: list[str]) -> list[str]:
+    """``sharebone-train resume=<run> [more overrides]`` -> the run's own command-line
+    overrides (its ``.hydra/overrides.yaml``) followed by the ones given now (which win), so a
+    resumed run is composed as the run was without the user retyping it.
+
+    The record is a file in a folder, so it is read as data: overrides that name code
+    (``_target_`` and the like) are not carried over but reported, to be passed again by hand.
+    """
+    given = [a for a in argv if not a.startswith("-")]
+    resume = next((a.split("=", 1)[1] for a in given if a.split("=", 1)[0] in
+                   ("resume", "+resume")), None)
+    if not resume or "-m" in argv or "--multirun" in argv:
+        return argv
+    path = Path(resume).expanduser()
+    record = (path if path.is_dir() else run_dir_of(path)) / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return argv
+    saved = [o for o in _read_overrides(record) if not o.startswith(_NOT_RESTORED)]
+    keys_given = {a.split("=", 1)[0].lstrip("+~") for a in given}
+    restored, skipped = [], []
+    for override in saved:
+        if override.split("=", 1)[0].lstrip("+~") in keys_given:
+            continue
+        (skipped if any(k in override for k in _CODE_KEYS) else restored).append(override)
+    if skipped:
+        print(f"[sharebone] resume: not restoring {skipped} from {record} (they name code to "
+              "call); pass them again if the run needs them.")
+    if restored:
+        print(f"[sharebone] resume: the run's own overrides {restored}")
+    return [argv[0], *restored, *argv[1:]]
+
+
+def _read_overrides(record: Path) -> list[str]:
+    import yaml
+
+    try:
+        saved = yaml.safe_load(record.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [o for o in saved if isinstance(o, str)] if isinstance(saved, list) else []
+
+
 def _comparable(key: str, value: Any) -> Any:
     if not isinstance(value, dict):
         return value
@@ -102,9 +150,9 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source
              for k in changed]
     raise RunDirError(
         f"resume={source} was trained with another {', '.join(changed)} than this command "
-        "composes:\n" + "\n".join(lines) + "\nRepeat the run's own overrides (its "
-        ".hydra/overrides.yaml lists them) and change only what may change on resume, e.g. "
-        "trainer.max_epochs or test settings.")
+        "composes:\n" + "\n".join(lines) + "\nsharebone-train restores the run's own "
+        "overrides (its .hydra/overrides.yaml); drop the ones that change these, and change "
+        "only what may change on resume, e.g. trainer.max_epochs or test settings.")
 
 
 def _brief(value: Any) -> str:

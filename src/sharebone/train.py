@@ -44,7 +44,13 @@ from sharebone.guards import NonFiniteLoss, finite_or_none
 from sharebone.memory import keep_freed_memory
 from sharebone.noise import quiet_known_noise
 from sharebone.regimes import load_regime
-from sharebone.run_dir import RunLock, check_fresh, check_same_run, run_dir_of
+from sharebone.run_dir import (
+    RunLock,
+    check_fresh,
+    check_same_run,
+    restore_overrides,
+    run_dir_of,
+)
 from sharebone.sweep import swept_keys
 from sharebone.threads import choose_threads
 
@@ -327,6 +333,7 @@ def main() -> float | None:
         logging.basicConfig(level=logging.INFO)
         run(cfg)
         sys.exit(0)
+    sys.argv = restore_overrides(sys.argv)
     return hydra_main()
 
 
