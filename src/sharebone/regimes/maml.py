@@ -36,11 +36,11 @@ from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
 from sharebone.models.heads import HEAD_INITS, LinearHead, initial_head, resize_ways
 from sharebone.regimes.base import FewShotRegime, register_regime
+from sharebone.task_kind import CLASSIFICATION, LOSSES, task_kind
 
 ADAPT = ("all", "head")
 HEADS = (*HEAD_INITS, "none")
 BATCH_NORM = ("transductive", "per_step")
-LOSSES = ("cross_entropy", "mse")
 BACKENDS = ("torch_func", "learn2learn")
 
 
@@ -173,7 +173,7 @@ class MAML(FewShotRegime):
                 "adapt='head' (ANIL) adapts only the head, but this model has none (head='none'): "
                 "there would be nothing to adapt. Give it a head (head='learned', 'zero' or "
                 "'proto') or adapt all parameters (adapt='all', MAML).")
-        if head == "proto" and loss != "cross_entropy":
+        if head == "proto" and task_kind(loss) is not CLASSIFICATION:
             raise ValueError("head='proto' (Proto-MAML) builds a classifier from class means; it "
                              "needs loss='cross_entropy'. Use head='learned' for regression.")
         if vmap and batch_norm == "per_step":
@@ -201,8 +201,7 @@ class MAML(FewShotRegime):
         if n_way < 1:
             raise ValueError(f"n_way must be >= 1, got {n_way}.")
         self.save_hyperparameters()
-        if loss == "mse":
-            self.metric_name, self.metric_higher_is_better = "mse", False
+        self.task_kind = task_kind(loss)
 
         if batch_norm == "transductive":
             # No running statistics: batch norm uses the current batch's, in train and eval mode
@@ -311,9 +310,7 @@ class MAML(FewShotRegime):
         return F.linear(features, params["head.weight"], params["head.bias"])
 
     def task_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
-            return F.mse_loss(predictions, targets)
-        return F.cross_entropy(predictions, targets)
+        return self.task_kind.loss(predictions, targets)
 
     def _step_sizes(self, params: Params, n_way: int) -> float | dict[str, torch.Tensor]:
         if not self.hparams.learn_step_sizes:
@@ -440,11 +437,7 @@ class MAML(FewShotRegime):
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         if self._use_per_task_backward():
             return self._episode_loss_per_task(episode)
-        predictions = self.predict_episode(episode)
-        if self.hparams.loss == "mse":
-            return F.mse_loss(predictions, episode.query_labels), predictions
-        loss = F.cross_entropy(predictions.flatten(0, 1), episode.query_labels.flatten())
-        return loss, predictions
+        return super().episode_loss(episode)
 
     def _episode_loss_per_task(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta-batch's loss with each task's meta-gradient taken as soon as the task is
@@ -476,11 +469,6 @@ class MAML(FewShotRegime):
                       if g is not None)
         loss = torch.stack(losses).mean() + (carrier - carrier.detach())
         return loss, torch.stack(predictions)
-
-    def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
-            return (predictions - labels).pow(2).flatten(1).mean(1)
-        return super().episode_metric(predictions, labels)
 
     def parameter_sharing(self) -> ParameterSharing:
         backbone = count_parameters(self.backbone)
