@@ -393,3 +393,40 @@ def test_regression_on_synthetic_regression_tasks_learns_without_broadcasting(na
         loss.backward()
         optimizer.step()
     assert query_mse() < 0.9 * before
+
+
+def test_options_are_read_from_hparams_and_checked_again_when_those_change():
+    model = MAML(TINY_MLP, n_way=3, inner_steps=2)
+    assert model.options.inner_steps == 2 and model.test_inner_steps == 2
+    model.hparams.test_inner_steps = 0  # what sharebone-eval's inner_steps=... does
+    assert model.options.test_steps == 0 and model.test_inner_steps == 0
+    model.hparams.test_inner_steps = -1
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 0"):
+        model.eval().predict_episode(mlp_episode())
+
+
+def test_one_place_says_which_parameters_adapt():
+    backbone = {f"backbone.{k}": tuple(p.shape) for k, p in
+                MAML(TINY_MLP).backbone.named_parameters()}
+    head = {"head.weight": (3, 8), "head.bias": (3,)}
+    assert MAML(TINY_MLP, n_way=3).adapted_shapes() == backbone | head
+    assert ANIL(TINY_MLP, n_way=3).adapted_shapes() == head
+    assert MAML(TINY_MLP, n_way=3, head="none").adapted_shapes() == backbone
+    assert ANIL(TINY_MLP, n_way=3).adapted_shapes(n_way=7)["head.weight"] == (7, 8)
+    msgd = MetaSGD(TINY_MLP, n_way=3)
+    assert {k: tuple(v.shape) for k, v in msgd.step_sizes.items()} == {
+        k.replace(".", "__"): s for k, s in (backbone | head).items()}
+    task = mlp_episode().task(0)
+    params = msgd.initial_params(task.support, task.support_labels, 3)
+    assert list(params) == list(backbone | head)
+
+
+def test_learn2learn_is_imported_only_by_its_backend():
+    import subprocess
+    import sys
+
+    code = ("import sys, sharebone.regimes, sharebone.train; "
+            "print('learn2learn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
