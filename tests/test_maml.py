@@ -395,6 +395,26 @@ def test_regression_on_synthetic_regression_tasks_learns_without_broadcasting(na
     assert query_mse() < 0.9 * before
 
 
+@pytest.mark.parametrize("name, head", [("maml", "learned"), ("metasgd", "zero"),
+                                        ("anil", "learned")])
+@pytest.mark.parametrize("per_task", [True, False])
+def test_meta_training_at_another_n_way_than_the_head_learns_is_refused(name, head, per_task):
+    model = PRESETS[name](TINY_MLP, n_way=5, head=head, per_task_backward=per_task).train()
+    with pytest.raises(ValueError, match=r"Meta-training on 3-way episodes, but .* learned for "
+                                         r"n_way=5.*regime.n_way.*sampler.train.n_way"):
+        model.episode_loss(mlp_episode(n_way=3))
+    model.eval()  # evaluation: any n_way, the head starting as head=... says
+    assert model.predict_episode(mlp_episode(n_way=3)).shape == (2, 9, 3)
+    with torch.no_grad():  # not meta-training either: nothing is learned
+        model.train().predict_episode(mlp_episode(n_way=3))
+
+
+def test_a_zero_head_without_learned_step_sizes_meta_trains_at_any_n_way():
+    model = MAML(TINY_MLP, n_way=5, head="zero").train()
+    loss, predictions = model.episode_loss(mlp_episode(n_way=3))
+    assert predictions.shape == (2, 9, 3) and torch.isfinite(loss)
+
+
 def test_options_are_read_from_hparams_and_checked_again_when_those_change():
     model = MAML(TINY_MLP, n_way=3, inner_steps=2)
     assert model.options.inner_steps == 2 and model.test_inner_steps == 2

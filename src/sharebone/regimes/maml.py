@@ -285,6 +285,8 @@ class MAML(FewShotRegime):
         inner loop of the current mode (meta-training, or evaluation) and backend."""
         options = self.options
         training = self.training and torch.is_grad_enabled()
+        if training:
+            self._check_training_ways(n_way)
         steps = options.inner_steps if self.training else options.test_steps
         if options.backend == "learn2learn":
             from sharebone.regimes.maml_l2l import task_predictions
@@ -295,6 +297,17 @@ class MAML(FewShotRegime):
         return functools.partial(task, n_way=n_way, steps=steps,
                                  first_order=options.first_order or not training,
                                  meta_gradient=training)
+
+    def _check_training_ways(self, n_way: int) -> None:
+        trained = self.options.n_way
+        if n_way != trained and self.options.learns_per_way:
+            learned = ("head" if self.options.head == "learned" else "head's step sizes")
+            raise ValueError(
+                f"Meta-training on {n_way}-way episodes, but this model's {learned} is learned "
+                f"for n_way={trained}: its rows would all start from their mean at every "
+                f"step. Set the regime's n_way to {n_way} (regime.n_way; the configs take it "
+                f"from sampler.train.n_way), or train on {trained}-way episodes. Other n_way "
+                "are for evaluation, where head=learned|zero|proto says how the head starts.")
 
     # -- the regime's interface --------------------------------------------------------------
     def predict_episode(self, episode: Episode) -> torch.Tensor:

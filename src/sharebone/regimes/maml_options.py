@@ -29,8 +29,9 @@ class MAMLOptions:
     ``first_order``, ``adapt="head"`` and ``learn_step_sizes`` changed.
 
     Attributes:
-        n_way: ways of the training episodes (outputs of the learned head); evaluation may use
-            any other n_way, see :mod:`sharebone.models.heads` for how the head then starts.
+        n_way: ways of the training episodes (outputs of the learned head). Meta-training on
+            episodes of another n_way is refused; evaluation may use any n_way, see
+            :mod:`sharebone.models.heads` for how the head then starts.
         inner_steps: SGD steps on the support set while meta-training (>= 1).
         inner_lr: their step size (Meta-SGD: the initial value of every learned step size).
         test_inner_steps: steps when not training (validation, ``sharebone-eval``); ``None``:
@@ -170,6 +171,12 @@ class MAMLOptions:
         looped = (self.batch_norm == "per_step" or self.per_task_backward or self.compile
                   or self.backend == "learn2learn")
         return device_type != "cpu" and not looped
+
+    @property
+    def learns_per_way(self) -> bool:
+        """Whether a meta-learned tensor has one row per way: a learned head, or Meta-SGD's
+        step sizes of any head. Such a model meta-trains at its own ``n_way`` only."""
+        return self.head != "none" and (self.head == "learned" or self.learn_step_sizes)
 
 
 #: The MAML constructor's arguments that are inner-loop options (all but ``backbone``, ``lr``).
