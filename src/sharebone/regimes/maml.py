@@ -301,10 +301,11 @@ class MAML(FewShotRegime):
     def _check_training_ways(self, n_way: int) -> None:
         trained = self.options.n_way
         if n_way != trained and self.options.learns_per_way:
-            learned = ("head" if self.options.head == "learned" else "head's step sizes")
+            learned = ("head is" if self.options.head == "learned"
+                       else "head's step sizes (Meta-SGD) are")
             raise ValueError(
-                f"Meta-training on {n_way}-way episodes, but this model's {learned} is learned "
-                f"for n_way={trained}: its rows would all start from their mean at every "
+                f"Meta-training on {n_way}-way episodes, but this model's {learned} learned "
+                f"for n_way={trained}: their rows would all start from their mean at every "
                 f"step. Set the regime's n_way to {n_way} (regime.n_way; the configs take it "
                 f"from sampler.train.n_way), or train on {trained}-way episodes. Other n_way "
                 "are for evaluation, where head=learned|zero|proto says how the head starts.")
