@@ -114,3 +114,32 @@ def test_zero_steps_are_fine_at_test_time():
     check_inner_loop(0, 0.1, training=False)
     with pytest.raises(ValueError, match="steps must be >= 0"):
         adapt(lambda p, s: p["w"].sum(), {"w": torch.ones(1)}, steps=-1, step_sizes=0.1)
+
+
+def test_meta_gradients_accumulated_part_by_part_equal_one_backward_whatever_the_parts():
+    """One task per part (the loop) or several (a vmapped chunk): the same loss value and the
+    same gradient as one backward through the mean loss of the whole meta-batch."""
+    from sharebone.adaptation import accumulate_meta_gradients
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(5, 6, 4, generator=g, dtype=torch.float64), torch.randn(5, 6, 3,
+                                                                             generator=g)
+
+    def part(rows):
+        outputs = x[rows] @ w
+        return (outputs - y[rows]).pow(2).mean(), outputs
+
+    whole, _ = part(slice(0, 5))
+    want = torch.autograd.grad(whole, [w])[0]
+    for sizes in ([1] * 5, [2, 2, 1], [5]):
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        parts = (part(slice(s, s + n)) for s, n in zip(starts, sizes, strict=True))
+        w.grad = None
+        loss, outputs = accumulate_meta_gradients(parts, [w], num_tasks=5)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), whole.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(w.grad, want, rtol=0, atol=1e-12)
+        assert outputs.shape == (5, 6, 3) and not outputs.requires_grad
+    with pytest.raises(ValueError, match="held 4 tasks, but num_tasks=5"):
+        accumulate_meta_gradients((part(slice(0, 4)),), [w], num_tasks=5)

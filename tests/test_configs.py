@@ -85,3 +85,12 @@ def test_an_optimizer_config_that_is_not_partial_is_refused(tmp_path):
     cfg = compose_train(tmp_path, ["task=synthetic_images", "~optimizer._partial_"])
     with pytest.raises(ValueError, match="optimizer: set _partial_: true"):
         build_run(cfg)
+
+
+@pytest.mark.parametrize("regime", ["maml", "multitask", "finetune"])
+def test_every_regime_takes_its_optimizer_from_config(regime, tmp_path):
+    task = "synthetic_regression" if regime == "multitask" else "synthetic_images"
+    extra = ["regime.loss=mse", "backbone=mlp"] if regime == "multitask" else []
+    cfg = compose_train(tmp_path, [f"task={task}", f"regime={regime}", "optimizer=sgd", *extra])
+    optimizer = build_run(cfg).regime.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)

@@ -358,3 +358,94 @@ def test_evaluation_keeps_no_graph_but_meta_training_does(backend):
     model = MAML(TINY_MLP, n_way=3, backend=backend)
     assert model.train().predict_episode(mlp_episode()).requires_grad
     assert not model.eval().predict_episode(mlp_episode()).requires_grad
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_regression_on_synthetic_regression_tasks_learns_without_broadcasting(name):
+    """``loss="mse"`` on SyntheticRegressionTasks episodes: labels have the predictions' shape
+    ``[T, M, 1]`` (so no ``[S, 1]`` against ``[S]`` broadcast), the loss is the query MSE, and a
+    few meta-steps lower the query MSE of held-out tasks."""
+    from sharebone.data.multitask import SyntheticRegressionTasks
+
+    family = SyntheticRegressionTasks(input_dim=5, latent_dim=2)
+    train, val = (family.sampler(split, 1, 10, 10, seed=0) for split in ("train", "val"))
+    torch.manual_seed(0)
+    model = PRESETS[name]({"name": "mlp", "in_features": 5, "hidden": [32]}, n_way=1,
+                          inner_lr=0.1, loss="mse")
+    held_out = val.batch(range(32))
+
+    def query_mse():
+        model.eval()
+        predictions = model.predict_episode(held_out)
+        assert predictions.shape == held_out.query_labels.shape == (32, 10, 1)
+        return (predictions - held_out.query_labels).pow(2).mean()
+
+    before = query_mse()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(30):
+        episode = train.batch(range(4 * step, 4 * step + 4))
+        loss, predictions = model.episode_loss(episode)
+        assert predictions.shape == episode.query_labels.shape == (4, 10, 1)
+        torch.testing.assert_close(loss, (predictions - episode.query_labels).pow(2).mean())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert query_mse() < 0.9 * before
+
+
+@pytest.mark.parametrize("name, head", [("maml", "learned"), ("metasgd", "zero"),
+                                        ("anil", "learned")])
+@pytest.mark.parametrize("per_task", [True, False])
+def test_meta_training_at_another_n_way_than_the_head_learns_is_refused(name, head, per_task):
+    model = PRESETS[name](TINY_MLP, n_way=5, head=head, per_task_backward=per_task).train()
+    with pytest.raises(ValueError, match=r"Meta-training on 3-way episodes, but .* learned for "
+                                         r"n_way=5.*regime.n_way.*sampler.train.n_way"):
+        model.episode_loss(mlp_episode(n_way=3))
+    model.eval()  # evaluation: any n_way, the head starting as head=... says
+    assert model.predict_episode(mlp_episode(n_way=3)).shape == (2, 9, 3)
+    with torch.no_grad():  # not meta-training either: nothing is learned
+        model.train().predict_episode(mlp_episode(n_way=3))
+
+
+def test_a_zero_head_without_learned_step_sizes_meta_trains_at_any_n_way():
+    model = MAML(TINY_MLP, n_way=5, head="zero").train()
+    loss, predictions = model.episode_loss(mlp_episode(n_way=3))
+    assert predictions.shape == (2, 9, 3) and torch.isfinite(loss)
+
+
+def test_options_are_read_from_hparams_and_checked_again_when_those_change():
+    model = MAML(TINY_MLP, n_way=3, inner_steps=2)
+    assert model.options.inner_steps == 2 and model.test_inner_steps == 2
+    model.hparams.test_inner_steps = 0  # what sharebone-eval's inner_steps=... does
+    assert model.options.test_steps == 0 and model.test_inner_steps == 0
+    model.hparams.test_inner_steps = -1
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 0"):
+        model.eval().predict_episode(mlp_episode())
+
+
+def test_one_place_says_which_parameters_adapt():
+    backbone = {f"backbone.{k}": tuple(p.shape) for k, p in
+                MAML(TINY_MLP).backbone.named_parameters()}
+    head = {"head.weight": (3, 8), "head.bias": (3,)}
+    assert MAML(TINY_MLP, n_way=3).adapted_shapes() == backbone | head
+    assert ANIL(TINY_MLP, n_way=3).adapted_shapes() == head
+    assert MAML(TINY_MLP, n_way=3, head="none").adapted_shapes() == backbone
+    assert ANIL(TINY_MLP, n_way=3).adapted_shapes(n_way=7)["head.weight"] == (7, 8)
+    msgd = MetaSGD(TINY_MLP, n_way=3)
+    assert {k: tuple(v.shape) for k, v in msgd.step_sizes.items()} == {
+        k.replace(".", "__"): s for k, s in (backbone | head).items()}
+    task = mlp_episode().task(0)
+    params = msgd.initial_params(task.support, task.support_labels, 3)
+    assert list(params) == list(backbone | head)
+
+
+def test_learn2learn_is_imported_only_by_its_backend():
+    import subprocess
+    import sys
+
+    code = ("import sys, sharebone.regimes, sharebone.train; "
+            "print('learn2learn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -17,17 +17,21 @@ about models: adapted parameters are new tensors, the module's own parameters ar
 written, and the meta-gradient of a query loss computed from the result lands on whatever the
 inputs were built from (the module's ``nn.Parameter`` s), so Lightning's optimizers, clipping,
 precision and DDP see an ordinary backward pass.
+
+Also here: :func:`accumulate_meta_gradients` (a meta-batch's meta-gradient taken part by part,
+so that one part's graph is alive at a time) and the two ways batch norm can behave in an inner
+loop (:class:`TransductiveBatchNorm`, :class:`PerStepBatchNorm`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Params", "TransductiveBatchNorm", "adapt", "check_inner_loop", "sgd_step",
-           "use_batch_statistics_"]
+__all__ = ["Params", "PerStepBatchNorm", "TransductiveBatchNorm", "accumulate_meta_gradients",
+           "adapt", "check_inner_loop", "dict_key", "sgd_step", "use_batch_statistics_"]
 
 Params = dict[str, torch.Tensor]
 SupportLoss = Callable[[Params, int], torch.Tensor]
@@ -118,6 +122,94 @@ def adapt(support_loss: SupportLoss, params: Params, steps: int,
         params, grads = grads_of(support_loss, params, step, create_graph)
         params = sgd_step(params, grads, step_sizes)
     return params
+
+
+def accumulate_meta_gradients(parts: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                              params: Sequence[torch.Tensor],
+                              num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A meta-batch's mean loss, with each part's meta-gradient taken as soon as the part is
+    done, so that only one part's graph is alive at a time.
+
+    Args:
+        parts: ``(loss, outputs)`` of each part of the meta-batch in turn, best a generator
+            that builds a part only when asked (after the previous part's graph is freed):
+            ``loss`` the mean over the part's tasks, ``outputs`` their predictions with the
+            tasks first (``[1, ...]`` for a task looped alone, ``[c, ...]`` for ``c`` tasks
+            batched with :func:`torch.vmap`).
+        params: what to differentiate (the module's trainable parameters).
+        num_tasks: tasks in the meta-batch; a part of ``c`` tasks weighs ``c / num_tasks``.
+
+    Returns:
+        ``(loss, outputs)``: ``loss`` has the value of the mean task loss and, as its only graph,
+        ``sum(p * g)`` with ``g`` the accumulated meta-gradient of every ``p`` in ``params``,
+        so one ``backward`` on it (Lightning's, through DDP's hooks, clipping and loss scaling
+        like any other loss) puts exactly ``g`` into ``p.grad``; ``outputs`` every part's
+        outputs, detached, concatenated.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> parts = ((((x * w).sum() - 1) ** 2, x.unsqueeze(0)) for x in torch.eye(2))
+        >>> loss, outputs = accumulate_meta_gradients(parts, [w], num_tasks=2)
+        >>> loss.backward()
+        >>> loss.item(), w.grad.tolist(), tuple(outputs.shape)  # mean of (w0 - 1)^2, (w1 - 1)^2
+        (0.5, [0.0, 1.0], (2, 2))
+    """
+    meta_grads: list[torch.Tensor | None] = [None] * len(params)
+    losses, outputs, seen = [], [], 0
+    for loss, part_outputs in parts:
+        size = part_outputs.shape[0]
+        grads = torch.autograd.grad(loss / (num_tasks / size), params, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is not None:
+                # Accumulate in place, into a copy: autograd may hand one tensor to two inputs.
+                meta_grads[i] = g.clone() if meta_grads[i] is None else meta_grads[i].add_(g)
+        losses.append(loss.detach() * size)
+        outputs.append(part_outputs.detach())
+        seen += size
+    if seen != num_tasks:
+        raise ValueError(f"The parts held {seen} tasks, but num_tasks={num_tasks}.")
+    value = torch.stack(losses).sum() / num_tasks
+    carrier = sum(((p * g).sum() for p, g in zip(params, meta_grads, strict=True)
+                   if g is not None), value.new_zeros(()))
+    return value + (carrier - carrier.detach()), torch.cat(outputs)
+
+
+def dict_key(name: str) -> str:
+    """A parameter name as a ``ParameterDict`` / buffer key (no dots allowed there)."""
+    return name.replace(".", "__")
+
+
+class PerStepBatchNorm(torch.nn.Module):
+    """MAML++'s per-step batch-norm statistics (Antoniou, Edwards & Storkey, ICLR 2019,
+    arXiv:1810.09502): for every batch norm of ``backbone`` that tracks running statistics, one
+    copy of them per inner step. Slot ``s`` holds inner step ``s``'s, slot ``steps`` the query
+    pass's; buffers are named ``<module path, dots as __>__running_mean`` (``_var``).
+
+    ``steps=None`` keeps nothing (transductive batch norm); :meth:`at` is then empty.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, steps: int | None) -> None:
+        super().__init__()
+        self.steps = steps or 0
+        self.names: list[str] = []
+        if steps is None:
+            return
+        for name, module in backbone.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                if not module.track_running_stats:
+                    continue
+                self.names.append(name)
+                for stat in ("running_mean", "running_var"):
+                    buffer = getattr(module, stat).detach()
+                    stacked = buffer.expand(steps + 1, *buffer.shape).clone()
+                    self.register_buffer(dict_key(f"{name}.{stat}"), stacked)
+
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        """The backbone's running statistics for inner step ``step`` (the query pass: any
+        step >= ``steps``), by the backbone's buffer names, for ``functional_call``."""
+        slot = min(step, self.steps)
+        return {f"{name}.{stat}": self.get_buffer(dict_key(f"{name}.{stat}"))[slot]
+                for name in self.names for stat in ("running_mean", "running_var")}
 
 
 class TransductiveBatchNorm(torch.nn.Module):

@@ -96,7 +96,11 @@ class Episode:
       ``classes[..., j]``).
 
     Images stay uint8 until they reach the model's device (``to_float``); 4x less to copy.
-    For regression tasks (sinusoid) ``support``/``query`` are inputs and the labels targets.
+
+    Regression tasks (sinusoid, synthetic regression) have one "way": ``support``/``query``
+    are inputs ``[T, M, *input]`` and the labels float targets ``[T, M, 1]``, the shape of the
+    predictions (one output per example), so a loss never broadcasts one against the other
+    (:mod:`sharebone.task_kind`).
     """
 
     support: torch.Tensor

@@ -45,7 +45,8 @@ class TaskSet:
     Attributes:
         inputs: ``[N, ...]`` (uint8 images, or float features).
         targets: ``[N]``: int64 class within the example's task (``0 .. outputs[t]-1``), or
-            float regression targets.
+            float regression targets, one per example (a head's ``[N, 1]`` outputs are scored
+            against them as :mod:`sharebone.task_kind` says).
         task: ``[N]`` int64 index into ``names``, non-decreasing.
         names: task names, e.g. alphabets.
         outputs: per task, the head's output size (classes; 1 for regression).
@@ -224,8 +225,9 @@ class SyntheticRegressionTasks:
         >>> s = family.tasks("train")
         >>> s.inputs.shape, s.names, s.outputs
         (torch.Size([96, 5]), ['task0', 'task1', 'task2'], [1, 1, 1])
-        >>> family.sampler("test", 1, 4, 8, seed=0).batch([0, 1]).query.shape
-        torch.Size([2, 8, 5])
+        >>> episode = family.sampler("test", 1, 4, 8, seed=0).batch([0, 1])
+        >>> episode.query.shape, episode.query_labels.shape
+        (torch.Size([2, 8, 5]), torch.Size([2, 8, 1]))
     """
 
     def __init__(self, num_tasks: int = 6, input_dim: int = 16, latent_dim: int = 4,
@@ -269,7 +271,9 @@ class SyntheticRegressionTasks:
 
 class _RegressionEpisodes:
     """Episode ``i``: a new task drawn from the family's process, a pure function of
-    ``(seed, split, i)``; ``classes`` is ``[T, 1]`` zeros (one output)."""
+    ``(seed, split, i)``. Inputs ``[T, M, input_dim]``, targets ``[T, M, 1]`` (the
+    :class:`~sharebone.data.episodes.Episode` convention for regression); ``classes`` is
+    ``[T, 1]`` zeros (one output)."""
 
     def __init__(self, family: SyntheticRegressionTasks, split: str, support: int, query: int,
                  seed: int) -> None:
@@ -286,7 +290,7 @@ class _RegressionEpisodes:
             x = torch.randn(self.support + self.query, f.input_dim, generator=g)
             xs.append(x)
             ys.append(f._targets(x, mix[0], readout[0], g))
-        x, y = torch.stack(xs), torch.stack(ys)
+        x, y = torch.stack(xs), torch.stack(ys).unsqueeze(-1)
         s = self.support
         return Episode(support=x[:, :s], support_labels=y[:, :s], query=x[:, s:],
                        query_labels=y[:, s:], classes=torch.zeros(len(xs), 1, dtype=torch.int64))

@@ -74,9 +74,8 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
             for start in range(0, episodes, episodes_per_batch):
                 index = torch.arange(start, min(start + episodes_per_batch, episodes))
                 episode = test.source.batch(index).to(model.device).to_float()
-                predictions = model.predict_episode(episode)
-                scores.append(model.episode_metric(predictions.detach(),
-                                                   episode.query_labels).cpu())
+                predictions = model.predict_episode(episode).detach()
+                scores.append(model.task_kind.metric(predictions, episode.query_labels).cpu())
                 progress.update(int(index[-1]) + 1)
     finally:
         model.train(was_training)
@@ -104,7 +103,7 @@ class Progress:
 
 def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int = 600,
              episodes_per_batch: int = 32) -> list[FewShotResult]:
-    """Mean score (accuracy) ± 95% CI for each test setting (see :func:`test_episodes`).
+    """Mean score (accuracy, or MSE) ± 95% CI for each test setting (see :func:`test_episodes`).
 
     Episode ``i`` of a setting is fixed by ``(seed, split, i)``: two checkpoints evaluated
     with the same settings see exactly the same support and query images.

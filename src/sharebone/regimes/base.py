@@ -7,11 +7,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, create_backbone
 from sharebone.models.registry import Registry
+from sharebone.task_kind import CLASSIFICATION, TaskKind, accuracy
+
+__all__ = ["REGIMES", "FewShotRegime", "accuracy", "register_regime"]
 
 REGIMES: Registry[type[pl.LightningModule]] = Registry("regime")
 OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
@@ -55,9 +57,9 @@ class FewShotRegime(pl.LightningModule):
     """
 
     regime_name: str = "base"
-    #: The per-episode score few-shot evaluation reports ("acc"; "mse" for regression).
-    metric_name: str = "acc"
-    metric_higher_is_better: bool = True
+    #: Classification or regression: the loss, the per-episode score few-shot evaluation
+    #: reports, and its name (regimes with a ``loss`` option set it from there).
+    task_kind: TaskKind = CLASSIFICATION
     #: False when predicting needs gradients (MAML adapts on the support set).
     predicts_without_grad: bool = True
     #: What the regime trains on; :mod:`sharebone.build` makes the data for it:
@@ -76,6 +78,15 @@ class FewShotRegime(pl.LightningModule):
         self.optimizer_factory: OptimizerFactory | None = None
         self.scheduler_factory: SchedulerFactory | None = None
 
+    @property
+    def metric_name(self) -> str:
+        """``"acc"``, or ``"mse"`` for regression: logged as ``train/<metric>``, ``val/...``."""
+        return self.task_kind.metric_name
+
+    @property
+    def metric_higher_is_better(self) -> bool:
+        return self.task_kind.higher_is_better
+
     # -- what a regime defines ---------------------------------------------------------------
     def predict_episode(self, episode: Episode) -> torch.Tensor:
         """Logits ``[T, n_way * q_query, n_way]`` for the query set of each task, given only
@@ -83,17 +94,17 @@ class FewShotRegime(pl.LightningModule):
         raise NotImplementedError
 
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outer loss (a scalar) and query logits of a meta-batch. Default: cross-entropy."""
-        logits = self.predict_episode(episode)
-        loss = F.cross_entropy(logits.flatten(0, 1), episode.query_labels.flatten())
-        return loss, logits
+        """Outer loss (a scalar) and query predictions of a meta-batch. Default: the task kind's
+        loss (cross-entropy, or MSE) on :meth:`predict_episode`."""
+        predictions = self.predict_episode(episode)
+        return self.task_kind.loss(predictions, episode.query_labels), predictions
 
     def parameter_sharing(self) -> ParameterSharing:
         raise NotImplementedError
 
     def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-task score ``[T]`` of query predictions (accuracy; regression regimes: MSE)."""
-        return accuracy(predictions, labels)
+        return self.task_kind.metric(predictions, labels)
 
     # -- Lightning hooks shared by all regimes -------------------------------------------------
     def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
@@ -146,7 +157,3 @@ class FewShotRegime(pl.LightningModule):
             "config": getattr(self, "run_config", None),
         }
 
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-task accuracy ``[T]`` of logits ``[T, Q, n_way]`` against labels ``[T, Q]``."""
-    return (logits.argmax(-1) == labels).float().mean(-1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -31,38 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sharebone.adaptation import Params, adapt, check_inner_loop, use_batch_statistics_
+from sharebone.adaptation import (
+    Params,
+    PerStepBatchNorm,
+    accumulate_meta_gradients,
+    adapt,
+    dict_key,
+    use_batch_statistics_,
+)
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
-from sharebone.models.heads import HEAD_INITS, LinearHead, initial_head, resize_ways
+from sharebone.models.heads import LinearHead, initial_head, resize_ways
 from sharebone.regimes.base import FewShotRegime, register_regime
-
-ADAPT = ("all", "head")
-HEADS = (*HEAD_INITS, "none")
-BATCH_NORM = ("transductive", "per_step")
-LOSSES = ("cross_entropy", "mse")
-BACKENDS = ("torch_func", "learn2learn")
-
-
-def _key(name: str) -> str:
-    """A parameter name as a ParameterDict / buffer key (no dots allowed there)."""
-    return name.replace(".", "__")
-
-
-def learn2learn_available() -> bool:
-    return importlib.util.find_spec("learn2learn") is not None
-
-
-class _FixedLinear(nn.Module):
-    """A linear layer whose weights are given tensors (the learn2learn backend's task head)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self._parameters["weight"] = weight
-        self._parameters["bias"] = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
+from sharebone.task_kind import TaskKind
 
 
 @register_regime("maml")
@@ -78,48 +60,13 @@ class MAML(FewShotRegime):
 
     Args:
         backbone: registry spec, e.g. ``{"name": "conv4"}`` (the paper's 4-block conv net).
-        n_way: ways of the training episodes (outputs of the learned head); evaluation may use
-            any other n_way, see :mod:`sharebone.models.heads` for how the head then starts.
-        inner_steps: SGD steps on the support set while meta-training (>= 1).
-        inner_lr: their step size (Meta-SGD: the initial value of every learned step size).
-        test_inner_steps: steps when not training (validation, ``sharebone-eval``); ``None``:
-            ``inner_steps``. ``0`` scores the initialisation without adaptation.
-        first_order: FOMAML, support gradients treated as constants (``None``: the preset's).
-        adapt: ``"all"`` parameters (MAML) or ``"head"`` only (ANIL) (``None``: the preset's).
-        learn_step_sizes: Meta-SGD's per-parameter step sizes, meta-learned (``None``: the
-            preset's). Learned unconstrained as in the paper (alpha sets update direction as
-            well as size): an entry may turn negative in meta-training; only the initial value
-            must be > 0.
-        head: how a task's head starts: ``"learned"`` (MAML), ``"zero"`` (zeroing trick),
-            ``"proto"`` (Proto-MAML), or ``"none"`` (the backbone's output is the prediction).
-        batch_norm: ``"transductive"`` (MAML's code): batch norm always normalises with the
-            statistics of the batch at hand, support or query, in training and at test; no
-            running statistics are kept. ``"per_step"`` (MAML++, Antoniou et al. 2019): running
-            statistics kept separately for each inner step, used in eval mode (training mode
-            normalises with batch statistics and updates them); cannot be combined with vmap.
-        loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression, e.g. sinusoid;
-            the regime then reports MSE, lower is better).
         lr: Adam's meta learning rate (beta).
-        vmap: batch the tasks of a meta-batch with :func:`torch.vmap` (True), loop over them
-            (False), or ``None``: vmap on GPU, loop on CPU (3x faster there for conv4 5-way
-            1-shot, scripts/bench_maml.py), and loop whenever another option needs it
-            (``batch_norm="per_step"``, ``per_task_backward=True``, ``compile=True``).
-        backend: ``"torch_func"`` (this package's inner loop) or ``"learn2learn"``
-            (``l2l.algorithms.MAML`` / ``MetaSGD``; same numerics, for comparison).
-        per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
-            its query loss is known and free its graph (as learn2learn's examples do), so that
-            meta-training holds one task's activations instead of the whole meta-batch's; the
-            loss returned then carries the accumulated meta-gradient for Lightning's backward
-            (same value, same gradient). ``None``: on whenever tasks are looped. Gradients are
-            taken at the loss's own scale, so with float16 mixed precision prefer bf16 or turn
-            this off.
-        compile: run the backbone through :func:`torch.compile` wherever it is differentiated at
-            most once: every pass of first-order MAML and ANIL, the query pass of second-order
-            MAML / Meta-SGD (their support pass needs a second derivative, which compiled code
-            does not provide, so it stays eager), and evaluation. Compiling costs tens of
-            seconds at the first meta-batch and again per new input shape; it pays off in long
-            runs (scripts/bench_maml.py). Not with ``vmap``, ``batch_norm="per_step"`` or the
-            learn2learn backend.
+        n_way, inner_steps, inner_lr, test_inner_steps, first_order, adapt, learn_step_sizes,
+        head, batch_norm, loss, vmap, backend, per_task_backward, compile: the inner loop's
+            options, documented and validated by
+            :class:`~sharebone.regimes.maml_options.MAMLOptions` (read back from ``hparams``
+            as :attr:`options`). ``first_order``, ``adapt`` and ``learn_step_sizes`` left
+            ``None`` take the preset's values (FOMAML, ANIL, Meta-SGD), else MAML's.
 
     Example:
         >>> import torch
@@ -151,58 +98,16 @@ class MAML(FewShotRegime):
                  backend: str = "torch_func", per_task_backward: bool | None = None,
                  compile: bool = False) -> None:
         super().__init__(backbone)
-        # FOMAML, ANIL and Meta-SGD are presets: they change only these defaults (`preset`);
-        # an explicit argument wins. Resolved before save_hyperparameters, so checkpoints hold
-        # the values actually used.
+        # Presets change only these defaults; an explicit argument wins. Resolved before
+        # save_hyperparameters (which reads these locals), so checkpoints hold the values used.
         if first_order is None:
             first_order = self.preset.get("first_order", False)
         if adapt is None:
             adapt = self.preset.get("adapt", "all")
         if learn_step_sizes is None:
             learn_step_sizes = self.preset.get("learn_step_sizes", False)
-        check_inner_loop(inner_steps, inner_lr, training=True)
-        if test_inner_steps is not None:
-            check_inner_loop(test_inner_steps, inner_lr, training=False)
-        for name, value, allowed in (("adapt", adapt, ADAPT), ("head", head, HEADS),
-                                     ("batch_norm", batch_norm, BATCH_NORM),
-                                     ("loss", loss, LOSSES), ("backend", backend, BACKENDS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-        if adapt == "head" and head == "none":
-            raise ValueError(
-                "adapt='head' (ANIL) adapts only the head, but this model has none (head='none'): "
-                "there would be nothing to adapt. Give it a head (head='learned', 'zero' or "
-                "'proto') or adapt all parameters (adapt='all', MAML).")
-        if head == "proto" and loss != "cross_entropy":
-            raise ValueError("head='proto' (Proto-MAML) builds a classifier from class means; it "
-                             "needs loss='cross_entropy'. Use head='learned' for regression.")
-        if vmap and batch_norm == "per_step":
-            raise ValueError(
-                "vmap=True cannot be combined with batch_norm='per_step': per-step running "
-                "statistics are updated in place, which torch.vmap cannot batch across tasks. "
-                "Use vmap=False (loop over tasks) or batch_norm='transductive'.")
-        if vmap and per_task_backward:
-            raise ValueError(
-                "per_task_backward=True needs the tasks looped (vmap=False or null): torch.vmap "
-                "computes the whole meta-batch in one pass, so there is no task to free early.")
-        if compile and (vmap or batch_norm == "per_step" or backend == "learn2learn"):
-            raise ValueError(
-                "compile=True runs sharebone's own looped inner loop through torch.compile; it "
-                "cannot be combined with vmap=True, batch_norm='per_step' (running statistics "
-                "updated in place) or backend='learn2learn'. Drop one of them.")
-        if backend == "learn2learn":
-            if not learn2learn_available():
-                raise ImportError("backend='learn2learn' needs learn2learn: run "
-                                  "scripts/install_learn2learn.sh, or use backend='torch_func'.")
-            if vmap:
-                raise ValueError("vmap=True needs backend='torch_func'; learn2learn loops.")
-            if batch_norm != "transductive":
-                raise ValueError("backend='learn2learn' supports batch_norm='transductive' only.")
-        if n_way < 1:
-            raise ValueError(f"n_way must be >= 1, got {n_way}.")
         self.save_hyperparameters()
-        if loss == "mse":
-            self.metric_name, self.metric_higher_is_better = "mse", False
+        MAMLOptions.of(self.hparams)  # refuses, before anything is built, what cannot run
 
         if batch_norm == "transductive":
             # No running statistics: batch norm uses the current batch's, in train and eval mode
@@ -210,63 +115,57 @@ class MAML(FewShotRegime):
             use_batch_statistics_(self.backbone)
         self.head = (None if head == "none" else
                      LinearHead(self.backbone.num_features, n_way, init=head))
-        self.per_step_bn = nn.Module()
-        self._bn_names: list[str] = []
-        if batch_norm == "per_step":
-            self._init_per_step_bn(inner_steps)
+        self.per_step_bn = PerStepBatchNorm(self.backbone,
+                                            inner_steps if batch_norm == "per_step" else None)
         self.step_sizes = nn.ParameterDict()
         if learn_step_sizes:
-            for name, shape in self._adapted_shapes().items():
-                self.step_sizes[_key(name)] = nn.Parameter(torch.full(shape, float(inner_lr)))
+            for name, shape in self.adapted_shapes().items():
+                self.step_sizes[dict_key(name)] = nn.Parameter(torch.full(shape, float(inner_lr)))
 
     # -- options ---------------------------------------------------------------------------
     @property
+    def options(self) -> MAMLOptions:
+        """The inner loop's options, typed and validated, read from ``hparams``: those stay the
+        one record (checkpoints save them; ``sharebone-eval`` may set ``test_inner_steps`` on
+        a loaded model), so a change there is seen here, and checked."""
+        hparams = self.hparams
+        values = tuple(map(hparams.get, OPTION_NAMES))
+        cached = self.__dict__.get("_options")
+        if cached is None or cached[0] != values:
+            cached = self.__dict__["_options"] = (values, MAMLOptions.of(hparams))
+        return cached[1]
+
+    @property
+    def task_kind(self) -> TaskKind:
+        return self.options.kind
+
+    @property
     def test_inner_steps(self) -> int:
-        steps = self.hparams.test_inner_steps
-        return self.hparams.inner_steps if steps is None else steps
+        return self.options.test_steps
+
+    def adapted_shapes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Which parameters adapt to a task, by name, and their shapes at ``n_way`` ways (the
+        trained ``n_way`` by default): the backbone's unless only the head adapts (ANIL), then
+        the head's, if there is one. The one place that says it: a task's initial parameters,
+        Meta-SGD's step sizes and :meth:`parameter_sharing` all follow it."""
+        n_way = self.options.n_way if n_way is None else n_way
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.options.adapts_backbone:
+            shapes.update({f"backbone.{k}": tuple(p.shape)
+                           for k, p in self.backbone.named_parameters()})
+        if self.head is not None:
+            shapes.update({"head.weight": (n_way, self.backbone.num_features),
+                           "head.bias": (n_way,)})
+        return shapes
 
     def _use_vmap(self) -> bool:
-        vmap = self.hparams.vmap
-        if vmap is None:  # auto: vmap on accelerators, unless another option needs the loop
-            looped = (self._bn_names or self.hparams.per_task_backward
-                      or self.hparams.compile or self.hparams.backend == "learn2learn")
-            return self.device.type != "cpu" and not looped
-        return bool(vmap)
+        return self.options.uses_vmap(self.device.type)
 
     def _use_per_task_backward(self) -> bool:
         """Meta-training through the loop, unless turned off (see ``per_task_backward``)."""
         if not (self.training and torch.is_grad_enabled()):
             return False
-        return self.hparams.per_task_backward is not False and not self._use_vmap()
-
-    def _adapted_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        if self.hparams.adapt == "all":
-            shapes.update({f"backbone.{k}": tuple(p.shape)
-                           for k, p in self.backbone.named_parameters()})
-        if self.head is not None:
-            n, d = self.hparams.n_way, self.backbone.num_features
-            shapes.update({"head.weight": (n, d), "head.bias": (n,)})
-        return shapes
-
-    def _init_per_step_bn(self, inner_steps: int) -> None:
-        # Slot s holds the statistics of inner step s; slot inner_steps those of the query pass.
-        for name, module in self.backbone.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if not module.track_running_stats:
-                    continue
-                self._bn_names.append(name)
-                for stat in ("running_mean", "running_var"):
-                    buffer = getattr(module, stat).detach()
-                    stacked = buffer.expand(inner_steps + 1, *buffer.shape).clone()
-                    self.per_step_bn.register_buffer(_key(f"{name}.{stat}"), stacked)
-
-    def _bn_buffers(self, step: int) -> dict[str, torch.Tensor]:
-        if not self._bn_names:
-            return {}
-        slot = min(step, self.hparams.inner_steps)
-        return {f"{name}.{stat}": self.per_step_bn.get_buffer(_key(f"{name}.{stat}"))[slot]
-                for name in self._bn_names for stat in ("running_mean", "running_var")}
+        return self.options.per_task_backward is not False and not self._use_vmap()
 
     # -- the model as a function of its parameters -------------------------------------------
     def features(self, params: Params, x: torch.Tensor, step: int = 0,
@@ -276,10 +175,10 @@ class MAML(FewShotRegime):
         ``twice_differentiable``: the pass will be differentiated twice (second-order support
         pass), so it must not run compiled code."""
         backbone = {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}
-        if self.hparams.compile and not twice_differentiable:
+        if self.options.compile and not twice_differentiable:
             own = dict(self.backbone.named_parameters())
             return self._compiled_backbone()(own | backbone, x)
-        backbone.update(self._bn_buffers(step))
+        backbone.update(self.per_step_bn.at(step))
         if not backbone:
             return self.backbone(x)
         return functional_call(self.backbone, backbone, (x,))
@@ -311,48 +210,50 @@ class MAML(FewShotRegime):
         return F.linear(features, params["head.weight"], params["head.bias"])
 
     def task_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
-            return F.mse_loss(predictions, targets)
-        return F.cross_entropy(predictions, targets)
+        return self.task_kind.loss(predictions, targets)
 
-    def _step_sizes(self, params: Params, n_way: int) -> float | dict[str, torch.Tensor]:
-        if not self.hparams.learn_step_sizes:
-            return self.hparams.inner_lr
+    def inner_step_sizes(self, params: Params, n_way: int) -> float | dict[str, torch.Tensor]:
+        """``inner_lr``, or Meta-SGD's learned step size of every entry of ``params``."""
+        if not self.options.learn_step_sizes:
+            return self.options.inner_lr
         sizes = {}
         for name in params:
-            alpha = self.step_sizes[_key(name)]
+            alpha = self.step_sizes[dict_key(name)]
             sizes[name] = resize_ways(alpha, n_way) if name.startswith("head.") else alpha
         return sizes
 
-    def _initial_params(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
-                        support_features: torch.Tensor | None,
-                        twice_differentiable: bool = False) -> Params:
-        params: Params = {}
-        if self.hparams.adapt == "all":
-            params.update({f"backbone.{k}": p for k, p in self.backbone.named_parameters()})
+    def initial_params(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                       support_features: torch.Tensor | None = None,
+                       twice_differentiable: bool = False) -> Params:
+        """What a task's adaptation starts from: every entry of :meth:`adapted_shapes` at
+        ``n_way``, in its order; the head as its ``head`` option says
+        (:func:`~sharebone.models.heads.initial_head`), from ``support_features`` for
+        Proto-MAML (computed here when not given)."""
+        head: Params = {}
         if self.head is not None:
-            if self.hparams.head == "proto" and support_features is None:
+            if self.options.head == "proto" and support_features is None:
                 # Proto-MAML: when every parameter adapts with second-order gradients, the
                 # support gradient reaches the backbone through these prototypes too.
                 support_features = self.features({}, support, 0, twice_differentiable)
-            head = initial_head(self.head, n_way, support_features, support_labels,
-                                like=support)
-            params.update({f"head.{k}": v for k, v in head.items()})
-        return params
+            init = initial_head(self.head, n_way, support_features, support_labels, like=support)
+            head = {f"head.{k}": v for k, v in init.items()}
+        own = dict(self.named_parameters())
+        return {name: head[name] if name in head else own[name]
+                for name in self.adapted_shapes(n_way)}
 
     # -- one task ---------------------------------------------------------------------------
     def adapt_task(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
                    steps: int, first_order: bool, functional: bool = False
                    ) -> tuple[Params, torch.Tensor | None]:
         """Adapted parameters of one task (ANIL: the head only) and, for ANIL, the support
-        features they act on. ``support [S, *input]``, ``support_labels [S]`` (or ``[S, 1]``
-        regression targets)."""
+        features they act on. ``support [S, *input]``, ``support_labels [S]`` (regression
+        targets: ``[S, 1]``)."""
         fixed_features = None
-        if self.hparams.adapt == "head":
+        if not self.options.adapts_backbone:
             fixed_features = self.features({}, support, 0)
-        params = self._initial_params(support, support_labels, n_way, fixed_features,
-                                      twice_differentiable=not first_order)
-        step_sizes = self._step_sizes(params, n_way)
+        params = self.initial_params(support, support_labels, n_way, fixed_features,
+                                     twice_differentiable=not first_order)
+        step_sizes = self.inner_step_sizes(params, n_way)
         if fixed_features is not None:
             def support_loss(p: Params, step: int) -> torch.Tensor:
                 logits = F.linear(fixed_features, p["head.weight"], p["head.bias"])
@@ -374,40 +275,40 @@ class MAML(FewShotRegime):
         # Without a meta-gradient to take, the query pass keeps no graph: evaluating a
         # meta-batch then needs one task's activations at a time, not all of them.
         with contextlib.nullcontext() if meta_gradient else torch.no_grad():
-            if self.hparams.adapt == "head":
+            if not self.options.adapts_backbone:
                 features = self.features({}, query, 0)
                 return F.linear(features, adapted["head.weight"], adapted["head.bias"])
             return self.forward_with(adapted, query, steps)
 
-    def _task_predictions_l2l(self, support: torch.Tensor, support_labels: torch.Tensor,
-                              query: torch.Tensor, n_way: int, steps: int, first_order: bool,
-                              meta_gradient: bool = True) -> torch.Tensor:
-        import learn2learn as l2l
+    def _task_function(self, n_way: int) -> Callable[..., torch.Tensor]:
+        """``(support, support_labels, query) -> query predictions`` of one task, with the
+        inner loop of the current mode (meta-training, or evaluation) and backend."""
+        options = self.options
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self._check_training_ways(n_way)
+        steps = options.inner_steps if self.training else options.test_steps
+        if options.backend == "learn2learn":
+            from sharebone.regimes.maml_l2l import task_predictions
 
-        head_only = self.hparams.adapt == "head"
-        if head_only:
-            support, query = self.features({}, support, 0), self.features({}, query, 0)
-        init = self._initial_params(support, support_labels, n_way,
-                                    support if head_only else None)
-        modules: list[nn.Module] = [] if head_only else [self.backbone]
-        if self.head is not None:
-            # A zero head is a fresh constant: learn2learn differentiates with respect to it.
-            head = {k: v if v.requires_grad else v.requires_grad_() for k, v in init.items()
-                    if k.startswith("head.")}
-            modules.append(_FixedLinear(head["head.weight"], head["head.bias"]))
-        net = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
-        if self.hparams.learn_step_sizes:
-            sizes = self._step_sizes(init, n_way)
-            # net.parameters() order: backbone's, then the head's, as in _initial_params.
-            learner = l2l.algorithms.MetaSGD(net, lrs=[sizes[k] for k in init],
-                                             first_order=first_order)
+            task = functools.partial(task_predictions, self)
         else:
-            learner = l2l.algorithms.MAML(net, lr=self.hparams.inner_lr, first_order=first_order)
-        learner = learner.clone()
-        for _ in range(steps):
-            learner.adapt(self.task_loss(learner(support), support_labels))
-        with contextlib.nullcontext() if meta_gradient else torch.no_grad():
-            return learner(query)
+            task = self._task_predictions
+        return functools.partial(task, n_way=n_way, steps=steps,
+                                 first_order=options.first_order or not training,
+                                 meta_gradient=training)
+
+    def _check_training_ways(self, n_way: int) -> None:
+        trained = self.options.n_way
+        if n_way != trained and self.options.learns_per_way:
+            learned = ("head is" if self.options.head == "learned"
+                       else "head's step sizes (Meta-SGD) are")
+            raise ValueError(
+                f"Meta-training on {n_way}-way episodes, but this model's {learned} learned "
+                f"for n_way={trained}: their rows would all start from their mean at every "
+                f"step. Set the regime's n_way to {n_way} (regime.n_way; the configs take it "
+                f"from sampler.train.n_way), or train on {trained}-way episodes. Other n_way "
+                "are for evaluation, where head=learned|zero|proto says how the head starts.")
 
     # -- the regime's interface --------------------------------------------------------------
     def predict_episode(self, episode: Episode) -> torch.Tensor:
@@ -418,87 +319,40 @@ class MAML(FewShotRegime):
         evaluation holds one task's activations at a time."""
         task = self._task_function(episode.n_way)
         if self._use_vmap():
-            if self._bn_names:
-                raise ValueError("vmap cannot batch batch_norm='per_step' (running statistics are "
-                                 "updated in place); set vmap=False.")
             return torch.vmap(functools.partial(task, functional=True), randomness="same")(
                 episode.support, episode.support_labels, episode.query)
         return torch.stack([task(*args) for args in zip(
             episode.support, episode.support_labels, episode.query, strict=True)])
 
-    def _task_function(self, n_way: int) -> Callable[..., torch.Tensor]:
-        """``(support, support_labels, query) -> query predictions`` of one task, with the
-        inner loop of the current mode (meta-training, or evaluation) and backend."""
-        training = self.training and torch.is_grad_enabled()
-        steps = self.hparams.inner_steps if self.training else self.test_inner_steps
-        first_order = self.hparams.first_order or not training
-        task = (self._task_predictions_l2l if self.hparams.backend == "learn2learn"
-                else self._task_predictions)
-        return functools.partial(task, n_way=n_way, steps=steps, first_order=first_order,
-                                 meta_gradient=training)
-
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._use_per_task_backward():
-            return self._episode_loss_per_task(episode)
-        predictions = self.predict_episode(episode)
-        if self.hparams.loss == "mse":
-            return F.mse_loss(predictions, episode.query_labels), predictions
-        loss = F.cross_entropy(predictions.flatten(0, 1), episode.query_labels.flatten())
-        return loss, predictions
-
-    def _episode_loss_per_task(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """The meta-batch's loss with each task's meta-gradient taken as soon as the task is
-        done, so that only one task's graph is alive at a time.
-
-        The loss returned has the value of the meta-batch's query loss and, as its only graph,
-        ``sum(p * g)`` with ``g`` the accumulated meta-gradient of every parameter ``p``:
-        Lightning's ``backward`` on it puts exactly ``g`` into ``p.grad`` (through DDP's hooks,
-        clipping and loss scaling like any other loss).
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        meta_grads: list[torch.Tensor | None] = [None] * len(params)
-        losses, predictions = [], []
-        tasks = episode.num_tasks
+        """The meta-batch's query loss and predictions. Looped meta-training takes each task's
+        meta-gradient as soon as the task is done (``per_task_backward``,
+        :func:`~sharebone.adaptation.accumulate_meta_gradients`)."""
+        if not self._use_per_task_backward():
+            return super().episode_loss(episode)
         task = self._task_function(episode.n_way)
-        for args in zip(episode.support, episode.support_labels, episode.query,
-                        episode.query_labels, strict=True):
-            task_predictions = task(*args[:3])
-            # The meta-batch loss is the mean of the tasks' losses (equal query sets).
-            loss = self.task_loss(task_predictions, args[3])
-            grads = torch.autograd.grad(loss / tasks, params, allow_unused=True)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    # Accumulate in place, into a copy: autograd may hand one tensor to two inputs.
-                    meta_grads[i] = g.clone() if meta_grads[i] is None else meta_grads[i].add_(g)
-            losses.append(loss.detach())
-            predictions.append(task_predictions.detach())
-        carrier = sum((p * g).sum() for p, g in zip(params, meta_grads, strict=True)
-                      if g is not None)
-        loss = torch.stack(losses).mean() + (carrier - carrier.detach())
-        return loss, torch.stack(predictions)
 
-    def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.hparams.loss == "mse":
-            return (predictions - labels).pow(2).flatten(1).mean(1)
-        return super().episode_metric(predictions, labels)
+        def tasks():
+            for support, support_labels, query, query_labels in zip(
+                    episode.support, episode.support_labels, episode.query,
+                    episode.query_labels, strict=True):
+                predictions = task(support, support_labels, query)
+                yield self.task_loss(predictions, query_labels), predictions.unsqueeze(0)
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        return accumulate_meta_gradients(tasks(), params, episode.num_tasks)
 
     def parameter_sharing(self) -> ParameterSharing:
-        backbone = count_parameters(self.backbone)
-        learned_head = count_parameters(self.head)
-        head = 0 if self.head is None else self.hparams.n_way * (self.backbone.num_features + 1)
+        options = self.options
         meta = count_parameters(self.step_sizes)
-        steps = f"{self.hparams.inner_steps} {'Meta-SGD' if meta else 'SGD'} step(s)"
-        if self.hparams.adapt == "head":
-            return ParameterSharing(
-                shared=backbone + learned_head, task_specific=head, meta=meta,
-                description=f"head adapts ({self.hparams.head} init): {steps} on support "
-                            "features of a fixed backbone")
-        return ParameterSharing(shared=backbone + learned_head, task_specific=backbone + head,
-                                meta=meta, description=f"all parameters adapt: {steps} on the "
-                                                       "support set")
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        steps = f"{options.inner_steps} {'Meta-SGD' if meta else 'SGD'} step(s)"
+        how = (f"all parameters adapt: {steps} on the support set" if options.adapts_backbone
+               else f"head adapts ({options.head} init): {steps} on support features of a "
+                    "fixed backbone")
+        return ParameterSharing(
+            shared=count_parameters(self.backbone) + count_parameters(self.head),
+            task_specific=sum(math.prod(s) for s in self.adapted_shapes().values()),
+            meta=meta, description=how)
 
 
 @register_regime("fomaml")

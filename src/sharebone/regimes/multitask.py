@@ -24,6 +24,7 @@ from torch import nn
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
 from sharebone.regimes.base import FewShotRegime, register_regime
+from sharebone.task_kind import REGRESSION, task_kind
 from sharebone.weighting import (
     NonFiniteWeightError,
     Weighting,
@@ -32,7 +33,6 @@ from sharebone.weighting import (
     create_weighting,
 )
 
-LOSSES = ("cross_entropy", "mse")
 HEAD_FITS = ("logistic", "sgd")
 DEFAULT_HEAD_FIT: dict[str, Any] = {"method": "logistic", "steps": 100, "lr": 0.5, "l2": 0.01,
                                     "normalize": True}
@@ -115,13 +115,14 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: i
 
 def ridge_predict(support: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
                   l2: float = 0.01) -> torch.Tensor:
-    """Ridge regression per task, closed form: ``support [T, S, D]``, ``targets [T, S]``,
-    ``query [T, Q, D]`` -> predictions ``[T, Q]`` (with a bias; dual form, ``S`` small).
+    """Ridge regression per task, closed form: ``support [T, S, D]``, ``targets [T, S, O]``
+    (regression episodes' labels, ``O = 1``), ``query [T, Q, D]`` -> predictions ``[T, Q, O]``
+    (with a bias; dual form, ``S`` small).
 
     Example:
         >>> x = torch.arange(6.0).view(1, 6, 1)
-        >>> ridge_predict(x, 2 * x[..., 0] + 1, torch.tensor([[[10.0]]]), l2=1e-6).round()
-        tensor([[21.]])
+        >>> ridge_predict(x, 2 * x + 1, torch.tensor([[[10.0]]]), l2=1e-6).round()
+        tensor([[[21.]]])
     """
     ones = torch.ones(*support.shape[:-1], 1, dtype=support.dtype, device=support.device)
     xs = torch.cat([support.detach(), ones], -1)
@@ -129,8 +130,8 @@ def ridge_predict(support: torch.Tensor, targets: torch.Tensor, query: torch.Ten
                                                device=query.device)], -1)
     gram = xs @ xs.transpose(1, 2)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    alpha = torch.linalg.solve(gram + l2 * eye, targets.unsqueeze(-1))
-    return (xq @ xs.transpose(1, 2) @ alpha).squeeze(-1)
+    alpha = torch.linalg.solve(gram + l2 * eye, targets.to(gram.dtype))
+    return xq @ xs.transpose(1, 2) @ alpha
 
 
 # ------------------------------------------------------------------------------ training
@@ -181,8 +182,7 @@ class SharedBackboneRegime(FewShotRegime):
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
                  conflict_every: int = 10, head_fit: dict[str, Any] | None = None) -> None:
         super().__init__(backbone)
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        self.task_kind = task_kind(loss)
         heads = dict(heads or {})
         bad = {name: n for name, n in heads.items() if not isinstance(n, int) or n < 1}
         if bad:
@@ -201,10 +201,8 @@ class SharedBackboneRegime(FewShotRegime):
         self.head_fit = fit
         self.task_names = list(heads)  # order of task ids in batches; set from the data at fit
         # Read by the shared machinery; subclasses (pre-training) may not expose them as hparams.
-        self.loss_name, self.conflict_every = loss, conflict_every
+        self.conflict_every = conflict_every
         self.lr, self.weight_decay = lr, weight_decay
-        if loss == "mse":
-            self.metric_name, self.metric_higher_is_better = "mse", False
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -219,14 +217,12 @@ class SharedBackboneRegime(FewShotRegime):
 
     # -- the multitask step ---------------------------------------------------------------------
     def task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "mse":
-            return F.mse_loss(outputs.squeeze(-1), targets.to(outputs.dtype))
-        return F.cross_entropy(outputs, targets)
+        """One task's loss on a plain batch: ``outputs [M, outputs]``, ``targets [M]``."""
+        return self.task_kind.loss(outputs, targets)
 
     def task_score(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "mse":
-            return F.mse_loss(outputs.squeeze(-1), targets.to(outputs.dtype))
-        return (outputs.argmax(-1) == targets).float().mean()
+        """One task's metric (accuracy, or MSE) on a plain batch, a scalar."""
+        return self.task_kind.metric(outputs.unsqueeze(0), targets.unsqueeze(0))[0]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
@@ -306,21 +302,10 @@ class SharedBackboneRegime(FewShotRegime):
         features = self.embed(torch.cat([episode.support, episode.query], dim=1)).detach()
         support, query = features[:, :n_support], features[:, n_support:]
         fit = self.head_fit
-        if self.loss_name == "mse":
+        if self.task_kind is REGRESSION:
             return ridge_predict(support, episode.support_labels, query, l2=fit["l2"])
         head = fit_linear_classifier(support, episode.support_labels, episode.n_way, **fit)
         return head(query)
-
-    def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        predictions = self.predict_episode(episode)
-        if self.loss_name == "mse":
-            return F.mse_loss(predictions, episode.query_labels), predictions
-        return super().episode_loss(episode)
-
-    def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "mse":
-            return (predictions - labels).pow(2).mean(-1)
-        return super().episode_metric(predictions, labels)
 
     def parameter_sharing(self) -> ParameterSharing:
         meta = count_parameters(self.weighting) if self.weighting is not None else 0

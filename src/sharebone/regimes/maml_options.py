@@ -1,0 +1,183 @@
+"""The options of the MAML family's inner loop, and which of their combinations can run.
+
+:class:`~sharebone.regimes.maml.MAML` takes these as keyword arguments (the names Hydra configs
+and saved checkpoints use) and keeps them in its ``hparams``; :class:`MAMLOptions` reads them
+from there, typed, and refuses, with the reason and the fix, every setting that cannot run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sharebone.adaptation import check_inner_loop
+from sharebone.models.heads import HEAD_INITS
+from sharebone.regimes.maml_l2l import learn2learn_available
+from sharebone.task_kind import CLASSIFICATION, LOSSES, TaskKind, task_kind
+
+__all__ = ["ADAPT", "BACKENDS", "BATCH_NORM", "HEADS", "OPTION_NAMES", "MAMLOptions"]
+
+ADAPT = ("all", "head")
+HEADS = (*HEAD_INITS, "none")
+BATCH_NORM = ("transductive", "per_step")
+BACKENDS = ("torch_func", "learn2learn")
+
+
+@dataclass(frozen=True)
+class MAMLOptions:
+    """How a MAML-family model adapts to a task. FOMAML, ANIL and Meta-SGD are MAML with
+    ``first_order``, ``adapt="head"`` and ``learn_step_sizes`` changed.
+
+    Attributes:
+        n_way: ways of the training episodes (outputs of the learned head). Meta-training on
+            episodes of another n_way is refused; evaluation may use any n_way, see
+            :mod:`sharebone.models.heads` for how the head then starts.
+        inner_steps: SGD steps on the support set while meta-training (>= 1).
+        inner_lr: their step size (Meta-SGD: the initial value of every learned step size).
+        test_inner_steps: steps when not training (validation, ``sharebone-eval``); ``None``:
+            ``inner_steps``. ``0`` scores the initialisation without adaptation.
+        first_order: FOMAML, support gradients treated as constants.
+        adapt: ``"all"`` parameters (MAML) or ``"head"`` only (ANIL).
+        learn_step_sizes: Meta-SGD's per-parameter step sizes, meta-learned. Learned
+            unconstrained as in the paper (alpha sets update direction as well as size): an
+            entry may turn negative in meta-training; only the initial value must be > 0.
+        head: how a task's head starts: ``"learned"`` (MAML), ``"zero"`` (zeroing trick),
+            ``"proto"`` (Proto-MAML), or ``"none"`` (the backbone's output is the prediction).
+        batch_norm: ``"transductive"`` (MAML's code): batch norm always normalises with the
+            statistics of the batch at hand, support or query, in training and at test; no
+            running statistics are kept. ``"per_step"`` (MAML++, Antoniou et al. 2019): running
+            statistics kept separately for each inner step, used in eval mode (training mode
+            normalises with batch statistics and updates them); cannot be combined with vmap.
+        loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression, e.g. sinusoid;
+            the regime then reports MSE, lower is better): :mod:`sharebone.task_kind`.
+        vmap: batch the tasks of a meta-batch with :func:`torch.vmap` (True), loop over them
+            (False), or ``None``: vmap on GPU, loop on CPU (3x faster there for conv4 5-way
+            1-shot, scripts/bench_maml.py), and loop whenever another option needs it
+            (``batch_norm="per_step"``, ``per_task_backward=True``, ``compile=True``).
+        backend: ``"torch_func"`` (this package's inner loop) or ``"learn2learn"``
+            (``l2l.algorithms.MAML`` / ``MetaSGD``; same numerics, for comparison).
+        per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
+            its query loss is known and free its graph (as learn2learn's examples do), so that
+            meta-training holds one task's activations instead of the whole meta-batch's
+            (:func:`sharebone.adaptation.accumulate_meta_gradients`; same value, same
+            gradient). ``None``: on whenever tasks are looped. Gradients are taken at the loss's
+            own scale, so with float16 mixed precision prefer bf16 or turn this off.
+        compile: run the backbone through :func:`torch.compile` wherever it is differentiated at
+            most once: every pass of first-order MAML and ANIL, the query pass of second-order
+            MAML / Meta-SGD (their support pass needs a second derivative, which compiled code
+            does not provide, so it stays eager), and evaluation. Compiling costs tens of
+            seconds at the first meta-batch and again per new input shape; it pays off in long
+            runs (scripts/bench_maml.py). Not with ``vmap``, ``batch_norm="per_step"`` or the
+            learn2learn backend.
+
+    Example:
+        >>> MAMLOptions(n_way=5, adapt="head").adapts_backbone
+        False
+        >>> MAMLOptions(head="proto", loss="mse")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: head='proto' (Proto-MAML) builds a classifier from class means; it needs ...
+    """
+
+    n_way: int = 5
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    test_inner_steps: int | None = None
+    first_order: bool = False
+    adapt: str = "all"
+    learn_step_sizes: bool = False
+    head: str = "learned"
+    batch_norm: str = "transductive"
+    loss: str = "cross_entropy"
+    vmap: bool | None = None
+    backend: str = "torch_func"
+    per_task_backward: bool | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_inner_loop(self.inner_steps, self.inner_lr, training=True)
+        if self.test_inner_steps is not None:
+            check_inner_loop(self.test_inner_steps, self.inner_lr, training=False)
+        for name, allowed in (("adapt", ADAPT), ("head", HEADS), ("batch_norm", BATCH_NORM),
+                              ("loss", LOSSES), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        self._check_combinations()
+        if self.backend == "learn2learn":
+            self._check_learn2learn()
+        if self.n_way < 1:
+            raise ValueError(f"n_way must be >= 1, got {self.n_way}.")
+
+    def _check_combinations(self) -> None:
+        if self.adapt == "head" and self.head == "none":
+            raise ValueError(
+                "adapt='head' (ANIL) adapts only the head, but this model has none (head='none'): "
+                "there would be nothing to adapt. Give it a head (head='learned', 'zero' or "
+                "'proto') or adapt all parameters (adapt='all', MAML).")
+        if self.head == "proto" and self.kind is not CLASSIFICATION:
+            raise ValueError("head='proto' (Proto-MAML) builds a classifier from class means; it "
+                             "needs loss='cross_entropy'. Use head='learned' for regression.")
+        if self.vmap and self.batch_norm == "per_step":
+            raise ValueError(
+                "vmap=True cannot be combined with batch_norm='per_step': per-step running "
+                "statistics are updated in place, which torch.vmap cannot batch across tasks. "
+                "Use vmap=False (loop over tasks) or batch_norm='transductive'.")
+        if self.vmap and self.per_task_backward:
+            raise ValueError(
+                "per_task_backward=True needs the tasks looped (vmap=False or null): torch.vmap "
+                "computes the whole meta-batch in one pass, so there is no task to free early.")
+        if self.compile and (self.vmap or self.batch_norm == "per_step"
+                             or self.backend == "learn2learn"):
+            raise ValueError(
+                "compile=True runs sharebone's own looped inner loop through torch.compile; it "
+                "cannot be combined with vmap=True, batch_norm='per_step' (running statistics "
+                "updated in place) or backend='learn2learn'. Drop one of them.")
+
+    def _check_learn2learn(self) -> None:
+        if not learn2learn_available():
+            raise ImportError("backend='learn2learn' needs learn2learn: run "
+                              "scripts/install_learn2learn.sh, or use backend='torch_func'.")
+        if self.vmap:
+            raise ValueError("vmap=True needs backend='torch_func'; learn2learn loops.")
+        if self.batch_norm != "transductive":
+            raise ValueError("backend='learn2learn' supports batch_norm='transductive' only.")
+
+    @classmethod
+    def of(cls, hparams: dict[str, Any]) -> MAMLOptions:
+        """The options among a MAML model's ``hparams`` (which also hold ``backbone``, ``lr``)."""
+        return cls(**{name: hparams[name] for name in OPTION_NAMES})
+
+    # -- what follows from them --------------------------------------------------------------
+    @property
+    def kind(self) -> TaskKind:
+        """Classification or regression (``loss``)."""
+        return task_kind(self.loss)
+
+    @property
+    def adapts_backbone(self) -> bool:
+        """MAML, FOMAML, Meta-SGD: yes; ANIL: only the head adapts."""
+        return self.adapt == "all"
+
+    @property
+    def test_steps(self) -> int:
+        """Inner steps when not training."""
+        return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
+
+    def uses_vmap(self, device_type: str) -> bool:
+        """Batch a meta-batch's tasks with vmap (else loop over them): ``vmap`` if set; by
+        default on accelerators, unless another option needs the loop."""
+        if self.vmap is not None:
+            return bool(self.vmap)
+        looped = (self.batch_norm == "per_step" or self.per_task_backward or self.compile
+                  or self.backend == "learn2learn")
+        return device_type != "cpu" and not looped
+
+    @property
+    def learns_per_way(self) -> bool:
+        """Whether a meta-learned tensor has one row per way: a learned head, or Meta-SGD's
+        step sizes of any head. Such a model meta-trains at its own ``n_way`` only."""
+        return self.head != "none" and (self.head == "learned" or self.learn_step_sizes)
+
+
+#: The MAML constructor's arguments that are inner-loop options (all but ``backbone``, ``lr``).
+OPTION_NAMES = tuple(f.name for f in fields(MAMLOptions))
