@@ -58,7 +58,7 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
                                  channels=task.get("channels", 1))
     model.eval()
     episode = loaded.episode.to(model.device).to_float()
-    with torch.no_grad() if model.predicts_without_grad else torch.enable_grad():
+    with model.prediction_context():
         logits = model.predict_episode(episode)[0].detach().cpu()
     probs = logits.softmax(-1)
     rows = []

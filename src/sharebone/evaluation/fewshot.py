@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,12 +64,10 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
     classification) on episodes ``0..episodes-1`` of ``test``."""
     was_training = model.training
     model.eval()
-    # MAML-like regimes adapt with gradients even at test time.
-    grad = torch.no_grad() if model.predicts_without_grad else contextlib.nullcontext()
     scores = []
     progress = Progress(test.name, episodes)
     try:
-        with grad:
+        with model.prediction_context():
             for start in range(0, episodes, episodes_per_batch):
                 index = torch.arange(start, min(start + episodes_per_batch, episodes))
                 episode = test.source.batch(index).to(model.device).to_float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,20 @@ class FewShotRegime(pl.LightningModule):
         """Per-task score ``[T]`` of query predictions (accuracy; regression regimes: MSE)."""
         return self.task_kind.metric(predictions, labels)
 
+    # -- what most regimes share ----------------------------------------------------------
+    def embed_episode(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support and query features, ``[T, S, D]`` and ``[T, Q, D]``: both sets go through
+        the backbone together (one call for the meta-batch, one batch-norm batch)."""
+        images = torch.cat([episode.support, episode.query], dim=1)
+        features = self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1)
+        n_support = episode.support.shape[1]
+        return features[:, :n_support], features[:, n_support:]
+
+    def prediction_context(self) -> contextlib.AbstractContextManager:
+        """``no_grad`` for predicting, unless the regime needs gradients to predict (MAML
+        adapts on the support set even at test time)."""
+        return torch.no_grad() if self.predicts_without_grad else torch.enable_grad()
+
     # -- Lightning hooks shared by all regimes -------------------------------------------------
     def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
         loss, logits = self.episode_loss(episode)
@@ -115,7 +130,7 @@ class FewShotRegime(pl.LightningModule):
         return loss
 
     def validation_step(self, episode: Episode, batch_idx: int) -> None:
-        with torch.enable_grad() if not self.predicts_without_grad else torch.no_grad():
+        with self.prediction_context():
             loss, logits = self.episode_loss(episode)
         score = self.episode_metric(logits.detach(), episode.query_labels).mean()
         self.log_dict({"val/loss": loss.detach(), f"val/{self.metric_name}": score},

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning
 from torch import nn
 
@@ -249,8 +248,9 @@ class FineTune(FewShotRegime):
     def _scores(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch[0], batch[1]
         logits = self.head(self.backbone(inputs))
-        loss = F.cross_entropy(logits, targets)
-        return loss, (logits.argmax(-1) == targets).float().mean()
+        # The batch as one task: the task kind's loss and its per-task metric.
+        logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
+        return self.task_kind.loss(logits, targets), self.task_kind.metric(logits, targets)[0]
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss, acc = self._scores(batch)
@@ -266,12 +266,10 @@ class FineTune(FewShotRegime):
                       batch_size=batch[0].shape[0])
 
     def predict_episode(self, episode: Episode) -> torch.Tensor:
-        n_support = episode.support.shape[1]
-        images = torch.cat([episode.support, episode.query], dim=1)
-        features = self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1).detach()
-        head = fit_linear_classifier(features[:, :n_support], episode.support_labels,
-                                     episode.n_way, **self.head_fit)
-        return head(features[:, n_support:])
+        support, query = (f.detach() for f in self.embed_episode(episode))
+        head = fit_linear_classifier(support, episode.support_labels, episode.n_way,
+                                     **self.head_fit)
+        return head(query)
 
     def parameter_sharing(self) -> ParameterSharing:
         backbone, head = count_parameters(self.backbone), count_parameters(self.head)

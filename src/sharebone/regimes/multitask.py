@@ -293,14 +293,8 @@ class SharedBackboneRegime(FewShotRegime):
             self.weighting.end_epoch()
 
     # -- few-shot: a fresh head per support set ---------------------------------------------
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[T, M, *input]`` -> ``[T, M, D]``."""
-        return self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1)
-
     def predict_episode(self, episode: Episode) -> torch.Tensor:
-        n_support = episode.support.shape[1]
-        features = self.embed(torch.cat([episode.support, episode.query], dim=1)).detach()
-        support, query = features[:, :n_support], features[:, n_support:]
+        support, query = (f.detach() for f in self.embed_episode(episode))
         fit = self.head_fit
         if self.task_kind is REGRESSION:
             return ridge_predict(support, episode.support_labels, query, l2=fit["l2"])

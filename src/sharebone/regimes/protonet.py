@@ -56,16 +56,8 @@ class ProtoNet(FewShotRegime):
             raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
         self.save_hyperparameters()
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[T, M, *input]`` -> ``[T, M, D]``: one backbone call for the whole meta-batch."""
-        features = self.backbone(images.flatten(0, 1))
-        return features.view(*images.shape[:2], -1)
-
     def predict_episode(self, episode: Episode) -> torch.Tensor:
-        n_support = episode.support.shape[1]
-        # Support and query go through the backbone together: one batch-norm batch, one call.
-        features = self.embed(torch.cat([episode.support, episode.query], dim=1))
-        support, query = features[:, :n_support], features[:, n_support:]
+        support, query = self.embed_episode(episode)
         centers = prototypes(support, episode.support_labels, episode.n_way)
         if self.hparams.distance == "cosine":
             query = torch.nn.functional.normalize(query, dim=-1)
