@@ -6,13 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from data_fixtures import *  # noqa: F401,F403  (fake_omniglot, fake_omniglot_mirror, shared_data_dir)
-from data_fixtures import SHARED_DATA
+from helpers.configs import FAST, compose_train
+from helpers.data import *  # noqa: F401,F403  (fake_omniglot, fake_omniglot_mirror, shared_data_dir)
+from helpers.data import SHARED_DATA
 from omegaconf import DictConfig
-
-from sharebone.config import compose_config
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,15 +25,6 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
-    """The real train/eval config with overrides, its paths pointed at ``tmp_path``."""
-    return compose_config(overrides, tmp_path, config_name=config_name, root_dir=REPO_ROOT)
-
-
-#: A few seconds of training on generated images: every part real, nothing downloaded.
-FAST = ["task=synthetic_images", "debug=fast", "logger=none"]
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def test_table_and_plot(tmp_path):
 def load_script(name: str):
     import importlib.util
 
-    from conftest import REPO_ROOT
+    from helpers.configs import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

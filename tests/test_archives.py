@@ -8,9 +8,9 @@ import os
 import urllib.request
 from pathlib import Path
 
-import data_fixtures
 import pytest
-from data_fixtures import md5_bytes, tree, write_archive, zip_with_members
+from helpers import data as data_fixtures
+from helpers.data import md5_bytes, tree, write_archive, zip_with_members
 
 from sharebone.data.archives import (
     ArchiveSpec,

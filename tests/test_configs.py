@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers.configs import compose_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 

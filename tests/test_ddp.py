@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from hydra.utils import instantiate
 
 from sharebone.train import launch_rank, run

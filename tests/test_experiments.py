@@ -5,8 +5,8 @@ those, saying why."""
 from __future__ import annotations
 
 import pytest
-from conftest import compose_train
-from data_fixtures import SHARED_DATA
+from helpers.configs import compose_train
+from helpers.data import SHARED_DATA
 
 from sharebone.config import CONFIG_DIR
 from sharebone.train import run

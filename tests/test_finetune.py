@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from pytorch_lightning.callbacks import BackboneFinetuning
 
 from sharebone.analysis import layer_change

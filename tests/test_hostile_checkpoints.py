@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from helpers.crafted import pickle_bomb
 
 from sharebone import eval as sb_eval

@@ -20,13 +20,13 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import data_fixtures
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
-from data_fixtures import draw_character, tree, write_archive, zip_with_members
+from helpers import data as data_fixtures
+from helpers.configs import compose_train
 from helpers.crafted import pickle_bomb
+from helpers.data import draw_character, tree, write_archive, zip_with_members
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from omegaconf import open_dict
 
 from sharebone import eval as sb_eval

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from helpers.wandb_service import kill_wandb_service, leet_inspect
 from pytorch_lightning.loggers import WandbLogger
 

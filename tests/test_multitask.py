@@ -6,7 +6,7 @@ import csv
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers.configs import compose_train
 from omegaconf import OmegaConf, open_dict
 
 from sharebone.build import build_run

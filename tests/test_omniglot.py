@@ -8,10 +8,10 @@ import time
 import zipfile
 from pathlib import Path
 
-import data_fixtures
 import pytest
 import torch
-from data_fixtures import (
+from helpers import data as data_fixtures
+from helpers.data import (
     FAKE_IMAGES_PER_CHARACTER,
     draw_character,
     md5_bytes,

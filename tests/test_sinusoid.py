@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers.configs import compose_train
+from helpers.training import fit
 from hydra.utils import instantiate
-from test_maml import fit
 
 from sharebone.data.sinusoid import SinusoidTasks, uniforms
 from sharebone.regimes import MAML, MetaSGD, load_regime

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from helpers.wandb_service import leet_inspect as inspect
 
 from sharebone.tracking import build_loggers, finish, wandb_mode, wandb_run_id

@@ -7,7 +7,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 

@@ -1,8 +1,8 @@
 """Test helpers for the data layer: tiny generated Omniglot-layout archives and the real data path.
 
 Helpers are plain functions; the fixtures at the bottom wrap them. A test module uses a fixture
-by binding it at module level (``fake_omniglot = data_fixtures.fake_omniglot``), or
-``tests/conftest.py`` can register them all with ``from data_fixtures import *``.
+by binding it at module level (``fake_omniglot = helpers.data.fake_omniglot``), or
+``tests/conftest.py`` can register them all with ``from helpers.data import *``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from PIL import Image, ImageDraw
 
 from sharebone.data.archives import ArchiveSpec
 
-#: What ``from data_fixtures import *`` (e.g. in conftest.py) registers: the fixtures only.
+#: What ``from helpers.data import *`` (e.g. in conftest.py) registers: the fixtures only.
 __all__ = ["fake_omniglot", "fake_omniglot_mirror", "shared_data_dir"]
 
 #: Where the real data lives: ``../shared/data`` from the repository root.
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 #: Two small archives sharing the "Greek" alphabet (same drawings in both, as in the real small
