@@ -24,7 +24,7 @@ from sharebone.checkpoint_io import CheckpointError
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import FewShotResult
 from sharebone.guards import NonFiniteLossError
-from sharebone.run_dir import RunDirError, RunLock
+from sharebone.run_dir import RunDirError, RunLock, restore_overrides
 from sharebone.train import run
 
 ONE = ["test.settings=[{n_way: 5, k_shot: 1}]", "test.episodes=2"]
@@ -266,3 +266,14 @@ def test_eval_with_more_ways_than_test_classes_fails_before_scoring(tiny_run, tm
     with pytest.raises(ValueError, match="50-way episodes need 50 classes"):
         sb_eval.run(cfg)
     assert not list(tmp_path.glob("fewshot_*"))
+
+
+def test_a_run_record_never_brings_code_back_on_resume(tmp_path, capsys):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(
+        "- task=synthetic_images\n- +callbacks.evil._target_=os.system\n"
+        "- +callbacks.evil.command=touch_me\n- hydra.run.dir=elsewhere\n")
+    argv = restore_overrides(["sharebone-train", f"resume={tmp_path}", "trainer.max_epochs=2"])
+    assert argv == ["sharebone-train", "task=synthetic_images", f"resume={tmp_path}",
+                    "trainer.max_epochs=2"]
+    assert "not restoring ['+callbacks.evil._target_=os.system'" in capsys.readouterr().out

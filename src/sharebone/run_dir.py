@@ -104,18 +104,28 @@ def restore_overrides(argv: list[str]) -> list[str]:
     if not record.is_file():
         return argv
     saved = [o for o in _read_overrides(record) if not o.startswith(_NOT_RESTORED)]
-    keys_given = {a.split("=", 1)[0].lstrip("+~") for a in given}
+    keys_given = {_key(a) for a in given}
+    # A node that names code is left out whole: its other keys would be a callback (say)
+    # without its class.
+    code_nodes = {_key(o).rpartition(".")[0] for o in saved if any(k in o for k in _CODE_KEYS)}
     restored, skipped = [], []
     for override in saved:
-        if override.split("=", 1)[0].lstrip("+~") in keys_given:
+        key = _key(override)
+        if key in keys_given:
             continue
-        (skipped if any(k in override for k in _CODE_KEYS) else restored).append(override)
+        names_code = any(key == n or key.startswith(n + ".") for n in code_nodes if n)
+        (skipped if names_code or any(k in override for k in _CODE_KEYS)
+         else restored).append(override)
     if skipped:
         print(f"[sharebone] resume: not restoring {skipped} from {record} (they name code to "
               "call); pass them again if the run needs them.")
     if restored:
         print(f"[sharebone] resume: the run's own overrides {restored}")
     return [argv[0], *restored, *argv[1:]]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _read_overrides(record: Path) -> list[str]:
