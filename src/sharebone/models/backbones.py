@@ -10,12 +10,21 @@ from torch import nn
 
 from sharebone.models.registry import Registry
 
-BACKBONES: Registry[nn.Module] = Registry("backbone")
+BACKBONES: Registry[nn.Module] = Registry(
+    "backbone", hint="Any timm model is a backbone too: 'timm:<model name>' (needs timm).")
 register_backbone = BACKBONES.register
+#: ``create_backbone("timm:resnet18")`` is ``create_backbone("timm", model="resnet18")``.
+TIMM_PREFIX = "timm:"
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered backbone by name, e.g. ``create_backbone("conv4", in_channels=1)``."""
+    """Build a registered backbone by name, e.g. ``create_backbone("conv4", in_channels=1)``;
+    ``"timm:<model>"`` builds that timm model (:mod:`sharebone.models.timm_backbone`)."""
+    if name.startswith(TIMM_PREFIX):
+        if "model" in kwargs:
+            raise ValueError(f"Backbone {name!r} names its timm model already; drop "
+                             f"model={kwargs['model']!r} or use name='timm'.")
+        name, kwargs = "timm", {"model": name[len(TIMM_PREFIX):], **kwargs}
     return BACKBONES.create(name, **kwargs)
 
 
@@ -35,7 +44,8 @@ class ConvNet(nn.Module):
     """The 4-layer conv net of Vinyals et al. 2016, used by MAML and ProtoNet.
 
     Four blocks of 64 3x3 filters, batch norm, ReLU and max-pooling; a 28x28 Omniglot image
-    becomes 64 features (1x1x64), an 84x84 miniImageNet image 1600 (5x5x64).
+    becomes 64 features (1x1x64), an 84x84 miniImageNet image 1600 (5x5x64). MAML's
+    miniImageNet net is ``hidden=32``: 800 features (5x5x32) at 84x84.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4,
