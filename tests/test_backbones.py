@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from sharebone.adaptation import TransductiveBatchNorm
+from sharebone.analysis import layer_groups
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.models import BACKBONES, count_parameters, create_backbone
 from sharebone.models.resnet import drop_block
@@ -23,7 +24,7 @@ from sharebone.regimes import FineTune, MultiTask, Pretrain, ProtoNet, create_re
 #: A tiny version of every registered backbone on 3x16x16 images; a new backbone adds itself.
 TINY = {
     "conv4": {"name": "conv4", "in_channels": 3, "hidden": 4, "image_size": 16},
-    "mlp": {"name": "mlp", "in_features": 3 * 16 * 16, "hidden": [8]},
+    "mlp": {"name": "mlp", "in_features": 3 * 16 * 16, "hidden": [8, 8]},
     "resnet12": {"name": "resnet12", "in_channels": 3, "channels": [4, 4, 6, 8],
                  "image_size": 16, "drop_block": True},
     "wrn28_10": {"name": "wrn28_10", "in_channels": 3, "depth": 10, "widen_factor": 1,
@@ -148,6 +149,21 @@ def test_heads_on_num_features_for_multitask_pretrain_and_finetune(name):
         assert finetune.eval().predict_episode(episode()).shape == (2, 4, 2)
 
 
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_layer_groups_split_every_backbone_into_layers(name):
+    """Gradual unfreezing and the layer analysis see each backbone's layers, every parameter
+    in exactly one (resnet12: its 4 blocks; a timm model: stem, blocks, head)."""
+    backbone = _build(tiny_spec(name))
+    groups = layer_groups(backbone)
+    assert len(groups) >= 2
+    ids = [id(p) for g in groups for p in g.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in backbone.parameters())
+    expected = {"resnet12": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
+                "wrn28_10": ["layers.0", "layers.1", "layers.2", "layers.3"]}
+    if name in expected:
+        assert [g.name for g in groups] == expected[name]
+
+
 def test_an_unknown_backbone_lists_the_known_ones_and_timm():
     with pytest.raises(KeyError, match="Known: conv4, mlp, resnet12, timm, wrn28_10.*timm:<"):
         create_backbone("resnet999")
@@ -269,6 +285,15 @@ def _split_keys(state: dict, backbone: nn.Module) -> dict:
         out[key if key in names else f"{prefix}.norm.{leaf}"] = value
     assert set(out) == names
     return out
+
+
+def test_timm_layer_groups_are_the_models_blocks(timm):
+    need_timm_model("test_resnet")
+    groups = layer_groups(create_backbone("timm:test_resnet"))
+    names = [g.name for g in groups]
+    assert names[0].startswith("model.conv1") and names[-1].startswith("model.layer4")
+    assert [n for n in names if n.startswith("model.layer")] == [f"model.layer{i}"
+                                                                 for i in range(1, 5)]
 
 
 def test_timm_unknown_model_suggests_close_names(timm):

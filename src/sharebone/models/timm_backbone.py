@@ -149,6 +149,32 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def layer_groups(self) -> list[Any]:
+        """Layers for gradual unfreezing and layer analysis (:func:`sharebone.analysis.
+        layer_groups`), input to output: the timm model's parameterised children, a block
+        container (``blocks``, ``layer1``, ``stages``...) split into its blocks, a norm joining
+        the layer before it (ResNet-18: stem, 8 blocks; ViT: patch embedding, each block).
+        Parameters the model holds itself (a ViT's ``cls_token``, ``pos_embed``) are in no
+        layer."""
+        from sharebone.analysis import LayerGroup
+
+        norms = (nn.modules.batchnorm._BatchNorm, BatchNormThenAct, nn.LayerNorm, nn.GroupNorm)
+        groups: list[tuple[str, list[nn.Module]]] = []
+        for name, child in self.model.named_children():
+            if not any(True for _ in child.parameters()):
+                continue
+            parts = [(f"model.{name}", child)]
+            if isinstance(child, nn.Sequential | nn.ModuleList):
+                inner = [(f"model.{name}.{n}", c) for n, c in child.named_children()
+                         if any(True for _ in c.parameters())]
+                parts = inner if len(inner) > 1 else parts
+            for part_name, part in parts:
+                if isinstance(part, norms) and groups:
+                    groups[-1][1].append(part)
+                else:
+                    groups.append((part_name, [part]))
+        return [LayerGroup(name, tuple(modules)) for name, modules in groups]
+
 
 @register_backbone("timm")
 def timm_backbone(model: str = "resnet18", pretrained: bool = False, in_channels: int = 3,
