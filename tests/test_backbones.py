@@ -309,6 +309,28 @@ def test_timm_pretrained_weights_missing_offline_give_a_clear_error(timm, tmp_pa
         create_backbone("timm:resnet18", pretrained=True)
 
 
+def test_a_checkpoint_of_a_pretrained_timm_backbone_loads_without_the_weights_cache(
+        timm, tmp_path, monkeypatch):
+    """Its own weights replace the pretrained ones, so rebuilding it must not fetch those."""
+    need_timm_model("test_resnet")
+    from sharebone.regimes import load_regime
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    spec = {"name": "timm", "model": "test_resnet", "in_channels": 3, "image_size": 16}
+    model = ProtoNet(spec)
+    hparams = {**dict(model.hparams), "backbone": {**spec, "pretrained": True}}
+    torch.save({"sharebone": {"regime": "protonet", "hparams": hparams, "config": None},
+                "state_dict": model.state_dict()}, tmp_path / "model.ckpt")
+    loaded = load_regime(tmp_path / "model.ckpt")
+    assert loaded.hparams.backbone["pretrained"] is True
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(RuntimeError, match="pretrained weights"):  # outside a load: fetched
+        create_backbone("timm:test_resnet", pretrained=True)
+
+
 def test_timm_backbone_without_timm_says_pip_install_timm(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
     with pytest.raises(ImportError, match="pip install timm"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +28,26 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
                              f"model={kwargs['model']!r} or use name='timm'.")
         name, kwargs = "timm", {"model": name[len(TIMM_PREFIX):], **kwargs}
     return BACKBONES.create(name, **kwargs)
+
+
+_SKIP_PRETRAINED = contextvars.ContextVar("skip_pretrained_weights", default=False)
+
+
+@contextlib.contextmanager
+def skip_pretrained_weights() -> Iterator[None]:
+    """Backbones built inside do not load pretrained weights (``pretrained=True`` is kept in
+    their spec): for rebuilding a model whose weights come from a checkpoint next, so that a
+    checkpoint loads without the pretrained weights' cache or a network."""
+    token = _SKIP_PRETRAINED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED.reset(token)
+
+
+def pretrained_weights_skipped() -> bool:
+    """Inside :func:`skip_pretrained_weights`."""
+    return _SKIP_PRETRAINED.get()
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:

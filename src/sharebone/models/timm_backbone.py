@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharebone.models.backbones import register_backbone
+from sharebone.models.backbones import pretrained_weights_skipped, register_backbone
 
 __all__ = ["BatchNormThenAct", "TimmBackbone", "import_timm", "plain_batch_norms_"]
 
@@ -95,7 +95,9 @@ class TimmBackbone(nn.Module):
         model: a timm model name (``timm.list_models()``), optionally with a pretrained tag
             (``resnet18.a1_in1k``).
         pretrained: load timm's pretrained weights for it (from the Hugging Face cache; a
-            clear error when they are neither cached nor downloadable).
+            clear error when they are neither cached nor downloadable). Not when rebuilding
+            from a checkpoint (:func:`~sharebone.models.backbones.skip_pretrained_weights`):
+            its weights replace them anyway.
         in_channels: input channels (timm adapts a pretrained first conv to them).
         image_size: input side; passed to models that need it (``img_size``, e.g. ViTs).
         model_kwargs: more keyword arguments for ``timm.create_model`` (``drop_path_rate``...).
@@ -119,6 +121,7 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"Unknown timm model {model!r}.{hint} List them with "
                              "timm.list_models('*pattern*').")
         kwargs = dict(model_kwargs or {})
+        pretrained = bool(pretrained) and not pretrained_weights_skipped()
         cfg = timm.get_pretrained_cfg(model)
         if image_size and cfg is not None and getattr(cfg, "fixed_input_size", False):
             kwargs.setdefault("img_size", image_size)
