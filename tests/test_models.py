@@ -1,27 +1,12 @@
-"""Backbones and the registry: every backbone trains, counts add up, names resolve."""
+"""Backbones and the registry: counts add up, names resolve (every backbone trains:
+tests/test_backbones.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from sharebone.models import BACKBONES, Registry, create_backbone
+from sharebone.models import Registry, create_backbone
 from sharebone.models.sharing import ParameterSharing, count_parameters
-
-INPUTS = {"conv4": (1, 28, 28), "mlp": (784,)}
-
-
-@pytest.mark.parametrize("name", BACKBONES.names())
-def test_every_backbone_gives_num_features_and_gradients_everywhere(name):
-    torch.manual_seed(0)
-    model = create_backbone(name)
-    x = torch.randn(6, *INPUTS[name])
-    features = model(x)
-    assert features.shape == (6, model.num_features)
-    assert torch.isfinite(features).all()
-    features.pow(2).mean().backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname} got no gradient"
 
 
 def test_conv4_matches_the_papers_net():
@@ -38,7 +23,7 @@ def test_conv4_refuses_an_image_too_small_to_pool():
 
 
 def test_unknown_backbone_lists_the_known_ones():
-    with pytest.raises(KeyError, match="Unknown backbone 'resnet999'. Known: conv4, mlp"):
+    with pytest.raises(KeyError, match="Unknown backbone 'resnet999'. Known: conv4, mlp, "):
         create_backbone("resnet999")
 
 

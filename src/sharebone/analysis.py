@@ -46,6 +46,8 @@ def layer_groups(backbone: nn.Module) -> list[LayerGroup]:
     """The backbone's layers, input to output: the parameterised children of its first
     ``nn.Sequential`` that has more than one (conv4: its 4 blocks; mlp: each linear layer, a
     batch norm joining the layer before it). Falls back to the backbone's direct children.
+    A backbone that knows its layers better says so with a ``layer_groups()`` method (a timm
+    model: its stem, blocks and final norm).
 
     Example:
         >>> from sharebone.models import create_backbone
@@ -54,6 +56,9 @@ def layer_groups(backbone: nn.Module) -> list[LayerGroup]:
         >>> [g.name for g in layer_groups(create_backbone("mlp", hidden=[8, 4]))]
         ['layers.0', 'layers.2']
     """
+    own = getattr(backbone, "layer_groups", None)
+    if callable(own):
+        return own()
     prefix, children = "", [(n, c) for n, c in backbone.named_children() if _own_parameters(c)]
     for name, module in backbone.named_modules():
         if isinstance(module, nn.Sequential):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -10,13 +12,42 @@ from torch import nn
 
 from sharebone.models.registry import Registry
 
-BACKBONES: Registry[nn.Module] = Registry("backbone")
+BACKBONES: Registry[nn.Module] = Registry(
+    "backbone", hint="Any timm model is a backbone too: 'timm:<model name>' (needs timm).")
 register_backbone = BACKBONES.register
+#: ``create_backbone("timm:resnet18")`` is ``create_backbone("timm", model="resnet18")``.
+TIMM_PREFIX = "timm:"
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered backbone by name, e.g. ``create_backbone("conv4", in_channels=1)``."""
+    """Build a registered backbone by name, e.g. ``create_backbone("conv4", in_channels=1)``;
+    ``"timm:<model>"`` builds that timm model (:mod:`sharebone.models.timm_backbone`)."""
+    if name.startswith(TIMM_PREFIX):
+        if "model" in kwargs:
+            raise ValueError(f"Backbone {name!r} names its timm model already; drop "
+                             f"model={kwargs['model']!r} or use name='timm'.")
+        name, kwargs = "timm", {"model": name[len(TIMM_PREFIX):], **kwargs}
     return BACKBONES.create(name, **kwargs)
+
+
+_SKIP_PRETRAINED = contextvars.ContextVar("skip_pretrained_weights", default=False)
+
+
+@contextlib.contextmanager
+def skip_pretrained_weights() -> Iterator[None]:
+    """Backbones built inside do not load pretrained weights (``pretrained=True`` is kept in
+    their spec): for rebuilding a model whose weights come from a checkpoint next, so that a
+    checkpoint loads without the pretrained weights' cache or a network."""
+    token = _SKIP_PRETRAINED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED.reset(token)
+
+
+def pretrained_weights_skipped() -> bool:
+    """Inside :func:`skip_pretrained_weights`."""
+    return _SKIP_PRETRAINED.get()
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
@@ -35,7 +66,8 @@ class ConvNet(nn.Module):
     """The 4-layer conv net of Vinyals et al. 2016, used by MAML and ProtoNet.
 
     Four blocks of 64 3x3 filters, batch norm, ReLU and max-pooling; a 28x28 Omniglot image
-    becomes 64 features (1x1x64), an 84x84 miniImageNet image 1600 (5x5x64).
+    becomes 64 features (1x1x64), an 84x84 miniImageNet image 1600 (5x5x64). MAML's
+    miniImageNet net is ``hidden=32``: 800 features (5x5x32) at 84x84.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4,

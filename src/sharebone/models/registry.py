@@ -20,8 +20,10 @@ class Registry(Generic[T]):
         ('id', ['identity'])
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, hint: str = "") -> None:
         self.kind = kind
+        #: Appended to the unknown-name error (other ways to name a part, e.g. ``timm:<model>``).
+        self.hint = hint
         self._factories: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -40,6 +42,7 @@ class Registry(Generic[T]):
             raise KeyError(
                 f"Unknown {self.kind} '{name}'. Known: {', '.join(self.names())}. "
                 f"Register a new one with @register_{self.kind}('{name}')."
+                + (f" {self.hint}" if self.hint else "")
             )
         return self._factories[name]
 

@@ -21,6 +21,7 @@ callback rather than hand-rolled freezing:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from sharebone.analysis import layer_groups
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
+from sharebone.models.backbones import skip_pretrained_weights
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.multitask import (
     DEFAULT_HEAD_FIT,
@@ -221,7 +223,9 @@ class FineTune(FewShotRegime):
             if source is None:
                 raise ValueError("FineTune needs a source checkpoint or a backbone spec.")
             backbone, _ = source_backbone(source)
-        super().__init__(backbone)
+        # With a source, its weights replace any pretrained ones: do not load those.
+        with skip_pretrained_weights() if source is not None else contextlib.nullcontext():
+            super().__init__(backbone)
         self.head = (nn.Linear(self.backbone.num_features, num_classes)
                      if num_classes else None)
         self.head_fit = {**DEFAULT_HEAD_FIT, **dict(head_fit or {})}

@@ -8,6 +8,7 @@ from typing import Any
 
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
 from sharebone.models import BACKBONES
+from sharebone.models.backbones import skip_pretrained_weights
 from sharebone.regimes.base import REGIMES, FewShotRegime, create_regime
 
 
@@ -58,7 +59,8 @@ def load_regime(path: str | Path, backbone: dict[str, Any] | None = None) -> Few
         raise CheckpointError(f"Checkpoint {path} is of regime '{meta['regime']}', which this "
                               f"sharebone does not know (known: {', '.join(REGIMES.names())}).")
     try:
-        model = create_regime(meta["regime"], **hparams)
+        with skip_pretrained_weights():  # the checkpoint's weights replace them
+            model = create_regime(meta["regime"], **hparams)
     except TypeError as err:  # hparams this version's regime does not take
         raise CheckpointError(f"Checkpoint {path} records settings a {meta['regime']} model "
                               f"does not take ({err}). Was it written by another version of "
