@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from sharebone.checks import check_count
-from sharebone.data.tasks import EpisodeSource, TaskFamily
+from sharebone.data.tasks import EpisodeSource, TaskFamily, prepare_episode
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
 
@@ -68,7 +68,7 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
         with grad:
             for start in range(0, episodes, episodes_per_batch):
                 index = torch.arange(start, min(start + episodes_per_batch, episodes))
-                episode = test.source.batch(index).to(model.device).to_float()
+                episode = prepare_episode(test.source, test.source.batch(index).to(model.device))
                 predictions = model.predict_episode(episode)
                 scores.append(model.episode_metric(predictions.detach(),
                                                    episode.query_labels).cpu())
