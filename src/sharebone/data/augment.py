@@ -251,8 +251,10 @@ def augment_images(images: torch.Tensor, draws: torch.Tensor | None, spec: Mappi
         theta = _geometry(dict(spec), draws, x.shape[-2], x.shape[-1])
         if theta is not None:
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False)
+            # Shifts by whole pixels and mirroring land on pixel centres: nearest is exact
+            # there (and cheaper); a resized crop needs bilinear.
+            mode = "bilinear" if spec.get("random_resized_crop") else "nearest"
+            x = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
         jitter = spec.get("color_jitter")
         if jitter:
             x = _color_jitter(x, draws[:, _JITTER:_JITTER + 4], jitter)
