@@ -471,7 +471,54 @@ def test_train_and_eval_on_a_generated_folder_from_the_config(folder, tmp_path):
     overrides[-1] = ("task.family.splits={train: [birds/a, fish/a], val: [birds/b, fish/b], "
                      "test: [birds/c, fish/c]}")
     run(compose_train(tmp_path / "run", overrides))
-    cfg = compose_train(tmp_path, [f"ckpt={tmp_path / 'run'}", "episodes=3", "q_query=2",
-                                   f"output_dir={tmp_path / 'eval'}",
-                                   "settings=[{n_way: 2, k_shot: 2}]"], config_name="eval")
-    assert [r["episodes"] for r in sb_eval.run(cfg)["results"]] == [3]
+    scoring = [f"ckpt={tmp_path / 'run'}", "episodes=3", "q_query=2",
+               f"output_dir={tmp_path / 'eval'}", "settings=[{n_way: 2, k_shot: 2}]"]
+    saved = sb_eval.run(compose_train(tmp_path, scoring, config_name="eval"))  # its own task
+    named = sb_eval.run(compose_train(tmp_path, scoring + [  # as the README shows it
+        "task=image_folder", f"task.root={folder}", "task.image_size=12",
+        "task.family.splits={train: [birds/a], val: [birds/b], test: [birds/c, fish/c]}"],
+        config_name="eval"))
+    assert saved["results"] == named["results"]  # the same test classes, the same episodes
+
+
+def test_pretraining_batches_are_augmented_and_normalised_on_the_device(folder, tmp_path):
+    from conftest import compose_train
+
+    from sharebone.build import build_run
+
+    cfg = compose_train(tmp_path, [
+        "task=image_folder", f"task.root={folder}", "task.image_size=12", "task.n_way=2",
+        "regime=pretrain", "backbone=mlp", "task.q_query=2", "test.q_query=2",
+        "test.settings=[{n_way: 1, k_shot: 1}]",
+        "task.family.splits={train: [birds/a, fish/a], val: [birds/b, fish/b], test: [fish/c]}",
+        "task.family.augment={train: {horizontal_flip: 1.0}}",
+        "task.family.normalize={mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}"])
+    dm = build_run(cfg).datamodule
+    batch = dm.train_dataloader().dataset[7]
+    assert len(batch) == 4 and int(batch[3]) == 7  # the batch index rides along
+    dm.stage_split = lambda: "train"
+    inputs, targets, task = dm.on_after_batch_transfer(batch, 0)
+    expected = ((batch[0].float() / 255 - 0.5) / 0.25).flip(-1)
+    torch.testing.assert_close(inputs, expected)
+    assert torch.equal(targets, batch[1])
+
+
+def test_omniglot_small_within_scores_20_way_episodes_within_one_alphabet(shared_data_dir,
+                                                                          tmp_path):
+    from conftest import compose_train
+
+    from sharebone.data.families import build_family
+
+    cfg = compose_train(tmp_path, ["task=omniglot_small_within", f"data_dir={shared_data_dir}"])
+    family = build_family(cfg.task.family)
+    test = family.images("test")
+    for split, alphabets in (("test", {"Korean", "Sanskrit"}), ("val", {"Early_Aramaic"})):
+        data = family.images(split)
+        episodes = family.sampler(split, 20, 1, 15, seed=0).batch(range(40))
+        chosen = [{data.class_groups[c] for c in row} for row in episodes.classes.tolist()]
+        assert all(len(c) == 1 for c in chosen)
+        assert set().union(*chosen) == alphabets  # Tagalog's 17 characters: never 20-way
+    train = family.sampler("train", 20, 1, 15, seed=0).batch(range(8))
+    assert any(len({family.images("train").class_groups[c] for c in row}) > 1
+               for row in train.classes.tolist())  # training: across alphabets
+    assert test.n_classes == 82
