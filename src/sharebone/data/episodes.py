@@ -303,11 +303,13 @@ class EpisodeSampler:
         picks = torch.topk(sample_keys, per_way, dim=2, largest=False, sorted=True).indices
         rows = self.offsets[classes].unsqueeze(-1) + picks  # [T, n_way, k_shot + q_query]
         shape = self.images.shape[1:]
-        # index_select copies whole rows; it is ~25x faster than advanced indexing here.
-        images = self.images.index_select(0, rows.reshape(-1))
-        images = images.view(tasks, self.n_way, per_way, *shape)
-        support = images[:, :, : self.k_shot].reshape(tasks, -1, *shape)
-        query = images[:, :, self.k_shot :].reshape(tasks, -1, *shape)
+        # index_select copies whole rows; it is ~25x faster than advanced indexing here. One
+        # call each for support and query puts the rows straight where they belong (no second
+        # copy to split them: at 84x84x3 a meta-batch of 32 5-way 5-shot 15-query is 68 MB).
+        support = self.images.index_select(0, rows[:, :, : self.k_shot].reshape(-1))
+        query = self.images.index_select(0, rows[:, :, self.k_shot :].reshape(-1))
+        support = support.view(tasks, self.n_way * self.k_shot, *shape)
+        query = query.view(tasks, self.n_way * self.q_query, *shape)
         return Episode(
             support=support,
             support_labels=self._support_labels.expand(tasks, -1),
