@@ -213,11 +213,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache_bytes = result["decode"][0]["cache_bytes"]
         for r in rss(root, cache, args.rss_batches):
             result["rss"].append(r)
-            a = r["after"]
+            a, b = r["after"], r["before"]
+            anon = a["RssAnon"] - b["RssAnon"]
             print(f"RSS after {args.rss_batches} meta-batches, cache {r['mode']}: VmRSS "
-                  f"{mb(a['VmRSS'])}, RssAnon {mb(a['RssAnon'])}, RssFile {mb(a['RssFile'])} "
-                  f"(before loading: VmRSS {mb(r['before']['VmRSS'])}); cache file "
-                  f"{mb(cache_bytes)}", flush=True)
+                  f"{mb(a['VmRSS'])}, RssAnon {mb(a['RssAnon'])} (+{mb(anon)} since imports), "
+                  f"RssFile {mb(a['RssFile'])} "
+                  f"(+{mb(a['RssFile'] - b['RssFile'])}); cache file {mb(cache_bytes)}",
+                  flush=True)
     finally:
         if not args.root:
             shutil.rmtree(base, ignore_errors=True)

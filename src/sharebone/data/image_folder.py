@@ -446,7 +446,8 @@ class ImageFolderTasks:
     Args:
         root: the data folder (see the module docstring for its layouts).
         splits: split name -> split (a class-list file, a ``.csv``, a list of classes, a
-            fraction); default ``{train: 0.64, val: 0.16, test: 0.2}`` of the classes.
+            fraction; null: no such split); default ``{train: 0.64, val: 0.16, test: 0.2}``
+            of the classes.
         image_size, channels: the images' side and channels (1 or 3).
         resize: ``stretch`` (the whole image, squeezed to a square) or ``crop`` (centre).
         interpolation: resampling filter (``lanczos``, ``bicubic``, ``bilinear``, ...).
@@ -485,7 +486,10 @@ class ImageFolderTasks:
             raise ValueError(f"corrupt must be one of {list(CORRUPT_POLICIES)}, got "
                              f"{corrupt!r}.")
         self.root = Path(root).expanduser()
-        self.splits = dict(splits) if splits else {"train": 0.64, "val": 0.16, "test": 0.2}
+        splits = {"train": 0.64, "val": 0.16, "test": 0.2} if splits is None else splits
+        self.splits = {str(k): v for k, v in splits.items() if v is not None}  # null: no split
+        if not self.splits:
+            raise ValueError("splits: no split is set; give at least one, e.g. {test: 1.0}.")
         self.image_size, self.channels = image_size, channels
         self.resize, self.interpolation, self.invert = resize, interpolation, bool(invert)
         self.source, self.corrupt, self.download = source, corrupt, download
