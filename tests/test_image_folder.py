@@ -430,6 +430,19 @@ def test_symlink_leaving_the_root_is_refused(folder, tmp_path, what):
         family(folder, None).images("train")
 
 
+def test_a_fifo_named_like_an_image_is_not_read(folder):
+    import signal
+
+    os.mkfifo(folder / "birds" / "a" / "pipe.png")
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hangs")))
+    signal.alarm(20)
+    try:
+        data = family(folder, None).images("train")
+    finally:
+        signal.alarm(0)
+    assert data.class_counts.tolist() == [6, 6, 6, 6]
+
+
 def test_symlink_inside_the_root_is_followed(folder):
     (folder / "fish" / "d").symlink_to(folder / "fish" / "c")
     data = family(folder, None, splits={"train": ["fish/d"]}).images("train")

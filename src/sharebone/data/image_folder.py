@@ -104,6 +104,14 @@ CIFAR_MAX_MEMBER_BYTES = 256 << 20
 #: sharebone's ``tasks/`` folder, where the published split files ship.
 TASKS_DIR = Path(__file__).resolve().parents[3] / "tasks"
 
+
+def tasks_dirs() -> list[Path]:
+    """Where relative split files are looked up after ``root``: the ``task`` config group in
+    use (``$SHAREBONE_CONFIG_DIR/task``), then sharebone's own ``tasks/``."""
+    from sharebone.config import CONFIG_DIR
+
+    return list(dict.fromkeys([Path(CONFIG_DIR) / "task", TASKS_DIR]))
+
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 
 
@@ -231,7 +239,8 @@ class _SplitSpec:
 def find_split_file(value: str, root: Path) -> Path:
     """A split file named in a config: absolute, else under ``root``, else under ``tasks/``."""
     path = Path(value).expanduser()
-    candidates = [path] if path.is_absolute() else [root / path, TASKS_DIR / path]
+    candidates = [path] if path.is_absolute() else [root / path,
+                                                    *(d / path for d in tasks_dirs())]
     for candidate in candidates:
         if candidate.exists():
             require_regular_file(candidate)
