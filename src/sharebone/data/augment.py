@@ -162,9 +162,13 @@ def check_normalize(spec: Mapping[str, Any] | None, channels: int,
     return out
 
 
-def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``_blend`` with a factor per image (``[B, 1, 1, 1]``)."""
-    return (factor * image + (1.0 - factor) * other).clamp_(0.0, 1.0)
+def _blend(image: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend`` with a factor per image (``[B, 1, 1, 1]``), in place (``image``
+    is a tensor this module made); ``other=None`` blends with black."""
+    image.mul_(factor)
+    if other is not None:
+        image.add_(other * (1.0 - factor))
+    return image.clamp_(0.0, 1.0)
 
 
 def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
@@ -245,7 +249,7 @@ def augment_images(images: torch.Tensor, draws: torch.Tensor | None, spec: Mappi
         normalize: ``{"mean", "std"}`` per channel (:func:`check_normalize`), or None.
     """
     x = TF.to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 \
-        else images.float()
+        else images.float().clone()  # a copy: the steps below work in place
     if spec:
         draws = draws.to(device=x.device, dtype=torch.float32)
         theta = _geometry(dict(spec), draws, x.shape[-2], x.shape[-1])
@@ -259,7 +263,7 @@ def augment_images(images: torch.Tensor, draws: torch.Tensor | None, spec: Mappi
         if jitter:
             x = _color_jitter(x, draws[:, _JITTER:_JITTER + 4], jitter)
     if normalize:
-        x = TF.normalize(x, normalize["mean"], normalize["std"])
+        x = TF.normalize(x, normalize["mean"], normalize["std"], inplace=True)
     return x
 
 
@@ -270,7 +274,7 @@ def _color_jitter(x: torch.Tensor, u: torch.Tensor, jitter: Mapping[str, float])
 
     rgb = x.shape[-3] == 3
     if jitter["brightness"]:
-        x = _blend(x, torch.zeros_like(x), factor(0, jitter["brightness"]))
+        x = _blend(x, None, factor(0, jitter["brightness"]))
     if jitter["contrast"]:
         gray = TF.rgb_to_grayscale(x) if rgb else x
         x = _blend(x, gray.mean(dim=(-3, -2, -1), keepdim=True), factor(1, jitter["contrast"]))
