@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST, compose_train
+from helpers.configs import FAST, compose_train
 from hydra.utils import instantiate
 from torch import nn
 

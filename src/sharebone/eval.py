@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint
 from sharebone.config import CONFIG_DIR
-from sharebone.data.families import build_family, check_plain
+from sharebone.data.augment import EpisodeTransform
+from sharebone.data.families import build_family, check_plain, registered_families
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import load_episode_folder
 from sharebone.evaluation.report import write_results
@@ -53,11 +54,21 @@ def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any
 
 
 def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) -> dict[str, Any]:
-    """Predict every query image of a folder episode; print and return the predictions."""
+    """Predict every query image of a folder episode; print and return the predictions.
+
+    The images are read as the task's own are (its family's ``preprocessing``, where it has
+    one: an image-folder task's photos are not inverted as Omniglot's drawings are) and
+    normalised as its test episodes are."""
+    family = registered_families().get(task.get("family", {}).get("_target_"))
+    preprocessing = getattr(family, "preprocessing", None)
+    settings = preprocessing(task["family"]) if preprocessing is not None else {}
+    normalize = settings.pop("normalize", None)
     loaded = load_episode_folder(cfg.episode_dir, image_size=task["image_size"],
-                                 channels=task.get("channels", 1))
+                                 channels=task.get("channels", 1), **settings)
     model.eval()
-    episode = loaded.episode.to(model.device).to_float()
+    episode = loaded.episode.to(model.device)
+    episode = EpisodeTransform(0, "test", None, normalize)(episode) if normalize \
+        else episode.to_float()
     with model.prediction_context():
         logits = model.predict_episode(episode)[0].detach().cpu()
     probs = logits.softmax(-1)

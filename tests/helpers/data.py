@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import random
+import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -130,6 +133,93 @@ def make_fake_omniglot(root: Path, install: bool = True) -> FakeOmniglot:
         for spec in archives.values():
             (fake.archive_dir / spec.filename).write_bytes((mirror / spec.filename).read_bytes())
     return fake
+
+
+# ------------------------------------------------------------------- natural-image datasets
+
+#: sharebone's shipped split files (tasks/splits/<benchmark>/<split>.txt).
+SPLITS_DIR = REPO_ROOT / "tasks" / "splits"
+
+
+def split_lines(benchmark: str, split: str) -> list[str]:
+    return (SPLITS_DIR / benchmark / f"{split}.txt").read_text().split()
+
+
+def photo(key: str, size: tuple[int, int] = (20, 16)) -> Image.Image:
+    """A deterministic RGB "photo" for ``key`` = ``<class>/<index>``: the class sets the
+    colour, the index the noise, so classes differ and images of a class resemble each other."""
+    cls = key.rsplit("/", 1)[0]
+    base = np.frombuffer(hashlib.md5(cls.encode()).digest()[:3], np.uint8).astype(np.int64)
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    noise = rng.integers(-40, 40, (size[1], size[0], 3))
+    return Image.fromarray((base + noise).clip(0, 255).astype(np.uint8))
+
+
+def make_image_folder(root: Path, classes: dict[str, int], suffixes: tuple[str, ...] = (
+        ".png", ".jpg"), size: tuple[int, int] = (20, 16)) -> Path:
+    """``root/<class>/NNN<suffix>`` (a class may be ``<group>/<class>``), ``classes[name]``
+    images each, suffixes taken in turn."""
+    for name, n in classes.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            photo(f"{name}/{i}", size).save(folder / f"{i:03d}{suffixes[i % len(suffixes)]}")
+    return root
+
+
+def cifar_classes() -> tuple[list[str], list[str], dict[str, str]]:
+    """CIFAR-100's fine and coarse label names (sorted, as its ``meta`` lists them) and each
+    fine class's superclass, from the shipped FC100 split files (every class, by superclass)."""
+    pairs = [line.split("/") for s in ("train", "val", "test") for line in split_lines("fc100", s)]
+    return (sorted(f for _, f in pairs), sorted({c for c, _ in pairs}),
+            {f: c for c, f in pairs})
+
+
+def cifar100_tar_bytes(per_class: int = 3, members: dict[str, bytes] | None = None) -> bytes:
+    """A ``cifar-100-python.tar.gz`` laid out as the real one (``cifar-100-python/{train, test,
+    meta}``, Python-2-style pickles with bytes keys), ``per_class`` images of each of the 100
+    classes (the last in ``test``); ``members`` adds or replaces members."""
+    fine, coarse, coarse_of = cifar_classes()
+
+    def batch(rows: list[tuple[int, int]]) -> bytes:
+        data = np.stack([np.asarray(photo(f"{fine[c]}/{i}", (32, 32))).transpose(2, 0, 1)
+                         .reshape(-1) for c, i in rows])
+        return pickle.dumps({
+            b"batch_label": b"batch", b"filenames": [f"{c}_{i}.png".encode() for c, i in rows],
+            b"fine_labels": [c for c, _ in rows],
+            b"coarse_labels": [coarse.index(coarse_of[fine[c]]) for c, _ in rows],
+            b"data": data}, protocol=2)
+
+    train = [(c, i) for c in range(100) for i in range(per_class - 1)]
+    test = [(c, per_class - 1) for c in range(100)]
+    meta = pickle.dumps({b"fine_label_names": [n.encode() for n in fine],
+                         b"coarse_label_names": [n.encode() for n in coarse]}, protocol=2)
+    content = {"cifar-100-python/train": batch(train), "cifar-100-python/test": batch(test),
+               "cifar-100-python/meta": meta, "cifar-100-python/file.txt~": b"",
+               **(members or {})}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        folder = tarfile.TarInfo("cifar-100-python")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in content.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def mini_imagenet_pickle(path: Path, wnids: list[str], per_class: int = 3,
+                         side: int = 84) -> Path:
+    """``mini-imagenet-cache-<split>.pkl`` as published: ``image_data`` uint8 [N, 84, 84, 3]
+    and ``class_dict`` wnid -> list of row indices."""
+    images, class_dict = [], {}
+    for wnid in wnids:
+        class_dict[wnid] = list(range(len(images), len(images) + per_class))
+        images += [np.asarray(photo(f"{wnid}/{i}", (side, side))) for i in range(per_class)]
+    path.write_bytes(pickle.dumps({"image_data": np.stack(images), "class_dict": class_dict},
+                                  protocol=4))
+    return path
 
 
 def require_shared_data() -> Path:

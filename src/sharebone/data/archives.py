@@ -429,3 +429,155 @@ class SafeZip:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------ tar archives
+
+
+def read_tar_members(path: str | os.PathLike[str], wanted: Iterable[str],
+                     max_member_bytes: int | None = None) -> dict[str, bytes]:
+    """The bytes of the members ``wanted`` of a (compressed) tar archive, read in one pass.
+
+    Nothing is extracted to disk, so no member can be written outside a folder. Every member is
+    still checked as :class:`SafeZip` checks a zip's: a name that is absolute or contains
+    ``..``, a symbolic or hard link, a device or FIFO makes the whole archive refused; a wanted
+    member larger than ``max_member_bytes`` (declared, or read) is refused before it is held.
+
+    Raises:
+        UnsafeArchiveError: as above, naming the member.
+        CorruptArchiveError: the archive is truncated or not a tar, or a wanted member is
+            missing or not a regular file.
+    """
+    import tarfile
+
+    path = Path(path)
+    limit = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
+    wanted = set(wanted)
+    require_regular_file(path)
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:  # a stream: one pass, no seeking back
+            for member in tar:
+                check_member_name(path, member.name)
+                if member.issym() or member.islnk():
+                    raise UnsafeArchiveError(
+                        f"Refusing archive {path}: member {member.name!r} is a link, which a "
+                        "dataset archive has no use for. The archive is not a genuine copy; "
+                        "delete it and download it again from the official URL.")
+                if not (member.isfile() or member.isdir()):
+                    raise UnsafeArchiveError(
+                        f"Refusing archive {path}: member {member.name!r} is a device or FIFO, "
+                        "not a file. Delete the archive and download it again.")
+                name = member.name.rstrip("/")
+                if name not in wanted:
+                    continue
+                if not member.isfile():
+                    raise _corrupt(path, f"member {name!r} is a folder, not a file")
+                if member.size > limit:
+                    raise UnsafeArchiveError(
+                        f"Refusing archive {path}: member {name!r} declares {member.size:,} "
+                        f"bytes, more than the {limit:,} this dataset's members may have.")
+                handle = tar.extractfile(member)
+                data = handle.read(limit + 1) if handle is not None else b""
+                if len(data) != member.size:
+                    raise _corrupt(path, f"member {name!r} has {len(data):,} bytes, its header "
+                                         f"says {member.size:,}")
+                found[name] = data
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise _corrupt(path, str(e) or type(e).__name__) from e
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise _corrupt(path, f"member(s) {missing} are missing; is this the right archive?")
+    return found
+
+
+# ---------------------------------------------------------------------------- pickled arrays
+
+
+class UnsafePickleError(DataError):
+    """A pickle asks for something other than plain data (numpy arrays, dicts, lists, str)."""
+
+
+#: What a data pickle may construct: numpy arrays, their dtypes and scalars, and bytes (which
+#: Python 3 writes as ``_codecs.encode(text, "latin1")`` at protocol 2). Everything else
+#: (dicts, lists, str, numbers; bytes at other protocols) needs no lookup at all.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it (bytes as latin-1 text), and no other
+    codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"a pickled bytes object asks for codec {encoding!r}")
+    return text.encode("latin1")
+
+
+def _pickle_global(module: str, name: str):
+    import numpy as np
+
+    if (module, name) == ("numpy", "ndarray"):
+        return np.ndarray
+    if (module, name) == ("numpy", "dtype"):
+        return np.dtype
+    if module == "_codecs":
+        return _latin1
+    from numpy._core import multiarray  # numpy >= 2; numpy.core.* is a shim that warns
+
+    return getattr(multiarray, name)
+
+
+def load_data_pickle(data: bytes, where: str, encoding: str = "ASCII") -> object:
+    """Unpickle a dataset file that should hold only numpy arrays, dicts, lists, str and
+    numbers (the miniImageNet caches, CIFAR's batches), and refuse anything else.
+
+    A pickle is a program: :func:`pickle.loads` runs whatever callable it names. This one may
+    only name numpy's array reconstruction (:data:`_PICKLE_ALLOWED`); an array of Python
+    objects is refused too. ``encoding`` is for Python 2 pickles (CIFAR's: ``"bytes"``).
+
+    Raises:
+        UnsafePickleError: the pickle names anything else (naming it and ``where``).
+        CorruptArchiveError: the bytes are not a complete pickle.
+    """
+    import io
+    import pickle
+
+    import numpy as np
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in _PICKLE_ALLOWED:
+                raise UnsafePickleError(
+                    f"Refusing {where}: the pickle asks for {module}.{name}, and a dataset "
+                    "file may only hold numpy arrays, dicts, lists, str and numbers (unpickling "
+                    "it could run any code). The file is not the dataset; delete it and "
+                    "download it again from its official source.")
+            return _pickle_global(module, name)
+
+    try:
+        obj = Restricted(io.BytesIO(data), encoding=encoding).load()
+    except DataError:
+        raise
+    except Exception as e:  # a truncated or garbled pickle fails in many ways
+        raise CorruptArchiveError(f"{where} is not a complete pickle ({type(e).__name__}: "
+                                  f"{e}). Fix: delete it and download it again.") from e
+
+    def check(value: object) -> None:
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise UnsafePickleError(f"Refusing {where}: it holds an array of Python objects; "
+                                    "a dataset file holds arrays of numbers.")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(key)
+                check(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                check(item)
+
+    check(obj)
+    return obj

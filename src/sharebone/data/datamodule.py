@@ -9,7 +9,13 @@ from torch.utils.data import DataLoader
 
 from sharebone.checks import check_count
 from sharebone.data.episodes import Episode
-from sharebone.data.tasks import EpisodeSource, EpochOffsetSampler, MetaBatches, TaskFamily
+from sharebone.data.tasks import (
+    EpisodeSource,
+    EpochOffsetSampler,
+    MetaBatches,
+    TaskFamily,
+    prepare_episode,
+)
 
 
 class EpisodeLoader(DataLoader):
@@ -83,8 +89,16 @@ class EpisodicDataModule(pl.LightningDataModule):
         return self._sources[split]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Episodes travel as uint8 and become floats on the model's device.
-        return batch.to_float() if isinstance(batch, Episode) else batch
+        # Episodes travel as uint8 and become floats on the model's device: augmented and
+        # normalised there, one call per meta-batch, by the split's own source.
+        if not isinstance(batch, Episode):
+            return batch
+        return prepare_episode(self._sources.get(self.stage_split()), batch)
+
+    def stage_split(self) -> str:
+        """The split being iterated: ``train`` while training, else ``val``."""
+        trainer = self.trainer
+        return "train" if trainer is not None and trainer.training else "val"
 
     def _ddp(self) -> dict[str, int]:
         trainer = self.trainer

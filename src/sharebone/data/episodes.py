@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from sharebone.checks import check_count
 
-__all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys"]
+__all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys", "uniform"]
 
 _MASK = (1 << 64) - 1
+
+#: ``hash_keys`` streams: 0 and 1 draw an episode's classes and images, 2 its group (episodes
+#: within one group), 3 the random parameters of its data augmentation.
+GROUP_STREAM, AUGMENT_STREAM = 2, 3
 
 
 def _signed(x: int) -> int:
@@ -82,6 +86,14 @@ def hash_keys(seed: int, split: str, episodes: torch.Tensor, stream: int,
     return _splitmix64(per_episode ^ _counter_keys(tuple(shape)))
 
 
+def uniform(seed: int, split: str, episodes: torch.Tensor, stream: int,
+            shape: Sequence[int]) -> torch.Tensor:
+    """Float64 numbers in ``[0, 1)``, ``[len(episodes), *shape]``: :func:`hash_keys` turned into
+    uniform draws (the top 53 bits of each key), as addressable as the keys."""
+    keys = hash_keys(seed, split, episodes, stream, shape)
+    return _shr(keys, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
 @dataclass(frozen=True)
 class Episode:
     """One few-shot task, or a meta-batch of them stacked on a leading ``tasks`` dimension.
@@ -108,6 +120,11 @@ class Episode:
     query: torch.Tensor
     query_labels: torch.Tensor
     classes: torch.Tensor
+    #: int64 ``[T]`` (a 0-d tensor for a single episode): which episode of its sampler each
+    #: task is. It stays on the CPU (``to`` leaves it there) and seeds the random draws of data
+    #: augmentation, so an augmented episode is as addressable as the episode itself. None for
+    #: an episode that did not come from a sampler (a folder episode).
+    index: torch.Tensor | None = None
 
     @property
     def n_way(self) -> int:
@@ -118,7 +135,8 @@ class Episode:
         return self.classes.shape[0] if self.classes.dim() == 2 else 1
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
-        return Episode(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
+        return Episode(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()),
+                       index=self.index)
 
     def to_float(self) -> Episode:
         """uint8 images in ``[0, 255]`` -> float in ``[0, 1]``; other dtypes unchanged."""
@@ -127,11 +145,12 @@ class Episode:
             return t.float().div_(255) if t.dtype == torch.uint8 else t
 
         return Episode(convert(self.support), self.support_labels, convert(self.query),
-                       self.query_labels, self.classes)
+                       self.query_labels, self.classes, self.index)
 
     def task(self, t: int) -> Episode:
         """Task ``t`` of a meta-batch, as a single episode."""
-        return Episode(*(x[t] for x in self._tensors()))
+        return Episode(*(x[t] for x in self._tensors()),
+                       index=None if self.index is None else self.index[t])
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.support, self.support_labels, self.query, self.query_labels, self.classes)
@@ -141,12 +160,22 @@ class EpisodeSampler:
     """Builds N-way K-shot Q-query episodes from class-indexed, preloaded images.
 
     Args:
-        images: ``[N, C, H, W]`` tensor (uint8 for images), all in memory.
+        images: ``[N, C, H, W]`` tensor (uint8 for images), in memory or memory-mapped. Sorted
+            by label, it is used as it is (no copy: episodes read only the rows they need, so a
+            memory-mapped cache is never read whole); otherwise a sorted copy is made.
         labels: ``[N]`` int64 class of each image, classes ``0..n_classes-1``.
         n_way, k_shot, q_query: ways, support shots and query examples per way.
         seed: the run's seed; with ``split`` it names an infinite, fixed sequence of episodes.
         split: the split's name ("train", "val", "test"); different splits give different
             episodes even under one seed.
+        groups: the group of every class (indexed by label): names, or int64 ids. Classes of
+            one group are related (an Omniglot alphabet, a tieredImageNet category).
+        group_episodes: draw all ``n_way`` classes of an episode from one group: first a group,
+            uniformly among those with at least ``n_way`` classes, then ``n_way`` of its
+            classes (Lake et al. 2015's within-alphabet episodes). Needs ``groups``.
+        transform: what :meth:`prepare` applies to an episode on the model's device (data
+            augmentation, normalisation; :class:`sharebone.data.augment.EpisodeTransform`);
+            None: uint8 pixels become floats in ``[0, 1]``.
 
     Example:
         >>> images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1)
@@ -156,19 +185,29 @@ class EpisodeSampler:
         ((4, 2, 1, 1, 1), (4, 6, 1, 1, 1))
         >>> torch.equal(sampler[2].query, episode.query[2])  # episode 2 is episode 2
         True
+        >>> within = EpisodeSampler(images, torch.arange(40) // 10, 2, 1, 3,
+        ...                         groups=["a", "a", "b", "b"], group_episodes=True)
+        >>> sorted({tuple(c) for c in within.batch(range(50)).classes.tolist()})
+        [(0, 1), (1, 0), (2, 3), (3, 2)]
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_way: int, k_shot: int,
-                 q_query: int, seed: int = 0, split: str = "train") -> None:
+                 q_query: int, seed: int = 0, split: str = "train", *,
+                 groups: Sequence[str] | torch.Tensor | None = None,
+                 group_episodes: bool = False,
+                 transform: Callable[[Episode], Episode] | None = None) -> None:
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
         # An empty query set would score every episode as NaN: refused like an empty support.
         n_way, k_shot = check_count("n_way", n_way), check_count("k_shot", k_shot)
         q_query = check_count("q_query", q_query)
-        order = torch.argsort(labels, stable=True)
-        self.images = images[order]
-        labels = labels[order]
+        if labels.numel() and bool((labels[1:] < labels[:-1]).any()):
+            order = torch.argsort(labels, stable=True)
+            self.images = images[order]
+            labels = labels[order]
+        else:  # already sorted (a cache is): keep the tensor itself, memory-mapped or not
+            self.images = images
         counts = torch.bincount(labels)
         present = counts > 0
         n_classes = int(present.sum())
@@ -193,9 +232,49 @@ class EpisodeSampler:
         self.counts = counts
         self.offsets = torch.cumsum(counts, 0) - counts
         self.max_count = int(counts.max())
+        self.transform = transform
+        self.group_episodes = bool(group_episodes)
+        self._init_groups(groups)
         # Way-major layout of each episode: first k_shot of every way go to support.
         self._support_labels = torch.arange(self.n_way).repeat_interleave(self.k_shot)
         self._query_labels = torch.arange(self.n_way).repeat_interleave(self.q_query)
+
+    def _init_groups(self, groups: Sequence[str] | torch.Tensor | None) -> None:
+        self.group_names: list[str] | None = None
+        self.class_group: torch.Tensor | None = None  # position -> group id
+        if groups is None:
+            if self.group_episodes:
+                raise ValueError(f"group_episodes needs the group of every class of split "
+                                 f"'{self.split}', and none were given.")
+            return
+        if isinstance(groups, torch.Tensor):
+            ids = groups.to(torch.int64)
+        else:
+            names = [str(g) for g in groups]
+            self.group_names = list(dict.fromkeys(names))
+            index = {name: i for i, name in enumerate(self.group_names)}
+            ids = torch.tensor([index[g] for g in names], dtype=torch.int64)
+        if ids.dim() != 1 or ids.numel() <= int(self.class_ids.max()):
+            raise ValueError(f"groups must give the group of each of the "
+                             f"{int(self.class_ids.max()) + 1} classes of split "
+                             f"'{self.split}', got {tuple(ids.shape)}.")
+        self.class_group = ids[self.class_ids]
+        sizes = torch.bincount(self.class_group)
+        self.eligible_groups = torch.nonzero(sizes >= self.n_way).squeeze(1)
+        if self.group_episodes and self.eligible_groups.numel() == 0:
+            largest = int(sizes.argmax())
+            name = self.group_names[largest] if self.group_names else str(largest)
+            raise ValueError(
+                f"{self.n_way}-way episodes within one group need a group of at least "
+                f"{self.n_way} classes, but the largest group of split '{self.split}' "
+                f"('{name}') has only {int(sizes.max())}. Lower n_way to at most "
+                f"{int(sizes.max())}, or turn group_episodes off for this split.")
+
+    def prepare(self, episode: Episode) -> Episode:
+        """An episode of this sampler (moved to any device) as the model's float input: the
+        split's ``transform`` (augmentation, normalisation) where there is one, else pixels
+        in ``[0, 1]``."""
+        return episode.to_float() if self.transform is None else self.transform(episode)
 
     def __getitem__(self, index: int) -> Episode:
         return self.batch([index]).task(0)
@@ -208,6 +287,14 @@ class EpisodeSampler:
         tasks = episodes.numel()
         # Ways: the n_way classes with the smallest keys, a uniform draw without replacement.
         class_keys = hash_keys(self.seed, self.split, episodes, 0, (self.n_classes,))
+        if self.group_episodes:
+            # One group per episode (the eligible group with the smallest key); the classes of
+            # every other group sort last.
+            group_keys = hash_keys(self.seed, self.split, episodes, GROUP_STREAM,
+                                   (self.eligible_groups.numel(),))
+            chosen = self.eligible_groups[group_keys.argmin(dim=1)]
+            outside = self.class_group.unsqueeze(0) != chosen.unsqueeze(1)
+            class_keys = class_keys.masked_fill(outside, torch.iinfo(torch.int64).max)
         classes = torch.topk(class_keys, self.n_way, dim=1, largest=False, sorted=True).indices
         # Images: per way, sort random keys over the class's images; padded slots sort last.
         sample_keys = hash_keys(self.seed, self.split, episodes, 1, (self.n_way, self.max_count))
@@ -220,19 +307,24 @@ class EpisodeSampler:
         picks = torch.topk(sample_keys, per_way, dim=2, largest=False, sorted=True).indices
         rows = self.offsets[classes].unsqueeze(-1) + picks  # [T, n_way, k_shot + q_query]
         shape = self.images.shape[1:]
-        # index_select copies whole rows; it is ~25x faster than advanced indexing here.
-        images = self.images.index_select(0, rows.reshape(-1))
-        images = images.view(tasks, self.n_way, per_way, *shape)
-        support = images[:, :, : self.k_shot].reshape(tasks, -1, *shape)
-        query = images[:, :, self.k_shot :].reshape(tasks, -1, *shape)
+        # index_select copies whole rows; it is ~25x faster than advanced indexing here. One
+        # call each for support and query puts the rows straight where they belong (no second
+        # copy to split them: at 84x84x3 a meta-batch of 32 5-way 5-shot 15-query is 68 MB).
+        support = self.images.index_select(0, rows[:, :, : self.k_shot].reshape(-1))
+        query = self.images.index_select(0, rows[:, :, self.k_shot :].reshape(-1))
+        support = support.view(tasks, self.n_way * self.k_shot, *shape)
+        query = query.view(tasks, self.n_way * self.q_query, *shape)
         return Episode(
             support=support,
             support_labels=self._support_labels.expand(tasks, -1),
             query=query,
             query_labels=self._query_labels.expand(tasks, -1),
             classes=self.class_ids[classes],
+            index=episodes,
         )
 
     def __repr__(self) -> str:
+        within = ", group_episodes=True" if self.group_episodes else ""
         return (f"EpisodeSampler(split={self.split!r}, seed={self.seed}, n_way={self.n_way}, "
-                f"k_shot={self.k_shot}, q_query={self.q_query}, n_classes={self.n_classes})")
+                f"k_shot={self.k_shot}, q_query={self.q_query}, n_classes={self.n_classes}"
+                f"{within})")

@@ -119,7 +119,12 @@ def _task_set(inputs: torch.Tensor, targets: torch.Tensor, groups: Sequence[str]
         local[c] = outputs[t]
         outputs[t] += 1
     task = task_of_class[targets]
-    order = torch.argsort(task * len(groups) + targets, stable=True)
+    key = task * len(groups) + targets
+    if key.numel() and not bool((key[1:] < key[:-1]).any()):
+        # Already in order (one task over a cache sorted by class): the images themselves, not
+        # a copy; a memory-mapped cache stays on disk.
+        return TaskSet(inputs, local[targets], task, names, outputs)
+    order = torch.argsort(key, stable=True)
     return TaskSet(inputs[order], local[targets[order]], task[order], names, outputs)
 
 
@@ -300,13 +305,17 @@ class TaskBatches(torch.utils.data.Dataset):
     """Item ``b`` is a task-balanced batch: ``per_task`` examples of every task, drawn without
     replacement within the batch, a pure function of ``(seed, b)``.
 
-    Returns ``(inputs [T * per_task, ...], targets [T * per_task], task [T * per_task])``.
+    Returns ``(inputs [T * per_task, ...], targets [T * per_task], task [T * per_task])``,
+    and with ``with_index`` also ``b`` (a 0-d int64 tensor: it seeds the batch's augmentation,
+    which the data module applies on the device and then drops).
     """
 
-    def __init__(self, data: TaskSet, per_task: int, length: int, seed: int = 0) -> None:
+    def __init__(self, data: TaskSet, per_task: int, length: int, seed: int = 0,
+                 with_index: bool = False) -> None:
         if per_task < 1:
             raise ValueError(f"per_task must be >= 1, got {per_task}.")
         self.data, self.per_task, self.length, self.seed = data, per_task, length, seed
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return self.length
@@ -322,7 +331,8 @@ class TaskBatches(torch.utils.data.Dataset):
                 pick = torch.randint(count, (self.per_task,), generator=g)
             rows.append(offset + pick)
         rows = torch.cat(rows)
-        return d.inputs[rows], d.targets[rows], d.task[rows]
+        batch = (d.inputs.index_select(0, rows), d.targets[rows], d.task[rows])
+        return (*batch, torch.tensor(int(b))) if self.with_index else batch
 
 
 def _to_float(batch: Any) -> Any:
@@ -361,11 +371,29 @@ class TaskBatchDataModule(EpisodicDataModule):
     def task_names(self) -> list[str]:
         return list(self.data.names)
 
+    def input_transform(self, split: str) -> Any:
+        """The family's transform of ``split``'s images (augmentation, normalisation), or None
+        for a family without one."""
+        make = getattr(self.family, "input_transform", None)
+        if make is None:
+            return None
+        return make(split, self.seed if split == "train" else self.eval_seed)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return _to_float(batch)
+        if isinstance(batch, Episode):
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+        if not (isinstance(batch, tuple | list) and batch and batch[0].dtype == torch.uint8):
+            return _to_float(batch)
+        inputs, targets, task, *index = batch
+        transform = self.input_transform(self.stage_split())
+        if transform is None:
+            return _to_float((inputs, targets, task))
+        index = index[0].reshape(1).cpu() if index else None
+        return (transform.images(inputs.unsqueeze(0), index)[0], targets, task)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = TaskBatches(self.data, self.per_task, self.batches_per_epoch, self.seed)
+        dataset = TaskBatches(self.data, self.per_task, self.batches_per_epoch, self.seed,
+                              with_index=self.input_transform("train") is not None)
         return self._loader(dataset, EpochOffsetSampler(self.batches_per_epoch))
 
     def val_dataloader(self) -> DataLoader:

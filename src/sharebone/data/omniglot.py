@@ -26,7 +26,6 @@ Example (the two "small" background sets, 242 characters)::
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -40,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageOps
 
 from sharebone.data.archives import (
     ArchiveSpec,
@@ -49,6 +47,13 @@ from sharebone.data.archives import (
     SafeZip,
     ensure_archives,
     resolve_data_dir,
+)
+from sharebone.data.images import (  # noqa: F401  (load_image, MAX_IMAGE_PIXELS: public here too)
+    DECODE_ERRORS,
+    MAX_IMAGE_PIXELS,
+    check_decode_args,
+    decode_array,
+    load_image,
 )
 from sharebone.files import atomic_write
 
@@ -84,14 +89,6 @@ DATASET_DIR = "omniglot"
 
 _CACHE_FORMAT = "sharebone.omniglot.v1"
 
-#: The most pixels an image may have to be decoded (8192 x 8192). A drawing, or a photo of
-#: one, has far fewer; a small file declaring more is a decompression bomb (Pillow itself only
-#: refuses beyond twice its ``Image.MAX_IMAGE_PIXELS``, 179 M pixels).
-MAX_IMAGE_PIXELS = 1 << 26
-
-#: Pillow modes with more than 8 bits per pixel, and the shift that keeps their top 8 bits.
-_WIDE_MODES = {"I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 8}
-
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
@@ -101,11 +98,16 @@ class ImageSet:
         images: uint8 ``[N, C, H, W]``, pixel values 0..255, sorted by label.
         labels: int64 ``[N]``, classes ``0 .. n_classes - 1``, each present, non-decreasing.
         class_names: ``class_names[c]`` names class ``c`` (e.g. ``"Greek/character01"``).
+        groups: ``groups[c]``, the group class ``c`` belongs to (an Omniglot alphabet, a
+            tieredImageNet category, a folder above the class folders), for episodes drawn
+            within one group; None: the first part of each class name before a ``/`` (the
+            alphabet of ``"Greek/character01"``), or the class itself when it has none.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+    groups: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -127,6 +129,16 @@ class ImageSet:
             raise ValueError("an empty image set has no classes")
         if n and not bool((self.class_counts > 0).all()):
             raise ValueError("every class must have at least one image")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"groups must name one group per class ({n}), got "
+                             f"{len(self.groups)}")
+
+    @property
+    def class_groups(self) -> list[str]:
+        """The group of every class (see ``groups``)."""
+        if self.groups is not None:
+            return list(self.groups)
+        return [name.split("/", 1)[0] for name in self.class_names]
 
     @property
     def n_classes(self) -> int:
@@ -153,97 +165,7 @@ class ImageSet:
 
 
 # ----------------------------------------------------------------------------------- decoding
-
-
-def _check_decode_args(image_size: int, channels: int) -> None:
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-
-
-def _decode_array(
-    source: str | os.PathLike[str] | bytes, image_size: int, channels: int, invert: bool
-) -> np.ndarray:
-    _check_decode_args(image_size, channels)
-    fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    with Image.open(fp) as img:
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(
-                f"{img.width}x{img.height} pixels is larger than the {MAX_IMAGE_PIXELS:,} pixels "
-                "sharebone decodes (sharebone.data.omniglot.MAX_IMAGE_PIXELS); scale it down"
-            )
-        img.load()
-        if img.format != "PNG" or "exif" in img.info or "Raw profile type exif" in img.info:
-            ImageOps.exif_transpose(img, in_place=True)  # a phone photo: sideways plus a tag
-        if img.mode in _WIDE_MODES:
-            img = _to_8_bit(img)
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            # Transparent background (common in user drawings): composite onto white.
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba)
-        img = img.convert("L" if channels == 1 else "RGB")
-        if invert:
-            img = ImageOps.invert(img)
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8)
-
-
-def _to_8_bit(img: Image.Image) -> Image.Image:
-    """A 16-bit (or 32-bit integer) grayscale image as ``L``, keeping its top 8 bits.
-
-    Pillow's own ``convert("L")`` clips such values to 255, which turns a 16-bit drawing into a
-    blank page. Values of mode ``I`` are taken as 16-bit when any exceeds 255 (how Pillow reads
-    16-bit PGM), else as 8-bit. A transparent value becomes an alpha channel.
-    """
-    pixels = np.asarray(img).astype(np.int64)
-    shift = _WIDE_MODES[img.mode] if img.mode != "I" or pixels.max(initial=0) > 255 else 0
-    gray = Image.fromarray((np.clip(pixels, 0, 65535) >> shift).clip(0, 255).astype(np.uint8))
-    transparent = img.info.get("transparency")
-    if isinstance(transparent, int):
-        alpha = Image.fromarray(np.where(pixels == transparent, 0, 255).astype(np.uint8))
-        gray = Image.merge("LA", (gray, alpha))
-    return gray
-
-
-def load_image(
-    source: str | os.PathLike[str] | bytes,
-    image_size: int = 28,
-    channels: int = 1,
-    *,
-    invert: bool = True,
-) -> torch.Tensor:
-    """Decode one image with Omniglot's preprocessing: uint8 ``[channels, image_size, image_size]``.
-
-    Steps: decode (PNG or any format PIL reads; turned upright by its EXIF orientation; 16-bit
-    grayscale scaled to 8 bits; a transparent background is composited onto white), convert to
-    grayscale (``channels=1``) or RGB (``channels=3``), invert (dark strokes on a light
-    background become bright strokes on 0), resize to a square ``image_size`` with Lanczos
-    antialiasing. Use the same function for one's own drawings so that they match the training
-    data.
-
-    Args:
-        source: a file path or the file's bytes.
-        image_size: output height and width (the aspect ratio is not kept).
-        channels: 1 (grayscale) or 3 (RGB).
-        invert: invert intensities (default True, as for Omniglot: strokes bright).
-
-    Raises:
-        DataError: the image cannot be decoded, or has more than :data:`MAX_IMAGE_PIXELS`.
-    """
-    _check_decode_args(image_size, channels)
-    try:
-        array = _decode_array(source, image_size, channels, invert)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        where = "image bytes" if isinstance(source, bytes | bytearray) else str(source)
-        raise DataError(
-            f"Cannot decode {where} as an image ({e}). Fix: re-save it as a PNG (or JPEG), or "
-            "remove it."
-        ) from e
-    tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+# (one image: sharebone.data.images, shared with every image family)
 
 
 def _natural_key(text: str) -> tuple[tuple[Any, ...], str]:
@@ -276,7 +198,7 @@ def decode_archive(path: str | os.PathLike[str], image_size: int = 28) -> Decode
             ``<archive>/<alphabet>/<character>/<file>.png``.
     """
     path = Path(path)
-    _check_decode_args(image_size, 1)  # a bad argument is not a corrupt archive
+    check_decode_args(image_size, 1)  # a bad argument is not a corrupt archive
     start = time.perf_counter()
     with SafeZip(path) as archive:
         groups: dict[tuple[str, str], list[str]] = {}
@@ -302,8 +224,8 @@ def decode_archive(path: str | os.PathLike[str], image_size: int = 28) -> Decode
             members = sorted(groups[key])
             for name in members:
                 try:
-                    out[i] = _decode_array(archive.read(name), image_size, 1, True)
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                    out[i] = decode_array(archive.read(name), image_size, 1, True)
+                except DECODE_ERRORS as e:
                     raise CorruptArchiveError(
                         f"Archive {path}: cannot decode {name!r} ({e}). Fix: delete the archive "
                         "and download it again."

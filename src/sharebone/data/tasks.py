@@ -8,7 +8,7 @@ and hand them to :class:`~sharebone.data.episodes.EpisodeSampler`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,15 @@ from sharebone.data.omniglot import load_split
 
 class EpisodeSource(Protocol):
     def batch(self, indices: Any) -> Episode: ...
+
+
+def prepare_episode(source: Any, episode: Episode) -> Episode:
+    """``episode`` of ``source`` (already on the model's device) as the model's float input:
+    the source's own ``prepare`` (augmentation, normalisation) where it has one, else
+    :meth:`Episode.to_float`. Training, validation and every evaluation go through here, so a
+    model sees its inputs the same way wherever they come from."""
+    prepare = getattr(source, "prepare", None)
+    return prepare(episode) if prepare is not None else episode.to_float()
 
 
 class TaskFamily(Protocol):
@@ -53,11 +62,15 @@ class OmniglotTasks:
         cache_dir: where decoded uint8 tensors are cached.
         image_size: side of the square images fed to the backbone.
         download: fetch missing archives from the official source (md5-checked).
+        group_episodes: draw all classes of an episode from one alphabet (Lake et al. 2015's
+            within-alphabet episodes), in every split (true) or in the splits listed.
     """
 
     def __init__(self, splits: Mapping[str, Mapping[str, Any]], data_dir: str | None = None,
-                 cache_dir: str | None = None, image_size: int = 28, download: bool = True) -> None:
+                 cache_dir: str | None = None, image_size: int = 28, download: bool = True,
+                 group_episodes: bool | Sequence[str] = False) -> None:
         self.splits = {name: dict(spec) for name, spec in splits.items()}
+        self.group_splits = group_splits(group_episodes, self.splits)
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.image_size = image_size
@@ -79,7 +92,23 @@ class OmniglotTasks:
                 seed: int) -> EpisodeSampler:
         data = self.images(split)
         return EpisodeSampler(data.images, data.labels, n_way, k_shot, q_query, seed=seed,
-                              split=split)
+                              split=split, groups=data.class_groups,
+                              group_episodes=split in self.group_splits)
+
+
+def group_splits(group_episodes: bool | Sequence[str], splits: Sequence[str]) -> set[str]:
+    """The splits whose episodes are drawn within one group: all (true), none (false), or
+    those listed (each must be one of ``splits``)."""
+    if isinstance(group_episodes, bool):
+        return set(splits) if group_episodes else set()
+    if isinstance(group_episodes, str):
+        group_episodes = [group_episodes]
+    chosen = {str(s) for s in group_episodes}
+    unknown = sorted(chosen - set(splits))
+    if unknown:
+        raise ValueError(f"group_episodes names split(s) {unknown}; this task has "
+                         f"{sorted(splits)}.")
+    return chosen
 
 
 class MetaBatches(torch.utils.data.Dataset):

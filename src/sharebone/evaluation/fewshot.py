@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from sharebone.checks import check_count
-from sharebone.data.tasks import EpisodeSource, TaskFamily
+from sharebone.data.tasks import EpisodeSource, TaskFamily, prepare_episode
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
 
@@ -70,7 +70,7 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
         with model.prediction_context():
             for start in range(0, episodes, episodes_per_batch):
                 index = torch.arange(start, min(start + episodes_per_batch, episodes))
-                episode = test.source.batch(index).to(model.device).to_float()
+                episode = prepare_episode(test.source, test.source.batch(index).to(model.device))
                 predictions = model.predict_episode(episode).detach()
                 scores.append(model.task_kind.metric(predictions, episode.query_labels).cpu())
                 progress.update(int(index[-1]) + 1)

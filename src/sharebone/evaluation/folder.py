@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sharebone.data.episodes import Episode
-from sharebone.data.omniglot import load_image
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+from sharebone.data.images import IMAGE_SUFFIXES, load_image
 
 
 class EpisodeFolderError(ValueError):
@@ -58,9 +57,18 @@ def _images(folder: Path) -> list[Path]:
     return [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) -> FolderEpisode:
-    """Read ``support/`` and ``query/`` with the training data's preprocessing."""
+def load_episode_folder(root: str | Path, image_size: int, channels: int = 1,
+                        **preprocessing: Any) -> FolderEpisode:
+    """Read ``support/`` and ``query/`` with the training data's preprocessing.
+
+    ``preprocessing``: :func:`~sharebone.data.images.load_image`'s keyword settings (``invert``,
+    ``resize``, ``interpolation``); the defaults are Omniglot's.
+    """
     root = Path(root).expanduser()
+
+    def load(path: Path) -> torch.Tensor:
+        return load_image(path, image_size, channels, **preprocessing)
+
     support_dir, query_dir = root / "support", root / "query"
     for d in (support_dir, query_dir):
         if not d.is_dir():
@@ -86,12 +94,12 @@ def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) ->
                                      f"({display_name(folder)}) has no images "
                                      f"({', '.join(IMAGE_SUFFIXES)}). Add at least one or remove "
                                      "the folder.")
-        support += [load_image(f, image_size, channels) for f in files]
+        support += [load(f) for f in files]
         support_labels += [label] * len(files)
 
     query, targets, paths = [], [], []
     for path in _images(query_dir):
-        query.append(load_image(path, image_size, channels))
+        query.append(load(path))
         targets.append(-1)
         paths.append(path)
     shown = [display_name(n) for n in names]
@@ -106,7 +114,7 @@ def load_episode_folder(root: str | Path, image_size: int, channels: int = 1) ->
             raise EpisodeFolderError(f"Query class folder {display_name(folder)} is empty; "
                                      "add images or remove it.")
         for path in files:
-            query.append(load_image(path, image_size, channels))
+            query.append(load(path))
             targets.append(names.index(folder.name))
             paths.append(path)
     if not query:
