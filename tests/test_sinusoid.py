@@ -94,3 +94,19 @@ def test_sinusoid_experiments_run_end_to_end(experiment, tmp_path):
     results = json.loads((tmp_path / "fewshot.json").read_text())
     assert results["regime"] == experiment.split("_")[1]
     assert all(r["metric"] == "mse" for r in results["results"])
+
+
+def test_meta_sgd_protocol_varies_the_frequency_and_leaves_finns_tasks_as_they_were():
+    finn = SinusoidTasks().sampler("test", 1, 5, 10, 0)
+    li = SinusoidTasks(frequency=(0.8, 1.2)).sampler("test", 1, 5, 10, 0)
+    episodes = torch.arange(50)
+    assert torch.equal(finn.batch(episodes).query,
+                       SinusoidTasks(frequency=(1.0, 1.0)).sampler("test", 1, 5, 10, 0)
+                       .batch(episodes).query)
+    w = li.frequency(episodes)
+    assert 0.8 <= float(w.min()) < 0.85 and 1.15 < float(w.max()) <= 1.2
+    amplitude, phase = li.task_parameters(episodes)
+    episode = li.batch(episodes)
+    x = episode.query.double().squeeze(-1)
+    expected = amplitude[:, None] * torch.sin(w[:, None] * x - phase[:, None])
+    assert torch.allclose(episode.query_labels.squeeze(-1).double(), expected, atol=1e-5)

@@ -53,6 +53,14 @@ class SinusoidSampler:
         (a_lo, a_hi), (p_lo, p_hi) = self.family.amplitude, self.family.phase
         return a_lo + (a_hi - a_lo) * u[:, 0], p_lo + (p_hi - p_lo) * u[:, 1]
 
+    def frequency(self, episodes: torch.Tensor) -> torch.Tensor:
+        """Frequency ``[T]`` of the given episodes: 1 in Finn et al.'s tasks; drawn from its
+        own hash stream otherwise, so that fixing it leaves every other draw unchanged."""
+        lo, hi = self.family.frequency
+        if lo == hi:
+            return torch.full((episodes.numel(),), lo, dtype=torch.float64)
+        return lo + (hi - lo) * uniforms(hash_keys(self.seed, self.split, episodes, 2, (1,)))[:, 0]
+
     def batch(self, indices: Sequence[int] | torch.Tensor) -> Episode:
         episodes = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if episodes.numel() and int(episodes.min()) < 0:
@@ -61,7 +69,8 @@ class SinusoidSampler:
         x_lo, x_hi = self.family.x_range
         n = self.k_shot + self.q_query
         x = x_lo + (x_hi - x_lo) * uniforms(hash_keys(self.seed, self.split, episodes, 1, (n,)))
-        y = amplitude.unsqueeze(1) * torch.sin(x - phase.unsqueeze(1))
+        frequency = self.frequency(episodes).unsqueeze(1)
+        y = amplitude.unsqueeze(1) * torch.sin(frequency * x - phase.unsqueeze(1))
         x, y = x.float().unsqueeze(-1), y.float().unsqueeze(-1)
         k = self.k_shot
         return Episode(support=x[:, :k], support_labels=y[:, :k], query=x[:, k:],
@@ -84,19 +93,26 @@ class SinusoidTasks:
     Args:
         amplitude, phase, x_range: ``[low, high]`` of the uniform distributions (the paper's
             defaults).
+        frequency: ``[low, high]`` of ``w`` in ``y = A sin(w x - phase)``: ``[1, 1]`` in Finn
+            et al. (2017); ``[0.8, 1.2]`` in Li et al.'s (2017) Meta-SGD Table 1
+            (``tasks/sinusoid_metasgd.yaml``).
     """
 
     input_shape = (1,)
 
     def __init__(self, amplitude: Sequence[float] = (0.1, 5.0),
                  phase: Sequence[float] = (0.0, math.pi),
-                 x_range: Sequence[float] = (-5.0, 5.0)) -> None:
-        for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
+                 x_range: Sequence[float] = (-5.0, 5.0),
+                 frequency: Sequence[float] = (1.0, 1.0)) -> None:
+        ranges = (("amplitude", amplitude), ("phase", phase), ("x_range", x_range),
+                  ("frequency", frequency))
+        for name, (lo, hi) in ranges:
             if not lo <= hi:
                 raise ValueError(f"{name} must be [low, high] with low <= high, got {[lo, hi]}.")
         self.amplitude = (float(amplitude[0]), float(amplitude[1]))
         self.phase = (float(phase[0]), float(phase[1]))
         self.x_range = (float(x_range[0]), float(x_range[1]))
+        self.frequency = (float(frequency[0]), float(frequency[1]))
 
     def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
                 seed: int) -> SinusoidSampler:
