@@ -52,16 +52,10 @@ def training_setting(cfg: Mapping[str, Any]) -> str | None:
 
 
 def run_time(output_dir: str | Path) -> str:
-    """When the run started: the ``<date>/<time>`` of a Hydra run directory, else the time of
-    the first W&B run written there (a resumed run keeps its name), else now."""
+    """When the run started: the ``<date>/<time>`` of a Hydra run directory, else now."""
     parts = Path(output_dir).parts
     if len(parts) >= 2 and _DATE.match(parts[-2]) and _TIME.match(parts[-1]):
         return f"{parts[-2]}_{parts[-1]}"
-    folder = Path(output_dir) / "wandb"
-    stamps = sorted(m.group(1) for p in (folder.iterdir() if folder.is_dir() else ())
-                    if (m := tracking._RUN_DIR.match(p.name)))
-    if stamps:
-        return time.strftime("%Y-%m-%d_%H-%M-%S", time.strptime(stamps[0], "%Y%m%d_%H%M%S"))
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
@@ -78,10 +72,10 @@ def run_name(cfg: Mapping[str, Any], output_dir: str | Path) -> str:
 
 
 def name_and_tags(wandb: Mapping[str, Any] | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The W&B options with a name (unless one is set: the user's, a sweep job's) and the
-    run's tags added to the user's own."""
+    """The W&B options with a name (unless one is set: the user's, a sweep job's; a resumed
+    run keeps the name its W&B run has) and the run's tags added to the user's own."""
     options = dict(wandb or {})
-    if not options.get("name"):
+    if not options.get("name") and not cfg.get("resume"):
         options["name"] = run_name(cfg, cfg["paths"]["output_dir"])
     tags = [str(t) for t in (options.get("tags") or [])]
     options["tags"] = tags + [t for t in run_tags(cfg) if t not in tags]

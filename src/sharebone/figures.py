@@ -152,6 +152,7 @@ def episode_figure(support: torch.Tensor, support_labels: torch.Tensor, query: t
                 spine.set_edgecolor(color)
                 spine.set_linewidth(2)
         else:
+            label += " / ?"
             color = UNKNOWN
         ax.set_title(label, fontsize=7, color=color)
     return fig
