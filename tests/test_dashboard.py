@@ -118,6 +118,19 @@ def test_maml_without_wandb_writes_accuracy_vs_inner_steps(tmp_path):
         assert image.format == "PNG" and min(image.size) >= 300
 
 
+def test_a_regression_run_summarises_val_mse_by_its_minimum(tmp_path):
+    run(compose_train(tmp_path, [
+        "experiment=sinusoid_maml", "debug=fast", "logger=wandb", "trainer.max_epochs=2",
+        "sampler.batches_per_epoch=2", "sampler.val_episodes=4", "test.episodes=4",
+        "figures.inner_steps_episodes=0"]))
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    summary = json.loads(inspect(run_dir, "--summary", "--json"))["summary"]
+    val = [item["val/mse"] for item in history(run_dir) if "val/mse" in item]
+    assert len(val) >= 2 and summary["val/mse"] == {"min": pytest.approx(min(val))}
+    assert summary["test/mse_vs_shots"]["_type"].startswith("image")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["mse_vs_shots.png"]
+
+
 def _draw(path: Path, shape: str, shift: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new("L", (56, 56), 255)

@@ -264,14 +264,15 @@ def accuracy_vs_shots(results: Sequence[Any], title: str = "") -> Figure | None:
         color = f"C{i}"
         ax.errorbar([r.k_shot for r in rows], [scale * r.mean for r in rows],
                     yerr=[scale * r.ci95 for r in rows], color=color, marker="o", capsize=4,
-                    label=f"{n_way}-way")
+                    label=f"{n_way}-way" if percent or len(ways) > 1 else None)
         if percent:
             ax.axhline(100 / n_way, color=color, linestyle="--", linewidth=1, alpha=0.7,
                        label=f"chance, {n_way}-way (1/{n_way})")
     ax.set_xticks(shots)
     if len(shots) == 1:
         ax.set_xlim(shots[0] - 1, shots[0] + 1)
-    ax.set_xlabel("shots per class (k_shot)")
+    ax.set_xlabel("shots per class (k_shot)" if percent else
+                  "support examples per task (k_shot)")
     if percent:
         ax.set_ylim(0, 100)
         ax.set_ylabel("test accuracy (%), mean ± 95% CI")
@@ -282,7 +283,8 @@ def accuracy_vs_shots(results: Sequence[Any], title: str = "") -> Figure | None:
     ax.set_title(f"{title}\n{episodes} test episodes per setting" if title else
                  f"{episodes} test episodes per setting", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return fig
 
 
