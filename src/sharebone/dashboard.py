@@ -121,19 +121,21 @@ def figure_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def describe(cfg: Mapping[str, Any], regime: str) -> str:
     """``protonet / conv4 on synthetic_images, trained 5w1s`` for figure titles."""
     setting = training_setting(cfg)
-    return (f"{regime} / {cfg['backbone']['name']} on {cfg['task']['name']}"
+    backbone = (cfg.get("backbone") or {}).get("name", "?")
+    return (f"{regime} / {backbone} on {(cfg.get('task') or {}).get('name', '?')}"
             + (f", trained {setting}" if setting else ""))
 
 
-def budget(cfg: Mapping[str, Any], steps: int | None = None) -> str:
-    """The training budget: optimizer steps (and episodes per step, for episodic training)."""
+def budget(cfg: Mapping[str, Any], steps: int | None = None, episodic: bool = True) -> str:
+    """The training budget: optimizer steps (and episodes per step, for episodic training);
+    ``steps`` as trained, else as configured."""
     if steps is None:
         trainer = cfg.get("trainer") or {}
         sampler = cfg.get("sampler") or {}
         steps = int(trainer.get("max_epochs") or 1) * int(sampler.get("batches_per_epoch") or 1)
         if (trainer.get("max_steps") or -1) > 0:
             steps = min(steps, int(trainer["max_steps"]))
-    size = (cfg.get("sampler") or {}).get("meta_batch_size")
+    size = (cfg.get("sampler") or {}).get("meta_batch_size") if episodic else None
     return f"{steps} optimizer steps" + (f" x {size} episode(s)" if size else "")
 
 
@@ -179,8 +181,10 @@ class Dashboard(pl.Callback):
         if (batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Episode)
                 and batch.support.dim() == 5 and self._wanted(trainer, pl_module)):
             b = batch
-            self._episode = Episode(b.support[:1], b.support_labels[:1], b.query[:1],
-                                    b.query_labels[:1], b.classes[:1])
+            # A copy of one task (not a view that keeps the whole meta-batch alive).
+            self._episode = Episode(b.support[:1].clone(), b.support_labels[:1].clone(),
+                                    b.query[:1].clone(), b.query_labels[:1].clone(),
+                                    b.classes[:1].clone())
 
     def on_validation_epoch_end(self, trainer: pl.Trainer,
                                 pl_module: pl.LightningModule) -> None:
@@ -217,8 +221,8 @@ def callbacks(cfg: Mapping[str, Any], model: Any, output_dir: str | Path,
     """:class:`Dashboard`, and the learning rate every step where a logger records it."""
     options = figure_options(cfg)
     found: list[pl.Callback] = [Dashboard(
-        output_dir if options["enabled"] else None, loggers,
-        title=describe(cfg, model.regime_name), val_episode=bool(options["val_episode"]))]
+        output_dir, loggers, title=describe(cfg, model.regime_name),
+        val_episode=bool(options["enabled"] and options["val_episode"]))]
     if loggers:
         found.append(LearningRateMonitor(logging_interval="step"))
     return found
@@ -251,8 +255,16 @@ def after_test(cfg: Mapping[str, Any], model: Any, tests: Sequence[Any], results
     return written
 
 
+def _episodic(model: Any) -> bool:
+    return getattr(model, "trains_on", "episodes") == "episodes"
+
+
+def _heading(cfg: Mapping[str, Any], model: Any, title: str) -> str:
+    return f"{title}\n{budget(cfg, episodic=_episodic(model))}"
+
+
 def _learning_curves(cfg, model, tests, results, loggers, folder, title, options):
-    from sharebone.figures import learning_curves, read_csv_log
+    from sharebone.figures import learning_curves, read_csv_log, save_png
 
     path = folder.parent / "csv" / "metrics.csv"
     if not path.is_file():
@@ -262,18 +274,16 @@ def _learning_curves(cfg, model, tests, results, loggers, folder, title, options
     n_way = ((cfg.get("sampler") or {}).get("train") or {}).get("n_way")
     fig = learning_curves(rows, model.metric_name, model.metric_higher_is_better,
                           n_way=n_way if model.metric_name == "acc" else None,
-                          title=f"{title}\n{budget(cfg, steps)}")
+                          title=f"{title}\n{budget(cfg, steps, _episodic(model))}")
     if fig is None:
         return None
-    png = folder / "learning_curves.png"
-    log_figure([], "", fig, png)  # W&B draws its own curves
-    return png
+    return save_png(fig, folder / "learning_curves.png")  # W&B draws its own curves
 
 
 def _vs_shots(cfg, model, tests, results, loggers, folder, title, options):
     from sharebone.figures import accuracy_vs_shots
 
-    fig = accuracy_vs_shots(results, title=f"{title}\n{budget(cfg)}")
+    fig = accuracy_vs_shots(results, title=_heading(cfg, model, title))
     if fig is None:
         return None
     png = folder / f"{model.metric_name}_vs_shots.png"
@@ -310,7 +320,7 @@ def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options)
                        [{"inner_steps": s, **r.as_dict()} for s, r in zip(steps, scores,
                                                                           strict=True)])
     fig = score_vs_inner_steps(steps, scores, trained_steps=int(hparams["inner_steps"]),
-                               test_steps=configured, title=f"{title}\n{budget(cfg)}")
+                               test_steps=configured, title=_heading(cfg, model, title))
     png = folder / f"{model.metric_name}_vs_inner_steps.png"
     log_figure(loggers, f"test/{model.metric_name}_vs_inner_steps", fig, png)
     return png
