@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from sharebone.config import CONFIG_DIR
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, registered_families
 from sharebone.evaluation.fewshot import evaluate, test_episodes
-from sharebone.evaluation.folder import load_episode_folder
+from sharebone.evaluation.folder import display_name, load_episode_folder
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.files import atomic_write
@@ -53,8 +54,10 @@ def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any
     return task, trusted
 
 
-def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) -> dict[str, Any]:
-    """Predict every query image of a folder episode; print and return the predictions.
+def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
+                 figure: Path | None = None) -> dict[str, Any]:
+    """Predict every query image of a folder episode; print and return the predictions, and
+    draw them (support images by class, queries with predicted/true class) into ``figure``.
 
     The images are read as the task's own are (its family's ``preprocessing``, where it has
     one: an image-folder task's photos are not inverted as Omniglot's drawings are) and
@@ -88,7 +91,27 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any]) ->
         acc = (probs.argmax(-1)[labelled] == loaded.query_targets[labelled]).float().mean()
         summary["accuracy"] = float(acc)
         print(f"accuracy on {int(labelled.sum())} labelled queries: {100 * float(acc):.2f}%")
+    if figure is not None:
+        draw_folder_episode(loaded, probs.argmax(-1), figure,
+                            f"{model.regime_name} on {display_name(cfg.episode_dir)}")
     return summary
+
+
+def draw_folder_episode(loaded: Any, predicted: torch.Tensor, path: Path, title: str) -> None:
+    """The episode grid of a folder episode, as a PNG (a failure is a warning, not an error:
+    the predictions are printed and written already)."""
+    from sharebone.figures import episode_figure, save_png
+
+    e = loaded.episode
+    try:
+        fig = episode_figure(e.support[0], e.support_labels[0], e.query[0], predicted,
+                             loaded.query_targets, loaded.class_names, title=title,
+                             max_queries=40)
+        save_png(fig, path)
+    except Exception as err:  # noqa: BLE001 - a picture must never lose the results
+        warnings.warn(f"Could not draw the episode into {path}: {err}", stacklevel=2)
+        return
+    print(f"[sharebone] episode with predictions: {path}")
 
 
 def unique_stem(folder: Path, stem: str) -> str:
@@ -133,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(output_dir)  # now, not after scoring thousands of episodes
 
     if cfg.episode_dir:
-        summary = score_folder(model, cfg, task)
+        summary = score_folder(model, cfg, task, figure=output_dir / "episode_predictions.png")
         with atomic_write(output_dir / "episode_predictions.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
         return summary

@@ -303,6 +303,7 @@ class SafeWandbLogger(WandbLogger):
         self._fallback_dir = None if fallback_dir is None else str(fallback_dir)
         self._resume = resume
         self._hparams: dict[str, Any] = {}
+        self._summarised: set[str] = set()
         #: Metric rows sent to W&B, for the CSV fallback should W&B fail (the newest
         #: ``REPLAY_ROWS``; nothing is kept when there is no fallback).
         self._sent: deque[tuple[dict[str, Any], int | None]] = deque(
@@ -400,9 +401,19 @@ class SafeWandbLogger(WandbLogger):
     use_artifact = _guarded(WandbLogger.use_artifact)
 
     @_guarded
+    def define_summary(self, key: str, summary: str) -> None:
+        """``key``'s run summary is ``summary`` of its history (``"max"``, ``"min"``...), not
+        its last value; :meth:`update_summary` leaves it alone from now on."""
+        self.experiment.define_metric(key, step_metric="trainer/global_step", step_sync=True,
+                                      summary=summary)
+        self._summarised.add(key)
+
+    @_guarded
     def update_summary(self, metrics: Mapping[str, Any]) -> None:
-        """Into the run summary (shown in W&B's run tables)."""
-        self.experiment.summary.update(dict(metrics))
+        """Into the run summary (shown in W&B's run tables); keys with a defined summary
+        (:meth:`define_summary`) keep it."""
+        self.experiment.summary.update({k: v for k, v in metrics.items()
+                                        if k not in self._summarised})
 
     @_guarded
     def log_file_artifact(self, path: str | Path, name: str, type: str = "model",

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from sharebone import tracking
+from sharebone import dashboard, tracking
 from sharebone.build import RunParts, build_run, check_world_size, resolved
 from sharebone.checkpoint_io import (
     AtomicCheckpointIO,
@@ -106,6 +106,8 @@ def logger_config(cfg: DictConfig) -> dict[str, Any]:
         if sweep and not wandb.get("name"):
             wandb["name"] = sweep["name"]
         options["wandb"] = wandb
+    if "wandb" in options:  # named and tagged by what the run is (a name set above wins)
+        options["wandb"] = dashboard.name_and_tags(options["wandb"], cfg)
     return options
 
 
@@ -197,6 +199,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
                                    if isinstance(v, int)})
 
     callbacks = build_callbacks(cfg, model, output_dir)
+    callbacks += dashboard.callbacks(cfg, model, output_dir, loggers)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                       plugins=[AtomicCheckpointIO()])
@@ -248,6 +251,7 @@ def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: P
         metrics[f"test/{r.name}/ci95"] = r.ci95
     tracking.log_summary(loggers, metrics)
     tracking.log_table(loggers, "test/results", [r.as_dict() for r in results])
+    dashboard.after_test(cfg, model, parts.tests, results, loggers, output_dir)
     if best:
         tracking.log_checkpoint(loggers, best, name=f"{model.regime_name}-{cfg.task.name}",
                                 metadata=dict(metrics))
