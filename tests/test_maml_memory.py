@@ -131,6 +131,9 @@ def test_auto_chunk_size_measures_one_task_then_fills_free_memory(monkeypatch):
     episode = conv_episode(tasks=6)
     model, *result = run("maml", episode, vmap_chunk_size="auto")
     assert sizes == [1, 2, 2, 1] and model.auto_chunk_size == 2
+    sizes.clear()
+    model.episode_loss(episode)  # the next meta-batch of this shape: measured already
+    assert sizes == [2, 2, 2]
     monkeypatch.undo()
     assert_same(run("maml", episode, vmap=True), (model, *result))
 

@@ -5,7 +5,8 @@ A vmapped meta-batch holds every task's graph until its meta-gradient is taken; 
 chunk's. :func:`chunk_slices` cuts a meta-batch (a short last chunk when ``k`` does not divide
 it); :func:`auto_chunk_size` is the estimate behind ``vmap_chunk_size: auto``.
 
-The estimate is deliberately simple: run the first chunk as one task, read the peak memory it
+The estimate is deliberately simple (made once per episode shape, at the first meta-batch):
+run the first chunk as one task, read the peak memory it
 allocated above what was allocated before it (``bytes_per_task``), and fit as many tasks as
 ``headroom`` (0.8) of the memory free after it allows::
 

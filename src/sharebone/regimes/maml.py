@@ -176,11 +176,13 @@ class MAML(FewShotRegime):
         return (self.training and torch.is_grad_enabled() and self._use_vmap()
                 and self.options.vmap_chunk_size is not None)
 
-    def _chunks(self, num_tasks: int) -> Iterator[slice]:
+    def _chunks(self, episode: Episode) -> Iterator[slice]:
         """The chunks a vmapped meta-batch runs in (``vmap_chunk_size``), lazily: with
-        ``"auto"`` on CUDA the first chunk is one task, measured, and the memory it peaked at
-        sizes the rest (:mod:`sharebone.chunking`). The size chosen is kept as
+        ``"auto"`` on CUDA the first chunk of the first meta-batch of a shape is one task,
+        measured, and the memory it peaked at sizes the rest and every later meta-batch of
+        that shape (:mod:`sharebone.chunking`). The last size chosen is kept as
         ``auto_chunk_size`` (in ``vars(self)``) for logs and benchmarks."""
+        num_tasks = episode.num_tasks
         size = self.options.vmap_chunk_size
         if size is None:
             yield slice(0, num_tasks)
@@ -192,13 +194,20 @@ class MAML(FewShotRegime):
             self.__dict__["auto_chunk_size"] = num_tasks
             yield slice(0, num_tasks)
             return
+        known = self.__dict__.setdefault("_auto_chunk_sizes", {})
+        shape = (tuple(episode.support.shape[1:]), tuple(episode.query.shape[1:]),
+                 self.training and torch.is_grad_enabled())
+        if shape in known:
+            self.__dict__["auto_chunk_size"] = known[shape]
+            yield from chunking.chunk_slices(num_tasks, known[shape])
+            return
         probe = chunking.MemoryProbe(self.device)
         probe.start()
         yield slice(0, 1)
         # The caller has taken the first chunk's meta-gradient (its graph is freed) by now.
         size = chunking.auto_chunk_size(chunking.free_device_bytes(self.device),
                                         probe.bytes_used(), num_tasks - 1)
-        self.__dict__["auto_chunk_size"] = size
+        self.__dict__["auto_chunk_size"] = known[shape] = size
         for rest in chunking.chunk_slices(num_tasks - 1, size):
             yield slice(rest.start + 1, rest.stop + 1)
 
@@ -238,6 +247,7 @@ class MAML(FewShotRegime):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_compiled", None)
+        state.pop("_auto_chunk_sizes", None)  # measured on this device, for this process
         return state
 
     def forward_with(self, params: Params, x: torch.Tensor, step: int = 0,
@@ -362,7 +372,7 @@ class MAML(FewShotRegime):
         task = self._task_function(episode.n_way)
         if self._use_vmap():
             chunks = [self._vmapped(task, episode, chunk)
-                      for chunk in self._chunks(episode.num_tasks)]
+                      for chunk in self._chunks(episode)]
             return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return torch.stack([task(*args) for args in zip(
             episode.support, episode.support_labels, episode.query, strict=True)])
@@ -384,7 +394,7 @@ class MAML(FewShotRegime):
             task = self._task_function(episode.n_way)
 
             def chunks():
-                for chunk in self._chunks(episode.num_tasks):
+                for chunk in self._chunks(episode):
                     predictions = self._vmapped(task, episode, chunk)
                     yield self.task_loss(predictions, episode.query_labels[chunk]), predictions
 
