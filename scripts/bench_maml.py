@@ -19,8 +19,23 @@ the tasks with torch.vmap. Like ``sharebone-train``, the sharebone runs keep fre
 the process (:func:`sharebone.memory.keep_freed_memory`); ``sharebone-default-malloc`` and
 ``learn2learn-keep-freed-memory`` separate that effect from the rest.
 
+``sharebone-vmap-chunk4/8/16`` run the vmapped meta-batch in chunks of 4/8/16 tasks
+(``vmap_chunk_size``), ``sharebone-vmap-auto`` sizes them from free GPU memory,
+``sharebone-vmap-bf16`` runs vmap under bf16 autocast (what ``trainer.precision=bf16-mixed``
+does), ``sharebone-checkpoint`` loops with ``checkpoint_inner_steps``.
+
+``--device cuda`` (any torch device): the models and episodes live there, the timed region is
+bracketed by ``torch.cuda.synchronize`` and peak memory is ``torch.cuda.max_memory_allocated``
+(reset after warm-up; ``peak_mb`` in the table), next to the process's peak RSS.
+``--preset issue12`` is issue 12's table: 5w1s15q at meta-batch 32 and 20w1s5q at meta-batch 16,
+orders 2 and 1, learn2learn against vmap, chunked vmap (4/8/16) and the loop, 10 timed
+meta-batches after 3 of warm-up, on CUDA unless ``--device`` says otherwise::
+
     python scripts/bench_maml.py                     # real Omniglot if SHAREBONE_DATA_DIR has it
     python scripts/bench_maml.py --data random --iters 3 --threads 1 --out bench.json
+    python scripts/bench_maml.py --preset issue12 --data random --repeats 1 --out gpu.json
+    python scripts/bench_maml.py --preset issue12 --device cpu --iters 1 --warmup 0 \\
+        --repeats 1 --hidden 8 --impls learn2learn,sharebone-vmap-chunk4   # CPU smoke
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -38,6 +54,14 @@ import torch.nn.functional as F
 
 N_WAY, K_SHOT, Q_QUERY, INNER_LR = 5, 1, 15, 0.4
 SPEC = {"name": "conv4", "in_channels": 1, "hidden": 64, "image_size": 28}
+#: The episode setting of this process (``--setting``): ways, shots, queries.
+SETTING = {"n_way": N_WAY, "k_shot": K_SHOT, "q_query": Q_QUERY}
+#: name -> (settings "<n>w<k>s<q>q:<meta-batch>", implementations, orders, device, iters, warmup)
+PRESETS = {
+    "issue12": ("5w1s15q:32,20w1s5q:16",
+                "learn2learn,sharebone-vmap,sharebone-vmap-chunk4,sharebone-vmap-chunk8,"
+                "sharebone-vmap-chunk16,sharebone,sharebone-vmap-bf16", "2,1", "cuda", 10, 3),
+}
 #: name -> (MAML options, or None for learn2learn; whether malloc keeps freed memory).
 #: ``sharebone`` is what ``sharebone-train`` runs on a CPU (``keep_freed_memory: true``).
 IMPLS = {
@@ -45,6 +69,12 @@ IMPLS = {
     "sharebone-compile": ({"compile": True}, True),
     "sharebone-one-backward": ({"vmap": False, "per_task_backward": False}, True),
     "sharebone-vmap": ({"vmap": True}, True),
+    "sharebone-vmap-chunk4": ({"vmap_chunk_size": 4}, True),
+    "sharebone-vmap-chunk8": ({"vmap_chunk_size": 8}, True),
+    "sharebone-vmap-chunk16": ({"vmap_chunk_size": 16}, True),
+    "sharebone-vmap-auto": ({"vmap_chunk_size": "auto"}, True),
+    "sharebone-vmap-bf16": ({"vmap": True, "bf16": True}, True),
+    "sharebone-checkpoint": ({"vmap": False, "checkpoint_inner_steps": True}, True),
     "sharebone-default-malloc": ({}, False),
     "learn2learn": (None, False),
     "learn2learn-keep-freed-memory": (None, True),
@@ -62,27 +92,31 @@ def episodes(data: str, meta_batch: int, batches: int):
         splits = {"train": {"archives": ["images_background_small1", "images_background_small2"],
                             "alphabets": ["Balinese", "Greek", "Latin", "Japanese_(katakana)"],
                             "rotations": [0, 90, 180, 270]}}
-        sampler = OmniglotTasks(splits, download=False).sampler("train", N_WAY, K_SHOT, Q_QUERY, 0)
+        sampler = OmniglotTasks(splits, download=False).sampler("train", *SETTING.values(), 0)
     else:
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=g, dtype=torch.uint8)
-        sampler = EpisodeSampler(images, torch.arange(2000) // 20, N_WAY, K_SHOT, Q_QUERY)
+        sampler = EpisodeSampler(images, torch.arange(2000) // 20, *SETTING.values())
     return [sampler.batch(range(b * meta_batch, (b + 1) * meta_batch)).to_float()
             for b in range(batches)]
 
 
-def sharebone_step(first_order: bool, **options):
+def sharebone_step(first_order: bool, device: str = "cpu", bf16: bool = False, **options):
     """One optimizer step on a meta-batch, as Lightning takes it (``episode_loss``, one
-    ``backward``, the optimizer); ``options`` go to :class:`~sharebone.regimes.MAML`."""
+    ``backward``, the optimizer); ``options`` go to :class:`~sharebone.regimes.MAML`;
+    ``bf16``: the loss under bf16 autocast, as ``trainer.precision=bf16-mixed`` runs it."""
     from sharebone.regimes import MAML
 
     torch.manual_seed(0)
-    model = MAML(SPEC, n_way=N_WAY, inner_lr=INNER_LR, first_order=first_order, **options)
+    model = MAML(SPEC, n_way=SETTING["n_way"], inner_lr=INNER_LR, first_order=first_order,
+                 **options).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    device_type = torch.device(device).type
 
     def step(episode):
         optimizer.zero_grad()
-        loss, _ = model.episode_loss(episode)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = model.episode_loss(episode)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -90,7 +124,7 @@ def sharebone_step(first_order: bool, **options):
     return model, step
 
 
-def learn2learn_step(first_order: bool):
+def learn2learn_step(first_order: bool, device: str = "cpu"):
     import learn2learn as l2l
     from torch.func import replace_all_batch_norm_modules_
 
@@ -98,8 +132,8 @@ def learn2learn_step(first_order: bool):
 
     torch.manual_seed(0)
     backbone = replace_all_batch_norm_modules_(create_backbone(**SPEC))
-    net = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, N_WAY))
-    maml = l2l.algorithms.MAML(net, lr=INNER_LR, first_order=first_order)
+    net = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, SETTING["n_way"]))
+    maml = l2l.algorithms.MAML(net.to(device), lr=INNER_LR, first_order=first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
 
     def step(episode):
@@ -118,8 +152,14 @@ def learn2learn_step(first_order: bool):
     return maml, step
 
 
-def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup: int) -> dict:
-    batches = episodes(data, meta_batch, warmup + iters)
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup: int,
+           device: str = "cpu") -> dict:
+    batches = [b.to(device) for b in episodes(data, meta_batch, warmup + iters)]
     first_order = order == 1
     options, keep_freed = IMPLS[impl]
     if keep_freed:
@@ -127,19 +167,28 @@ def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup
 
         keep_freed_memory()
     if options is None:
-        _, step = learn2learn_step(first_order)
+        _, step = learn2learn_step(first_order, device)
     else:
-        _, step = sharebone_step(first_order, **options)
+        model, step = sharebone_step(first_order, device, **options)
+    cuda = torch.device(device).type == "cuda"
     for b in batches[:warmup]:
         step(b)
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     base = rss_mb("VmRSS")
     reset_peak = reset_peak_rss()
     started = time.perf_counter()
     for b in batches[warmup:]:
         step(b)
+    synchronize(device)
     seconds = time.perf_counter() - started
     peak = rss_mb("VmHWM") if reset_peak else float("nan")
-    return {"impl": impl, "order": order, "tasks_per_s": iters * meta_batch / seconds,
+    device_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else float("nan")
+    chunk = vars(model).get("auto_chunk_size") if options is not None else None
+    return {"impl": impl, "order": order, "setting": setting_name(meta_batch),
+            "device": device, "peak_mb": device_peak if cuda else peak, "auto_chunk_size": chunk,
+            "tasks_per_s": iters * meta_batch / seconds,
             "seconds_per_meta_batch": seconds / iters, "peak_rss_mb": peak,
             "rss_before_timing_mb": base, "peak_over_base_mb": peak - base,
             "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -206,8 +255,26 @@ def main() -> None:
                         help="rounds over all implementations, alternating; the best counts")
     parser.add_argument("--orders", default="2,1")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--settings", default=None,
+                        help="comma list of <n>w<k>s<q>q:<meta-batch>, e.g. 5w1s15q:32,20w1s5q:16 "
+                             "(default: 5w1s15q at --meta-batch)")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="settings, implementations, orders, device, iters and warm-up of "
+                             "a table; explicit options win")
+    parser.add_argument("--hidden", type=int, default=SPEC["hidden"],
+                        help="conv4 channels (64 as in the paper; smaller for smoke runs)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "ORDER"), help=argparse.SUPPRESS)
+    defaults = {a.dest: a.default for a in parser._actions}
     args = parser.parse_args()
+    if args.preset:
+        settings, impls, orders, device, iters, warmup = PRESETS[args.preset]
+        for key, value in (("settings", settings), ("impls", impls), ("orders", orders),
+                           ("device", device), ("iters", iters), ("warmup", warmup)):
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    args.device = args.device or "cpu"
+    SPEC["hidden"] = args.hidden
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data
@@ -215,57 +282,82 @@ def main() -> None:
         root = os.environ.get("SHAREBONE_DATA_DIR", "data")
         found = os.path.isfile(os.path.join(root, "omniglot", "images_background_small1.zip"))
         data = "real" if found else "random"
+    settings = [parse_setting(x) for x in args.settings.split(",")] if args.settings else [
+        ((N_WAY, K_SHOT, Q_QUERY), args.meta_batch)]
     if args.worker:
-        result = worker(args.worker[0], int(args.worker[1]), data, args.meta_batch, args.iters,
-                        args.warmup)
+        (SETTING["n_way"], SETTING["k_shot"], SETTING["q_query"]), meta_batch = settings[0]
+        result = worker(args.worker[0], int(args.worker[1]), data, meta_batch, args.iters,
+                        args.warmup, args.device)
         print("RESULT " + json.dumps(result))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data={data}, "
-          f"meta-batch {args.meta_batch}, {args.iters} timed meta-batches after {args.warmup}")
-    difference = check_equal_numerics()
+    where = args.device
+    if torch.device(where).type == "cuda" and torch.cuda.is_available():
+        where += f" ({torch.cuda.get_device_name(torch.device(where))})"
+    print(f"torch {torch.__version__}, device {where}, {torch.get_num_threads()} threads, "
+          f"data={data}, conv4-{args.hidden}, {args.iters} timed meta-batches after "
+          f"{args.warmup}")
+    difference = check_equal_numerics() if "learn2learn" in args.impls else float("nan")
     print(f"equal numerics: max |meta-gradient difference| (float64, 4 tasks) = {difference:.2e}")
+    jobs = [(f"{way}w{shot}s{query}q:{meta_batch}", order, round_, impl)
+            for (way, shot, query), meta_batch in settings
+            for order in (int(o) for o in args.orders.split(","))
+            for round_ in range(args.repeats) for impl in args.impls.split(",")]
     runs = []
-    for order in (int(o) for o in args.orders.split(",")):
-        for round_ in range(args.repeats):
-            for impl in args.impls.split(","):
-                cmd = [sys.executable, __file__, "--worker", impl, str(order), "--data", data,
-                       "--meta-batch", str(args.meta_batch), "--iters", str(args.iters),
-                       "--warmup", str(args.warmup)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-                if out.returncode or not line:
-                    print(f"{impl} order {order} failed:\n{out.stderr[-2000:]}")
-                    continue
-                r = json.loads(line[0][7:])
-                runs.append(r)
-                print(f"  round {round_} {impl:17s} order {order}: {r['tasks_per_s']:7.2f} "
-                      f"tasks/s ({r['seconds_per_meta_batch']:.2f} s/meta-batch), "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    for setting, order, round_, impl in jobs:
+        cmd = [sys.executable, __file__, "--worker", impl, str(order), "--data", data,
+               "--settings", setting, "--iters", str(args.iters), "--warmup", str(args.warmup),
+               "--device", args.device, "--hidden", str(args.hidden)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            print(f"{setting} {impl} order {order} failed:\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(line[0][7:])
+        runs.append(r)
+        print(f"  round {round_} {setting} {impl:22s} order {order}: {r['tasks_per_s']:7.2f} "
+              f"tasks/s ({r['seconds_per_meta_batch']:.2f} s/meta-batch), "
+              f"peak {r['peak_mb']:.0f} MB", flush=True)
     # The best round of each: on a shared machine the slow rounds measure the neighbours.
     results = []
     for r in runs:
-        best = max((x for x in runs if x["impl"] == r["impl"] and x["order"] == r["order"]),
-                   key=lambda x: x["tasks_per_s"])
+        best = max((x for x in runs if (x["impl"], x["order"], x["setting"])
+                    == (r["impl"], r["order"], r["setting"])), key=lambda x: x["tasks_per_s"])
         if best not in results:
             results.append(best)
-    print("\n| order | implementation | tasks/s (best round) | s / meta-batch | peak RSS MB "
-          "| vs learn2learn |")
-    print("|---|---|---|---|---|---|")
+    peak = "peak GPU MB (max_memory_allocated)" if "cuda" in args.device else "peak RSS MB"
+    print(f"\n| setting | order | implementation | tasks/s (best round) | s / meta-batch | {peak} "
+          "| vs learn2learn | memory vs learn2learn |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        ref = next((x for x in results if x["order"] == r["order"]
+        ref = next((x for x in results if (x["order"], x["setting"]) == (r["order"], r["setting"])
                     and x["impl"] == "learn2learn"), None)
         ratio = f"{r['tasks_per_s'] / ref['tasks_per_s']:.2f}x" if ref else "-"
-        print(f"| {r['order']} | {r['impl']} | {r['tasks_per_s']:.2f} | "
-              f"{r['seconds_per_meta_batch']:.2f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+        memory = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref else "-"
+        name = r["impl"] + (f" (k={r['auto_chunk_size']})" if r.get("auto_chunk_size") else "")
+        print(f"| {r['setting']} | {r['order']} | {name} | {r['tasks_per_s']:.2f} | "
+              f"{r['seconds_per_meta_batch']:.2f} | {r['peak_mb']:.0f} | {ratio} | {memory} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"data": data, "threads": torch.get_num_threads(),
-                       "meta_batch": args.meta_batch, "grad_difference": difference,
+            json.dump({"data": data, "threads": torch.get_num_threads(), "device": where,
+                       "settings": args.settings, "grad_difference": difference,
                        "results": results, "runs": runs}, f, indent=2)
 
+
+def parse_setting(text: str) -> tuple[tuple[int, int, int], int]:
+    """``"5w1s15q:32"`` -> ``((5, 1, 15), 32)``: ways, shots, queries; meta-batch."""
+    match = re.fullmatch(r"(\d+)w(\d+)s(\d+)q:(\d+)", text.strip())
+    if not match:
+        raise SystemExit(f"a setting reads like 5w1s15q:32 (ways, shots, queries: meta-batch), "
+                         f"got {text!r}")
+    way, shot, query, meta_batch = map(int, match.groups())
+    return (way, shot, query), meta_batch
+
+
+def setting_name(meta_batch: int) -> str:
+    return "{n_way}w{k_shot}s{q_query}q".format(**SETTING) + f":{meta_batch}"
 
 if __name__ == "__main__":
     main()

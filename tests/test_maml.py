@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.saved_tensors import max_live_saved_tensors
 from helpers.training import RandomImages, fit
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -217,27 +218,6 @@ def test_per_task_backward_gives_the_meta_batch_loss_and_meta_gradient(name, hea
     for k, g in grads.items():
         if g is not None:
             torch.testing.assert_close(grads_pt[k], g, rtol=0, atol=1e-12)
-
-
-def max_live_saved_tensors(fn):
-    """Most tensors that autograd graphs held at once while ``fn`` ran (and its result lived)."""
-    import weakref
-
-    class Saved:
-        def __init__(self, tensor):
-            self.tensor = tensor
-
-    live, peak = weakref.WeakSet(), [0]
-
-    def pack(tensor):
-        box = Saved(tensor)
-        live.add(box)
-        peak[0] = max(peak[0], len(live))
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
-        result = fn()
-    return peak[0], result
 
 
 @pytest.mark.parametrize("per_task", [True, False])

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = ["Params", "PerStepBatchNorm", "TransductiveBatchNorm", "accumulate_meta_gradients",
            "adapt", "check_inner_loop", "dict_key", "sgd_step", "use_batch_statistics_"]
@@ -85,9 +86,20 @@ def _grads_func(support_loss: SupportLoss, params: Params, step: int,
     return params, grads
 
 
+def _float32_step(params: Params, grads: Mapping[str, torch.Tensor],
+                   step_sizes: float | Mapping[str, torch.Tensor]) -> Params:
+    """:func:`sgd_step` with autocast off: under mixed precision the support pass runs in
+    bf16, but parameters, their gradients and the step stay in float32."""
+    device_type = next(iter(params.values())).device.type if params else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return sgd_step(params, grads, step_sizes)
+    with torch.autocast(device_type, enabled=False):
+        return sgd_step(params, grads, step_sizes)
+
+
 def adapt(support_loss: SupportLoss, params: Params, steps: int,
           step_sizes: float | Mapping[str, torch.Tensor], first_order: bool = False,
-          functional: bool = False) -> Params:
+          functional: bool = False, checkpoint: bool = False) -> Params:
     """``steps`` gradient-descent steps on ``support_loss``, starting from ``params``.
 
     Args:
@@ -102,6 +114,11 @@ def adapt(support_loss: SupportLoss, params: Params, steps: int,
             the identity path, and Meta-SGD's step sizes through ``alpha * g``.
         functional: take gradients with :func:`torch.func.grad` (required inside
             :func:`torch.vmap`); otherwise :func:`torch.autograd.grad` (less overhead in a loop).
+        checkpoint: run each step under :func:`torch.utils.checkpoint.checkpoint`
+            (non-reentrant): its support pass and gradient are recomputed in the outer backward
+            instead of kept, so activation memory does not grow with ``steps`` (each step's
+            parameters are kept). Same meta-gradient, second order included. Not with
+            ``functional`` (torch.func's ``grad`` refuses the saved-tensor hooks it runs on).
 
     Returns:
         The adapted parameters, a new dict (``params`` and its tensors are left untouched).
@@ -116,11 +133,31 @@ def adapt(support_loss: SupportLoss, params: Params, steps: int,
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
+    if checkpoint and functional:
+        raise ValueError("checkpoint=True cannot be combined with functional=True: "
+                         "torch.func.grad does not support the saved-tensor hooks that "
+                         "torch.utils.checkpoint runs on.")
     create_graph = not first_order
     grads_of = _grads_func if functional else _grads_autograd
-    for step in range(steps):
+
+    def one_step(params: Params, step: int) -> Params:
         params, grads = grads_of(support_loss, params, step, create_graph)
-        params = sgd_step(params, grads, step_sizes)
+        return _float32_step(params, grads, step_sizes)
+
+    for step in range(steps):
+        if checkpoint and torch.is_grad_enabled():
+            names = list(params)
+
+            # step and names bound now: the outer backward calls this again to recompute.
+            def step_fn(*values: torch.Tensor, step: int = step,
+                        names: list[str] = names) -> tuple[torch.Tensor, ...]:
+                return tuple(one_step(dict(zip(names, values, strict=True)), step).values())
+
+            outputs = torch.utils.checkpoint.checkpoint(step_fn, *params.values(),
+                                                        use_reentrant=False)
+            params = dict(zip(names, outputs, strict=True))
+        else:
+            params = one_step(params, step)
     return params
 
 

@@ -43,6 +43,7 @@ from sharebone.evaluation.stats import format_table
 from sharebone.guards import NonFiniteLoss, finite_or_none
 from sharebone.memory import keep_freed_memory
 from sharebone.noise import quiet_known_noise
+from sharebone.precision import set_float32_matmul_precision
 from sharebone.regimes import load_regime
 from sharebone.run_dir import (
     RunLock,
@@ -177,6 +178,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
+    set_float32_matmul_precision(cfg.get("float32_matmul_precision", "auto"))
 
     # Every setting is checked and every sampler built now, not after hours of training.
     parts = build_run(cfg)

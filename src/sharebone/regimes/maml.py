@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sharebone import chunking
 from sharebone.adaptation import (
     Params,
     PerStepBatchNorm,
@@ -42,6 +43,7 @@ from sharebone.adaptation import (
 from sharebone.data.episodes import Episode
 from sharebone.models import ParameterSharing, count_parameters
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
+from sharebone.precision import check_autocast, check_bf16_supported
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
 from sharebone.task_kind import TaskKind
@@ -62,7 +64,8 @@ class MAML(FewShotRegime):
         backbone: registry spec, e.g. ``{"name": "conv4"}`` (the paper's 4-block conv net).
         lr: Adam's meta learning rate (beta).
         n_way, inner_steps, inner_lr, test_inner_steps, first_order, adapt, learn_step_sizes,
-        head, batch_norm, loss, vmap, backend, per_task_backward, compile: the inner loop's
+        head, batch_norm, loss, vmap, backend, per_task_backward, compile, vmap_chunk_size,
+        checkpoint_inner_steps: the inner loop's
             options, documented and validated by
             :class:`~sharebone.regimes.maml_options.MAMLOptions` (read back from ``hparams``
             as :attr:`options`). ``first_order``, ``adapt`` and ``learn_step_sizes`` left
@@ -96,7 +99,8 @@ class MAML(FewShotRegime):
                  head: str = "learned", batch_norm: str = "transductive",
                  loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
                  backend: str = "torch_func", per_task_backward: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, vmap_chunk_size: int | str | None = None,
+                 checkpoint_inner_steps: bool = False) -> None:
         super().__init__(backbone)
         # Presets change only these defaults; an explicit argument wins. Resolved before
         # save_hyperparameters (which reads these locals), so checkpoints hold the values used.
@@ -167,6 +171,50 @@ class MAML(FewShotRegime):
             return False
         return self.options.per_task_backward is not False and not self._use_vmap()
 
+    def _use_chunked_meta_gradients(self) -> bool:
+        """Meta-training a vmapped meta-batch chunk by chunk (``vmap_chunk_size``)."""
+        return (self.training and torch.is_grad_enabled() and self._use_vmap()
+                and self.options.vmap_chunk_size is not None)
+
+    def _chunks(self, episode: Episode) -> Iterator[slice]:
+        """The chunks a vmapped meta-batch runs in (``vmap_chunk_size``), lazily: with
+        ``"auto"`` on CUDA the first chunk of the first meta-batch of a shape is one task,
+        measured, and the memory it peaked at sizes the rest and every later meta-batch of
+        that shape (:mod:`sharebone.chunking`). The last size chosen is kept as
+        ``auto_chunk_size`` (in ``vars(self)``) for logs and benchmarks."""
+        num_tasks = episode.num_tasks
+        size = self.options.vmap_chunk_size
+        if size is None:
+            yield slice(0, num_tasks)
+            return
+        if size != "auto":
+            yield from chunking.chunk_slices(num_tasks, size)
+            return
+        if chunking.free_device_bytes(self.device) is None or num_tasks == 1:
+            self.__dict__["auto_chunk_size"] = num_tasks
+            yield slice(0, num_tasks)
+            return
+        known = self.__dict__.setdefault("_auto_chunk_sizes", {})
+        shape = (tuple(episode.support.shape[1:]), tuple(episode.query.shape[1:]),
+                 self.training and torch.is_grad_enabled())
+        if shape in known:
+            self.__dict__["auto_chunk_size"] = known[shape]
+            yield from chunking.chunk_slices(num_tasks, known[shape])
+            return
+        probe = chunking.MemoryProbe(self.device)
+        probe.start()
+        yield slice(0, 1)
+        # The caller has taken the first chunk's meta-gradient (its graph is freed) by now.
+        size = chunking.auto_chunk_size(chunking.free_device_bytes(self.device),
+                                        probe.bytes_used(), num_tasks - 1)
+        self.__dict__["auto_chunk_size"] = known[shape] = size
+        for rest in chunking.chunk_slices(num_tasks - 1, size):
+            yield slice(rest.start + 1, rest.stop + 1)
+
+    def on_fit_start(self) -> None:
+        """Refuse bf16 precision on a GPU without bf16 before the first step."""
+        check_bf16_supported(self.trainer.precision, self.device)
+
     # -- the model as a function of its parameters -------------------------------------------
     def features(self, params: Params, x: torch.Tensor, step: int = 0,
                  twice_differentiable: bool = False) -> torch.Tensor:
@@ -199,6 +247,7 @@ class MAML(FewShotRegime):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_compiled", None)
+        state.pop("_auto_chunk_sizes", None)  # measured on this device, for this process
         return state
 
     def forward_with(self, params: Params, x: torch.Tensor, step: int = 0,
@@ -243,8 +292,8 @@ class MAML(FewShotRegime):
 
     # -- one task ---------------------------------------------------------------------------
     def adapt_task(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
-                   steps: int, first_order: bool, functional: bool = False
-                   ) -> tuple[Params, torch.Tensor | None]:
+                   steps: int, first_order: bool, functional: bool = False,
+                   checkpoint: bool = False) -> tuple[Params, torch.Tensor | None]:
         """Adapted parameters of one task (ANIL: the head only) and, for ANIL, the support
         features they act on. ``support [S, *input]``, ``support_labels [S]`` (regression
         targets: ``[S, 1]``)."""
@@ -264,14 +313,15 @@ class MAML(FewShotRegime):
                                                 twice_differentiable=not first_order)
                 return self.task_loss(predictions, support_labels)
         adapted = adapt(support_loss, params, steps, step_sizes, first_order=first_order,
-                        functional=functional)
+                        functional=functional, checkpoint=checkpoint)
         return adapted, fixed_features
 
     def _task_predictions(self, support: torch.Tensor, support_labels: torch.Tensor,
                           query: torch.Tensor, n_way: int, steps: int, first_order: bool,
-                          functional: bool = False, meta_gradient: bool = True) -> torch.Tensor:
+                          functional: bool = False, meta_gradient: bool = True,
+                          checkpoint: bool = False) -> torch.Tensor:
         adapted, _ = self.adapt_task(support, support_labels, n_way, steps, first_order,
-                                     functional)
+                                     functional, checkpoint and meta_gradient)
         # Without a meta-gradient to take, the query pass keeps no graph: evaluating a
         # meta-batch then needs one task's activations at a time, not all of them.
         with contextlib.nullcontext() if meta_gradient else torch.no_grad():
@@ -287,13 +337,15 @@ class MAML(FewShotRegime):
         training = self.training and torch.is_grad_enabled()
         if training:
             self._check_training_ways(n_way)
+        check_autocast(self.device.type)
         steps = options.inner_steps if self.training else options.test_steps
         if options.backend == "learn2learn":
             from sharebone.regimes.maml_l2l import task_predictions
 
             task = functools.partial(task_predictions, self)
         else:
-            task = self._task_predictions
+            task = functools.partial(self._task_predictions,
+                                     checkpoint=options.checkpoint_inner_steps)
         return functools.partial(task, n_way=n_way, steps=steps,
                                  first_order=options.first_order or not training,
                                  meta_gradient=training)
@@ -319,15 +371,34 @@ class MAML(FewShotRegime):
         evaluation holds one task's activations at a time."""
         task = self._task_function(episode.n_way)
         if self._use_vmap():
-            return torch.vmap(functools.partial(task, functional=True), randomness="same")(
-                episode.support, episode.support_labels, episode.query)
+            chunks = [self._vmapped(task, episode, chunk)
+                      for chunk in self._chunks(episode)]
+            return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return torch.stack([task(*args) for args in zip(
             episode.support, episode.support_labels, episode.query, strict=True)])
 
+    @staticmethod
+    def _vmapped(task: Callable[..., torch.Tensor], episode: Episode,
+                 chunk: slice) -> torch.Tensor:
+        """Query predictions of the tasks ``chunk`` of ``episode``, batched with vmap."""
+        return torch.vmap(functools.partial(task, functional=True), randomness="same")(
+            episode.support[chunk], episode.support_labels[chunk], episode.query[chunk])
+
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta-batch's query loss and predictions. Looped meta-training takes each task's
-        meta-gradient as soon as the task is done (``per_task_backward``,
-        :func:`~sharebone.adaptation.accumulate_meta_gradients`)."""
+        meta-gradient as soon as the task is done (``per_task_backward``), chunked vmapped
+        meta-training each chunk's (``vmap_chunk_size``), both with
+        :func:`~sharebone.adaptation.accumulate_meta_gradients`."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self._use_chunked_meta_gradients():
+            task = self._task_function(episode.n_way)
+
+            def chunks():
+                for chunk in self._chunks(episode):
+                    predictions = self._vmapped(task, episode, chunk)
+                    yield self.task_loss(predictions, episode.query_labels[chunk]), predictions
+
+            return accumulate_meta_gradients(chunks(), params, episode.num_tasks)
         if not self._use_per_task_backward():
             return super().episode_loss(episode)
         task = self._task_function(episode.n_way)
@@ -339,7 +410,6 @@ class MAML(FewShotRegime):
                 predictions = task(support, support_labels, query)
                 yield self.task_loss(predictions, query_labels), predictions.unsqueeze(0)
 
-        params = [p for p in self.parameters() if p.requires_grad]
         return accumulate_meta_gradients(tasks(), params, episode.num_tasks)
 
     def parameter_sharing(self) -> ParameterSharing:

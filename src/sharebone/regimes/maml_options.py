@@ -53,7 +53,8 @@ class MAMLOptions:
         vmap: batch the tasks of a meta-batch with :func:`torch.vmap` (True), loop over them
             (False), or ``None``: vmap on GPU, loop on CPU (3x faster there for conv4 5-way
             1-shot, scripts/bench_maml.py), and loop whenever another option needs it
-            (``batch_norm="per_step"``, ``per_task_backward=True``, ``compile=True``).
+            (``batch_norm="per_step"``, ``per_task_backward=True``, ``compile=True``,
+            ``checkpoint_inner_steps=True``); ``vmap_chunk_size`` set: vmap.
         backend: ``"torch_func"`` (this package's inner loop) or ``"learn2learn"``
             (``l2l.algorithms.MAML`` / ``MetaSGD``; same numerics, for comparison).
         per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
@@ -69,6 +70,24 @@ class MAMLOptions:
             seconds at the first meta-batch and again per new input shape; it pays off in long
             runs (scripts/bench_maml.py). Not with ``vmap``, ``batch_norm="per_step"`` or the
             learn2learn backend.
+        vmap_chunk_size: meta-train a vmapped meta-batch as chunks of this many tasks, each
+            chunk's meta-gradient taken as soon as the chunk is done
+            (:func:`sharebone.adaptation.accumulate_meta_gradients`, as ``per_task_backward``
+            does per task), so memory holds one chunk's graph, not the meta-batch's; same loss,
+            same meta-gradient. A size that does not divide the meta-batch leaves a short last
+            chunk. ``"auto"``: on CUDA, the first chunk is one task, whose peak memory sets the
+            size of the others (:func:`sharebone.chunking.auto_chunk_size`); on CPU the whole
+            meta-batch is one chunk (CPU memory is not the limit vmap hits there). ``None``: no
+            chunking. Setting it turns vmap on (``vmap=None``); not with ``vmap=False``,
+            ``batch_norm="per_step"``, ``compile`` or the learn2learn backend.
+        checkpoint_inner_steps: recompute each inner step's support pass (forward and, for
+            second order, its gradient) in the backward pass instead of keeping its activations
+            (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant), so activation memory no
+            longer grows with ``inner_steps``; one set of adapted parameters per step is still
+            kept. Costs one more support pass per step. Needs the tasks looped (torch.func's
+            ``grad`` under vmap refuses saved-tensor hooks); not with ``vmap=True``,
+            ``vmap_chunk_size``, ``batch_norm="per_step"`` (recomputing would update the
+            running statistics twice), ``compile`` or the learn2learn backend.
 
     Example:
         >>> MAMLOptions(n_way=5, adapt="head").adapts_backbone
@@ -93,6 +112,8 @@ class MAMLOptions:
     backend: str = "torch_func"
     per_task_backward: bool | None = None
     compile: bool = False
+    vmap_chunk_size: int | str | None = None
+    checkpoint_inner_steps: bool = False
 
     def __post_init__(self) -> None:
         check_inner_loop(self.inner_steps, self.inner_lr, training=True)
@@ -103,6 +124,7 @@ class MAMLOptions:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         self._check_combinations()
+        self._check_memory_options()
         if self.backend == "learn2learn":
             self._check_learn2learn()
         if self.n_way < 1:
@@ -132,6 +154,42 @@ class MAMLOptions:
                 "compile=True runs sharebone's own looped inner loop through torch.compile; it "
                 "cannot be combined with vmap=True, batch_norm='per_step' (running statistics "
                 "updated in place) or backend='learn2learn'. Drop one of them.")
+
+    def _check_memory_options(self) -> None:
+        chunk = self.vmap_chunk_size
+        if chunk is not None:
+            if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                    or chunk < 1):
+                raise ValueError(f"vmap_chunk_size must be an integer >= 1, 'auto' or null (no "
+                                 f"chunking), got {chunk!r}.")
+            clash = [text for cond, text in (
+                (self.vmap is False, "vmap=False (chunks are vmapped; the loop already takes "
+                                     "each task's meta-gradient alone, per_task_backward)"),
+                (self.batch_norm == "per_step", "batch_norm='per_step' (running statistics "
+                                                "updated in place cannot be vmapped)"),
+                (self.per_task_backward, "per_task_backward=True (a looped meta-batch)"),
+                (self.compile, "compile=True (compiles the looped path)"),
+                (self.backend == "learn2learn", "backend='learn2learn' (loops)"),
+                (self.checkpoint_inner_steps, "checkpoint_inner_steps=True (needs the tasks "
+                                              "looped)"),
+            ) if cond]
+            if clash:
+                raise ValueError(f"vmap_chunk_size={chunk!r} runs the meta-batch as vmapped "
+                                 f"chunks; it cannot be combined with {clash[0]}. Drop one of "
+                                 "them.")
+        if self.checkpoint_inner_steps:
+            clash = [text for cond, text in (
+                (self.vmap, "vmap=True (torch.func.grad under vmap refuses the saved-tensor "
+                            "hooks checkpointing runs on; use vmap=False)"),
+                (self.batch_norm == "per_step", "batch_norm='per_step' (recomputing a step "
+                                                "would update its running statistics twice)"),
+                (self.compile, "compile=True"),
+                (self.backend == "learn2learn", "backend='learn2learn' (its own inner loop)"),
+            ) if cond]
+            if clash:
+                raise ValueError("checkpoint_inner_steps=True recomputes each inner step of "
+                                 "sharebone's looped inner loop; it cannot be combined with "
+                                 f"{clash[0]}. Drop one of them.")
 
     def _check_learn2learn(self) -> None:
         if not learn2learn_available():
@@ -168,8 +226,10 @@ class MAMLOptions:
         default on accelerators, unless another option needs the loop."""
         if self.vmap is not None:
             return bool(self.vmap)
+        if self.vmap_chunk_size is not None:
+            return True
         looped = (self.batch_norm == "per_step" or self.per_task_backward or self.compile
-                  or self.backend == "learn2learn")
+                  or self.backend == "learn2learn" or self.checkpoint_inner_steps)
         return device_type != "cpu" and not looped
 
     @property
