@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from helpers.configs import FAST, compose_train
+from helpers.data import draw_shape
 from helpers.wandb_service import leet_inspect as inspect
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import sharebone.eval as sb_eval
 from sharebone.dashboard import name_and_tags
@@ -131,25 +132,14 @@ def test_a_regression_run_summarises_val_mse_by_its_minimum(tmp_path):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["mse_vs_shots.png"]
 
 
-def _draw(path: Path, shape: str, shift: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("L", (56, 56), 255)
-    d = ImageDraw.Draw(img)
-    if shape == "bar":
-        d.rectangle([22 + shift, 5, 30 + shift, 50], fill=0)
-    else:
-        d.ellipse([10 + shift, 10, 45 + shift, 45], outline=0, width=5)
-    img.save(path)
-
-
 def test_eval_of_an_episode_folder_draws_its_predictions(two_epochs, tmp_path):
     out, _, _, _ = two_epochs
     root = tmp_path / "episode"
     for i in range(2):
-        _draw(root / "support" / "bar" / f"{i}.png", "bar", shift=2 * i)
-        _draw(root / "support" / "ring" / f"{i}.png", "ring", shift=2 * i)
-    _draw(root / "query" / "bar" / "q.png", "bar", shift=3)
-    _draw(root / "query" / "unknown.png", "ring", shift=-2)
+        draw_shape(root / "support" / "bar" / f"{i}.png", "bar", shift=2 * i)
+        draw_shape(root / "support" / "ring" / f"{i}.png", "ring", shift=2 * i)
+    draw_shape(root / "query" / "bar" / "q.png", "bar", shift=3)
+    draw_shape(root / "query" / "unknown.png", "ring", shift=-2)
     results = tmp_path / "results"
     sb_eval.run(compose_train(tmp_path, [f"ckpt={out}", f"episode_dir={root}",
                                          f"output_dir={results}"], config_name="eval"))

@@ -5,29 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from helpers.data import draw_shape
 
 from sharebone.evaluation.folder import EpisodeFolderError, load_episode_folder
 
 
-def draw(path: Path, shape: str, shift: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("L", (105, 105), 255)
-    d = ImageDraw.Draw(img)
-    if shape == "bar":
-        d.rectangle([45 + shift, 10, 60 + shift, 95], fill=0)
-    else:
-        d.ellipse([20 + shift, 20, 85 + shift, 85], outline=0, width=10)
-    img.save(path)
-
-
 def make_episode(root: Path) -> Path:
     for i in range(2):
-        draw(root / "support" / "bar" / f"{i}.png", "bar", shift=3 * i)
-        draw(root / "support" / "ring" / f"{i}.png", "ring", shift=3 * i)
-    draw(root / "query" / "bar" / "q.png", "bar", shift=5)
-    draw(root / "query" / "ring" / "q.png", "ring", shift=-4)
-    draw(root / "query" / "unknown.png", "ring", shift=2)
+        draw_shape(root / "support" / "bar" / f"{i}.png", "bar", shift=3 * i)
+        draw_shape(root / "support" / "ring" / f"{i}.png", "ring", shift=3 * i)
+    draw_shape(root / "query" / "bar" / "q.png", "bar", shift=5)
+    draw_shape(root / "query" / "ring" / "q.png", "ring", shift=-4)
+    draw_shape(root / "query" / "unknown.png", "ring", shift=2)
     return root
 
 
@@ -53,7 +42,7 @@ def test_protonet_classifies_a_clear_folder_episode(tmp_path):
 
 def test_query_class_without_support_is_refused(tmp_path):
     root = make_episode(tmp_path)
-    draw(root / "query" / "star" / "q.png", "bar")
+    draw_shape(root / "query" / "star" / "q.png", "bar")
     with pytest.raises(EpisodeFolderError, match="Query class 'star' has no support examples"):
         load_episode_folder(root, image_size=28)
 
@@ -66,13 +55,13 @@ def test_empty_support_class_is_refused(tmp_path):
 
 
 def test_missing_query_folder_explains_the_layout(tmp_path):
-    draw(tmp_path / "support" / "a" / "0.png", "bar")
+    draw_shape(tmp_path / "support" / "a" / "0.png", "bar")
     with pytest.raises(EpisodeFolderError, match="query is missing.*support/<class>/\\*.png"):
         load_episode_folder(tmp_path, image_size=28)
 
 
 def test_a_single_class_is_not_an_episode(tmp_path):
-    draw(tmp_path / "support" / "a" / "0.png", "bar")
-    draw(tmp_path / "query" / "a" / "0.png", "bar")
+    draw_shape(tmp_path / "support" / "a" / "0.png", "bar")
+    draw_shape(tmp_path / "query" / "a" / "0.png", "bar")
     with pytest.raises(EpisodeFolderError, match="needs at least 2"):
         load_episode_folder(tmp_path, image_size=28)

@@ -246,3 +246,15 @@ def fake_omniglot_mirror(tmp_path: Path) -> FakeOmniglot:
 def shared_data_dir() -> Path:
     """``../shared/data`` holding the real Omniglot small archives; skips when absent."""
     return require_shared_data()
+
+
+def draw_shape(path: Path, shape: str, shift: int = 0) -> None:
+    """A 105x105 grayscale drawing: a vertical bar or a ring (``shift`` moves it right)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("L", (105, 105), 255)
+    d = ImageDraw.Draw(img)
+    if shape == "bar":
+        d.rectangle([45 + shift, 10, 60 + shift, 95], fill=0)
+    else:
+        d.ellipse([20 + shift, 20, 85 + shift, 85], outline=0, width=10)
+    img.save(path)
