@@ -281,6 +281,17 @@ def test_missing_cifar_archive_without_download_names_the_file_and_folder(tmp_pa
     assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in message
 
 
+def local_cifar_archive(tmp_path, monkeypatch, data: bytes):
+    """``data`` as the CIFAR-100 archive in a local folder, its md5 the one expected."""
+    root = tmp_path / "cifar100"
+    root.mkdir()
+    (root / "cifar-100-python.tar.gz").write_bytes(data)
+    monkeypatch.setattr(image_folder, "CIFAR100", ArchiveSpec(
+        "cifar-100-python", "https://example.invalid/x.tar.gz", md5_bytes(data),
+        "cifar-100-python.tar.gz"))
+    return root
+
+
 @pytest.mark.parametrize("member", ["../escape", "/etc/evil", "link"])
 def test_cifar_archive_with_an_unsafe_member_is_refused(tmp_path, monkeypatch, member):
     buffer = io.BytesIO()
@@ -292,12 +303,7 @@ def test_cifar_archive_with_an_unsafe_member_is_refused(tmp_path, monkeypatch, m
         else:
             tar.addfile(info, io.BytesIO(b""))
     data = buffer.getvalue()
-    root = tmp_path / "cifar100"
-    root.mkdir()
-    (root / "cifar-100-python.tar.gz").write_bytes(data)
-    monkeypatch.setattr(image_folder, "CIFAR100", ArchiveSpec(
-        "cifar-100-python", "https://example.invalid/x.tar.gz", md5_bytes(data),
-        "cifar-100-python.tar.gz"))
+    root = local_cifar_archive(tmp_path, monkeypatch, data)
     with pytest.raises(UnsafeArchiveError):
         build(tmp_path, "cifar_fs", root).images("train")
     assert tree(tmp_path / "cifar100") == ["cifar-100-python.tar.gz"]
@@ -310,12 +316,7 @@ def test_cifar_pickles_are_read_with_the_restricted_unpickler(tmp_path, monkeypa
 
     data = cifar100_tar_bytes(members={"cifar-100-python/meta": pickle.dumps(
         {b"fine_label_names": Payload()}, protocol=2)})
-    root = tmp_path / "cifar100"
-    root.mkdir()
-    (root / "cifar-100-python.tar.gz").write_bytes(data)
-    monkeypatch.setattr(image_folder, "CIFAR100", ArchiveSpec(
-        "cifar-100-python", "https://example.invalid/x.tar.gz", md5_bytes(data),
-        "cifar-100-python.tar.gz"))
+    root = local_cifar_archive(tmp_path, monkeypatch, data)
     with pytest.raises(UnsafePickleError, match=r"member cifar-100-python/meta.*"
                                                 r"(__builtin__|builtins)\.eval"):
         build(tmp_path, "cifar_fs", root).images("train")
