@@ -22,8 +22,11 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
-                       for n in ast.walk(block)}  # annotations only: never run
+        # Annotations only, or the block a module runs as a program (`python -m`): neither
+        # runs when the module is imported, so neither can close an import cycle.
+        typing_only = {id(n) for block in ast.walk(tree)
+                       if _is_type_checking(block) or _is_main_block(block)
+                       for n in ast.walk(block)}
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
@@ -46,6 +49,11 @@ def import_graph() -> dict[str, set[str]]:
 
 def _is_type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _is_main_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "__name__ == '__main__'", '__name__ == "__main__"')
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -21,7 +21,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import setup_globals
 from hydra.types import HydraContext, RunMode
 
-import sharebone.train
+import sharebone.cli
 from sharebone.config import CONFIG_DIR
 from sharebone.sweep import swept_keys, write_summary
 
@@ -146,14 +146,14 @@ def test_slurm_launcher_composes_and_the_submitted_job_pickles(tmp_path):
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.tasks_per_node == 4
     assert cfg.hydra.launcher.submitit_folder == f"{tmp_path}/.submitit/%j"
     # The task function Hydra hands the launcher is the undecorated app.
-    task_function = sharebone.train.hydra_main.__wrapped__
+    task_function = sharebone.cli.train_app.__wrapped__
     launcher = Plugins.instance().instantiate_launcher(
         hydra_context=context, task_function=task_function, config=cfg)
     # submitit pickles the launcher with the job's arguments (cloudpickle) for each array job.
     submission = submitit.helpers.DelayedSubmission(
         launcher, ["regime.lr=0.001"], "hydra.sweep.dir", 0, "job_id_for_0", Singleton.get_state())
     restored = cloudpickle.loads(cloudpickle.dumps(submission))
-    assert restored.function.task_function.__name__ == "hydra_main"
+    assert restored.function.task_function.__name__ == "train_app"
     assert restored.function.config.hydra.launcher.partition == "gpu"
     assert restored.args[0] == ["regime.lr=0.001"]
 
@@ -166,5 +166,5 @@ def test_optuna_sweeper_composes_and_searches_the_learning_rate(tmp_path):
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.params["regime.lr"] == "tag(log, interval(1e-4, 1e-2))"
     Plugins.instance().instantiate_sweeper(hydra_context=context,
-                                           task_function=sharebone.train.hydra_main.__wrapped__,
+                                           task_function=sharebone.cli.train_app.__wrapped__,
                                            config=cfg)

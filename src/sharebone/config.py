@@ -13,9 +13,21 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-#: The repository's configs/ (task families come from tasks/, linked in as the ``task`` group).
-CONFIG_DIR = Path(os.environ.get("SHAREBONE_CONFIG_DIR",
-                                 Path(__file__).resolve().parents[2] / "configs"))
+
+def _own_config_dir() -> Path:
+    """sharebone's own configs: the repository's ``configs/`` in a source checkout (``tasks/``
+    linked in as its ``task`` group), else the copy a wheel ships as ``sharebone/conf``."""
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    return checkout if (checkout / "train.yaml").is_file() else Path(__file__).parent / "conf"
+
+
+#: sharebone's own configs (and, under ``task/``, the task families and their split files).
+OWN_CONFIG_DIR = _own_config_dir()
+#: The primary config folder of ``sharebone-train``/``sharebone-eval``: sharebone's own, or a
+#: whole replacement named by ``$SHAREBONE_CONFIG_DIR``. To add configs beside sharebone's
+#: instead, put them in a folder of groups (``my_configs/task/my_task.yaml``) and pass
+#: ``hydra.searchpath=[file:///abs/path/my_configs]``.
+CONFIG_DIR = Path(os.environ.get("SHAREBONE_CONFIG_DIR", OWN_CONFIG_DIR))
 
 
 def register_resolvers() -> None:

@@ -14,13 +14,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint
-from sharebone.config import CONFIG_DIR
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, registered_families
 from sharebone.evaluation.fewshot import evaluate, test_episodes
@@ -180,10 +178,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "paths": {k: str(v) for k, v in paths.items()}}
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+if __name__ == "__main__":  # python -m sharebone.eval: the console script's app
+    from sharebone.cli import evaluate
 
-
-if __name__ == "__main__":
-    main()
+    evaluate()

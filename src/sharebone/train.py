@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -36,7 +35,7 @@ from sharebone.checkpoint_io import (
     read_checkpoint,
     resume_checkpoint,
 )
-from sharebone.config import CONFIG_DIR, escape_interpolations
+from sharebone.config import escape_interpolations
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
@@ -44,39 +43,18 @@ from sharebone.guards import NonFiniteLoss, finite_or_none
 from sharebone.memory import keep_freed_memory
 from sharebone.noise import quiet_known_noise
 from sharebone.precision import set_float32_matmul_precision
+from sharebone.ranks import RUN_CONFIG_ENV, launch_rank
 from sharebone.regimes import load_regime
 from sharebone.run_dir import (
     RunLock,
     check_fresh,
     check_same_run,
-    restore_overrides,
     run_dir_of,
 )
 from sharebone.sweep import swept_keys
 from sharebone.threads import choose_threads
 
 log = logging.getLogger(__name__)
-
-#: Set by rank 0 while it trains: the resolved config of the run. DDP ranks that Lightning
-#: starts as new processes (``strategy=ddp`` re-runs the command line) read it instead of
-#: composing the config again: same run directory, same settings, no second sweep.
-RUN_CONFIG_ENV = "SHAREBONE_RUN_CONFIG"
-
-
-def launch_rank() -> int:
-    """This process's global rank as its launcher set it (0 when nothing did).
-
-    Known before the trainer exists, so that only rank 0 starts a W&B run: torchrun sets
-    ``RANK``, SLURM ``SLURM_PROCID``, Lightning's own launcher ``NODE_RANK``/``LOCAL_RANK``.
-    """
-    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-    return local if node == 0 else node * max(per_node, local + 1) + local
-
 
 def sweep_info() -> dict[str, str] | None:
     """``{"group", "name"}`` for a job of a Hydra multirun (``-m``), else None.
@@ -326,22 +304,7 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
                       if k.startswith("test/") and not k.endswith("ci95")), None))
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
-    return objective(cfg, run(cfg))
+if __name__ == "__main__":  # python -m sharebone.train: the console script's app
+    from sharebone.cli import train
 
-
-def main() -> float | None:
-    """``sharebone-train``: a Hydra app, except in a DDP rank that rank 0 started."""
-    handed = os.environ.get(RUN_CONFIG_ENV)
-    if handed and launch_rank() != 0:
-        cfg = OmegaConf.load(handed)
-        logging.basicConfig(level=logging.INFO)
-        run(cfg)
-        sys.exit(0)
-    sys.argv = restore_overrides(sys.argv)
-    return hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+    train()

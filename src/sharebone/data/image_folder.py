@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sharebone import config
 from sharebone.data.archives import (
     ArchiveSpec,
     DataError,
@@ -101,16 +102,15 @@ CIFAR100 = ArchiveSpec(name="cifar-100-python",
 #: CIFAR-100's training batch is 150 MiB; nothing in the archive may be larger than this.
 CIFAR_MAX_MEMBER_BYTES = 256 << 20
 
-#: sharebone's ``tasks/`` folder, where the published split files ship.
-TASKS_DIR = Path(__file__).resolve().parents[3] / "tasks"
+#: sharebone's ``tasks/`` folder (the ``task`` config group), where the published split files
+#: ship: ``tasks/splits/<benchmark>/``.
+TASKS_DIR = config.OWN_CONFIG_DIR / "task"
 
 
 def tasks_dirs() -> list[Path]:
     """Where relative split files are looked up after ``root``: the ``task`` config group in
     use (``$SHAREBONE_CONFIG_DIR/task``), then sharebone's own ``tasks/``."""
-    from sharebone.config import CONFIG_DIR
-
-    return list(dict.fromkeys([Path(CONFIG_DIR) / "task", TASKS_DIR]))
+    return list(dict.fromkeys([Path(config.CONFIG_DIR) / "task", TASKS_DIR]))
 
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 

@@ -1,0 +1,53 @@
+"""The console scripts ``sharebone-train`` and ``sharebone-eval``.
+
+Hydra parses the command line here, before torch or Lightning is imported, so that
+``--help``, ``--cfg job`` and a mistyped override answer in about a second; the run itself
+(:func:`sharebone.train.run`, :func:`sharebone.eval.run`) is imported only when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sharebone.config import CONFIG_DIR
+from sharebone.ranks import handed_config
+from sharebone.run_dir import restore_overrides
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def train_app(cfg: DictConfig) -> float | None:
+    """One training run; returns what a Hydra sweeper optimises (see ``objective``)."""
+    from sharebone.train import objective, run
+
+    return objective(cfg, run(cfg))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def eval_app(cfg: DictConfig) -> None:
+    """Score one checkpoint (see :mod:`sharebone.eval`)."""
+    from sharebone.eval import run
+
+    run(cfg)
+
+
+def train() -> float | None:
+    """``sharebone-train``: a Hydra app, except in a DDP rank that rank 0 started (that rank
+    runs the very config rank 0 resolved instead of composing its own)."""
+    handed = handed_config()
+    if handed:
+        from sharebone.train import run
+
+        logging.basicConfig(level=logging.INFO)
+        run(OmegaConf.load(handed))
+        sys.exit(0)
+    sys.argv = restore_overrides(sys.argv)
+    return train_app()
+
+
+def evaluate() -> None:
+    """``sharebone-eval``."""
+    eval_app()
