@@ -112,7 +112,8 @@ def episodes(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict
         datamodule = EpisodicDataModule(
             family, train=dict(s.train), val=dict(s.val), meta_batch_size=s.meta_batch_size,
             batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes, seed=s.seed,
-            eval_seed=s.eval_seed, num_workers=s.num_workers)
+            eval_seed=s.eval_seed, num_workers=s.num_workers,
+            images_on_device=s.get("images_on_device", "auto"))
     for split in ("train", "val"):
         with setting(f"sampler.{split}"):
             datamodule.source(split)

@@ -51,6 +51,7 @@ from sharebone.run_dir import (
     check_same_run,
     run_dir_of,
 )
+from sharebone.steptime import StepTimes
 from sharebone.sweep import swept_keys
 from sharebone.threads import choose_threads
 
@@ -108,6 +109,7 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path) -> list[pl.Ca
                                          save_top_k=0, save_last=True,
                                          enable_version_counter=False))
     callbacks.append(RNGState())
+    callbacks.append(StepTimes())
     callbacks.append(NonFiniteLoss(cfg.get("on_nonfinite_loss", "stop")))
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is not None:

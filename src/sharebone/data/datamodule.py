@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from sharebone.checks import check_count
 from sharebone.data.episodes import Episode
+from sharebone.data.placement import check_policy, place_source
 from sharebone.data.tasks import (
     EpisodeSource,
     EpochOffsetSampler,
@@ -64,11 +65,14 @@ class EpisodicDataModule(pl.LightningDataModule):
         batches_per_epoch: training meta-batches per epoch.
         val_episodes: fixed validation episodes, scored after each epoch.
         seed: training episode stream; eval_seed: validation/test episodes.
+        images_on_device: ``auto``/``true``/``false``: draw episodes from the split's images
+            on the model's GPU (:mod:`sharebone.data.placement`), not from host memory.
     """
 
     def __init__(self, family: TaskFamily, train: dict[str, int], val: dict[str, int],
                  meta_batch_size: int = 1, batches_per_epoch: int = 100, val_episodes: int = 100,
-                 seed: int = 0, eval_seed: int = 0, num_workers: int = 0) -> None:
+                 seed: int = 0, eval_seed: int = 0, num_workers: int = 0,
+                 images_on_device: str | bool = "auto") -> None:
         super().__init__()
         self.family = family
         self.train_setting, self.val_setting = dict(train), dict(val)
@@ -77,6 +81,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.val_episodes = check_count("val_episodes", val_episodes)
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers = check_count("num_workers", num_workers, low=0)
+        self.images_on_device = check_policy(images_on_device)
         self._sources: dict[str, EpisodeSource] = {}
 
     def source(self, split: str) -> EpisodeSource:
@@ -87,6 +92,16 @@ class EpisodicDataModule(pl.LightningDataModule):
                              else (self.val_setting, self.eval_seed))
             self._sources[split] = self.family.sampler(split, seed=seed, **setting)
         return self._sources[split]
+
+    def placed_source(self, split: str) -> EpisodeSource:
+        """The split's source where its episodes are drawn: moved to the model's GPU once,
+        when ``images_on_device`` says so, before the first loader of the split is built."""
+        source = self.source(split)
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if device is not None and getattr(source, "device", device) != device:
+            source = place_source(source, device, self.images_on_device, self.num_workers)
+            self._sources[split] = source
+        return source
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Episodes travel as uint8 and become floats on the model's device: augmented and
@@ -112,12 +127,12 @@ class EpisodicDataModule(pl.LightningDataModule):
                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = MetaBatches(self.source("train"), self.meta_batch_size,
+        dataset = MetaBatches(self.placed_source("train"), self.meta_batch_size,
                               self.batches_per_epoch, **self._ddp())
         return self._loader(dataset, EpochOffsetSampler(self.batches_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
-        source = self.source("val")
+        source = self.placed_source("val")
         ddp = self._ddp()
         size = max(self.meta_batch_size, ddp["world_size"])
         size -= size % ddp["world_size"]

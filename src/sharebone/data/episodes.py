@@ -9,6 +9,7 @@ the very same test episodes.
 
 from __future__ import annotations
 
+import copy
 import functools
 import zlib
 from collections.abc import Callable, Sequence
@@ -65,11 +66,11 @@ def _splitmix64_int(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _counter_keys(shape: tuple[int, ...]) -> torch.Tensor:
+def _counter_keys(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    return _splitmix64(torch.arange(n, dtype=torch.int64)).view(1, *shape)
+    return _splitmix64(torch.arange(n, dtype=torch.int64, device=device)).view(1, *shape)
 
 
 def hash_keys(seed: int, split: str, episodes: torch.Tensor, stream: int,
@@ -77,13 +78,14 @@ def hash_keys(seed: int, split: str, episodes: torch.Tensor, stream: int,
     """Random int64 keys ``[len(episodes), *shape]``, a pure function of all the arguments.
 
     Sorting keys gives a uniformly random permutation; ``stream`` separates independent uses
-    (class choice, sample choice) within one episode.
+    (class choice, sample choice) within one episode. The keys are computed on the device of
+    ``episodes`` and are the same on every device (integer arithmetic only).
     """
     base = _splitmix64_int(seed & _MASK)
     base = _splitmix64_int(_splitmix64_int(base ^ split_id(split)) ^ stream)
     per_episode = _splitmix64(episodes.to(torch.int64) ^ base)
     per_episode = per_episode.view(-1, *([1] * len(shape)))
-    return _splitmix64(per_episode ^ _counter_keys(tuple(shape)))
+    return _splitmix64(per_episode ^ _counter_keys(tuple(shape), per_episode.device))
 
 
 def uniform(seed: int, split: str, episodes: torch.Tensor, stream: int,
@@ -177,6 +179,9 @@ class EpisodeSampler:
             augmentation, normalisation; :class:`sharebone.data.augment.EpisodeTransform`);
             None: uint8 pixels become floats in ``[0, 1]``.
 
+    Episodes are drawn on the device that holds ``images``: :meth:`to` moves a sampler (its
+    images and index tables) to a GPU, where a meta-batch then costs no host-to-device copy.
+
     Example:
         >>> images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1)
         >>> sampler = EpisodeSampler(images, torch.arange(40) // 10, n_way=2, k_shot=1, q_query=3)
@@ -231,7 +236,7 @@ class EpisodeSampler:
         self.n_classes = n_classes
         self.counts = counts
         self.offsets = torch.cumsum(counts, 0) - counts
-        self.max_count = int(counts.max())
+        self.max_count, self.min_count = int(counts.max()), fewest
         self.transform = transform
         self.group_episodes = bool(group_episodes)
         self._init_groups(groups)
@@ -270,6 +275,31 @@ class EpisodeSampler:
                 f"('{name}') has only {int(sizes.max())}. Lower n_way to at most "
                 f"{int(sizes.max())}, or turn group_episodes off for this split.")
 
+    #: The tensors :meth:`to` moves: everything :meth:`batch` indexes with or into.
+    _ON_DEVICE = ("images", "class_ids", "counts", "offsets", "class_group", "eligible_groups",
+                  "_support_labels", "_query_labels")
+
+    @property
+    def device(self) -> torch.device:
+        """Where this sampler's images are, and so where its episodes are drawn."""
+        return self.images.device
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the split's images (what moving them to a device costs there)."""
+        return self.images.numel() * self.images.element_size()
+
+    def to(self, device: torch.device | str) -> EpisodeSampler:
+        """This sampler with its images and index tables on ``device`` (a new sampler; this one
+        is unchanged). It draws the very same episodes there: the keys are integer arithmetic,
+        identical on every device; ``Episode.index`` stays on the CPU, as always."""
+        moved = copy.copy(self)
+        for name in self._ON_DEVICE:
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(moved, name, value.to(device))
+        return moved
+
     def prepare(self, episode: Episode) -> Episode:
         """An episode of this sampler (moved to any device) as the model's float input: the
         split's ``transform`` (augmentation, normalisation) where there is one, else pixels
@@ -285,23 +315,24 @@ class EpisodeSampler:
         if episodes.numel() and int(episodes.min()) < 0:
             raise IndexError("Episode indices must be >= 0.")
         tasks = episodes.numel()
+        keyed = episodes.to(self.images.device)  # drawn where the images are; index stays here
         # Ways: the n_way classes with the smallest keys, a uniform draw without replacement.
-        class_keys = hash_keys(self.seed, self.split, episodes, 0, (self.n_classes,))
+        class_keys = hash_keys(self.seed, self.split, keyed, 0, (self.n_classes,))
         if self.group_episodes:
             # One group per episode (the eligible group with the smallest key); the classes of
             # every other group sort last.
-            group_keys = hash_keys(self.seed, self.split, episodes, GROUP_STREAM,
+            group_keys = hash_keys(self.seed, self.split, keyed, GROUP_STREAM,
                                    (self.eligible_groups.numel(),))
             chosen = self.eligible_groups[group_keys.argmin(dim=1)]
             outside = self.class_group.unsqueeze(0) != chosen.unsqueeze(1)
             class_keys = class_keys.masked_fill(outside, torch.iinfo(torch.int64).max)
         classes = torch.topk(class_keys, self.n_way, dim=1, largest=False, sorted=True).indices
         # Images: per way, sort random keys over the class's images; padded slots sort last.
-        sample_keys = hash_keys(self.seed, self.split, episodes, 1, (self.n_way, self.max_count))
+        sample_keys = hash_keys(self.seed, self.split, keyed, 1, (self.n_way, self.max_count))
         per_way = self.k_shot + self.q_query
         counts = self.counts[classes]
-        if self.max_count != int(self.counts.min()):
-            slot = torch.arange(self.max_count)
+        if self.max_count != self.min_count:
+            slot = torch.arange(self.max_count, device=counts.device)
             padding = slot >= counts.unsqueeze(-1)
             sample_keys = sample_keys.masked_fill(padding, torch.iinfo(torch.int64).max)
         picks = torch.topk(sample_keys, per_way, dim=2, largest=False, sorted=True).indices
