@@ -44,7 +44,7 @@ class StepTimes(pl.Callback):
         self.steps += 1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.steps:
+        if not self.steps or not trainer.loggers:  # logger=none: nowhere to report it
             return
         total = self.data_s + self.step_s
         pl_module.log_dict({"perf/data_ms": 1000 * self.data_s / self.steps,
