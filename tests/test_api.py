@@ -206,3 +206,27 @@ def test_finetune_from_a_module_backbone_checkpoint_needs_the_module(module_chec
     tuned = FineTune(source=str(path), backbone=fresh, num_classes=3)
     tuned.setup("fit")
     assert torch.equal(fresh.conv.weight, model.backbone.conv.weight)
+
+
+def test_maml_splits_a_fused_norm_and_activation_and_refuses_other_custom_norms():
+    class NormThenAct(nn.BatchNorm2d):  # the shape of timm's BatchNormAct2d
+        def __init__(self, width: int) -> None:
+            super().__init__(width)
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(super().forward(x))
+
+    net = TinyConv()
+    net.norm = NormThenAct(6)
+    model = create_regime("maml", backbone=net, n_way=3)
+    assert isinstance(net.norm.act, nn.ReLU)  # the activation stays, after the norm
+    assert model.episode_loss(uint8_sampler().batch([0]))[0].isfinite()
+
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    net.norm = Scaled(6)
+    with pytest.raises(ValueError, match=r"Scaled \('norm'\) is a batch norm with a forward"):
+        create_regime("maml", backbone=net, n_way=3)

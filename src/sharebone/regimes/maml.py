@@ -43,6 +43,7 @@ from sharebone.adaptation import (
 from sharebone.data.episodes import Episode
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
+from sharebone.models.timm_backbone import plain_batch_norms_
 from sharebone.precision import check_autocast, check_bf16_supported
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
@@ -118,7 +119,9 @@ class MAML(FewShotRegime):
         if batch_norm == "transductive":
             # No running statistics: batch norm uses the current batch's, in train and eval mode
             # alike (Finn et al.'s implementation), and the model can run under torch.vmap.
-            use_batch_statistics_(self.backbone)
+            # timm's fused norm + activation (in a timm model given as a module) is split
+            # first, so that only the norm is replaced.
+            use_batch_statistics_(plain_batch_norms_(self.backbone))
         self.head = (None if head == "none" else
                      LinearHead(feature_width(self.backbone), n_way, init=head))
         self.per_step_bn = PerStepBatchNorm(self.backbone,
