@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from helpers.data import draw_shape
 
+from sharebone.data.omniglot import PREPROCESSING
 from sharebone.evaluation.folder import EpisodeFolderError, load_episode_folder
 
 
@@ -21,7 +22,7 @@ def make_episode(root: Path) -> Path:
 
 
 def test_folder_becomes_one_episode_with_training_preprocessing(tmp_path):
-    loaded = load_episode_folder(make_episode(tmp_path), image_size=28)
+    loaded = load_episode_folder(make_episode(tmp_path), image_size=28, **PREPROCESSING)
     ep = loaded.episode
     assert loaded.class_names == ["bar", "ring"]
     assert ep.support.shape == (1, 4, 1, 28, 28) and ep.query.shape == (1, 3, 1, 28, 28)
@@ -65,3 +66,23 @@ def test_a_single_class_is_not_an_episode(tmp_path):
     draw_shape(tmp_path / "query" / "a" / "0.png", "bar")
     with pytest.raises(EpisodeFolderError, match="needs at least 2"):
         load_episode_folder(tmp_path, image_size=28)
+
+
+def test_omniglot_tasks_read_an_episode_folder_inverted_and_nothing_else_does(tmp_path):
+    import torch
+
+    from sharebone.data.image_folder import ImageFolderTasks
+    from sharebone.data.multitask import OmniglotAlphabets
+    from sharebone.data.tasks import OmniglotTasks
+
+    root = make_episode(tmp_path)
+    as_drawn = load_episode_folder(root, image_size=28).episode.support
+    assert as_drawn.float().mean() > 128  # white background: load_image inverts nothing
+    for family in (OmniglotTasks, OmniglotAlphabets):
+        settings = family.preprocessing({})
+        inverted = load_episode_folder(root, image_size=28, **settings).episode.support
+        assert torch.equal(inverted, 255 - as_drawn), family.__name__
+    photos = ImageFolderTasks.preprocessing({"channels": 1})
+    photos.pop("normalize")
+    assert torch.equal(load_episode_folder(root, image_size=28, **photos).episode.support,
+                       as_drawn)

@@ -85,8 +85,10 @@ def _png(mode: str, size: tuple[int, int], background, stroke) -> bytes:
     return buffer.getvalue()
 
 
-def test_load_image_inverts_so_strokes_are_bright():
-    image = load_image(draw_character("x"), image_size=28)
+def test_load_image_inverts_only_when_asked():
+    plain = load_image(draw_character("x"), image_size=28)
+    assert plain[0, 0, 0] == 255 and plain.min() == 0  # as drawn: dark strokes on white
+    image = load_image(draw_character("x"), image_size=28, invert=True)  # Omniglot's setting
     assert image.dtype == torch.uint8 and image.shape == (1, 28, 28)
     assert image[0, 0, 0] == 0 and image.max() == 255  # background dark, strokes bright
     assert (image > 127).float().mean() < 0.5
@@ -104,14 +106,14 @@ def test_load_image_channels_and_no_invert():
     rgb = load_image(data, 32, channels=3)
     assert rgb.shape == (3, 32, 32)
     assert torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])
-    assert torch.equal(load_image(data, 32, invert=False), 255 - load_image(data, 32))
+    assert torch.equal(load_image(data, 32), 255 - load_image(data, 32, invert=True))
     with pytest.raises(ValueError, match="channels"):
         load_image(data, 32, channels=2)
 
 
 def test_load_image_transparent_background_counts_as_white():
     data = _png("RGBA", (50, 50), (0, 0, 0, 0), (0, 0, 0, 255))
-    image = load_image(data, 50)
+    image = load_image(data, 50, invert=True)
     assert image[0, 0, 0] == 0 and image[0, 10, 25] == 255
 
 
@@ -158,7 +160,7 @@ def test_bulk_decoding_equals_load_image(fake_omniglot):
     split = load(fake_omniglot, {"archives": ["fake_evaluation"]}, image_size=21)
     # class 0 of fake_evaluation is Greek/character01; its drawings are 1001_01.png, 1001_02.png..
     for d in range(FAKE_IMAGES_PER_CHARACTER):
-        expected = load_image(draw_character(f"Greek/1/{d + 1}"), 21)
+        expected = load_image(draw_character(f"Greek/1/{d + 1}"), 21, invert=True)
         assert torch.equal(split.images[d], expected)
     assert split.images.shape[-2:] == (21, 21)
 
@@ -251,6 +253,18 @@ def test_second_load_is_served_from_the_cache(fake_omniglot, monkeypatch):
     monkeypatch.setattr(omniglot, "decode_archive", fail)
     second = load(fake_omniglot, {"archives": BOTH}, download=False)
     assert torch.equal(first.images, second.images) and first.class_names == second.class_names
+
+
+def test_omniglot_cache_key_and_drawings_stay_as_they_were(fake_omniglot):
+    # load_image's default no longer inverts; Omniglot's decoding passes invert=True itself, so
+    # caches written before are still valid: same key (md5, size, format v1), same pixels.
+    spec = fake_omniglot.archives["fake_evaluation"]
+    path = cache_path(spec, fake_omniglot.cache_dir, 28)
+    assert path.name == f"fake_evaluation-{spec.md5}-28px-v1.pt"
+    split = load(fake_omniglot, {"archives": ["fake_evaluation"]})
+    drawing = load_image(draw_character("Greek/1/1"), 28)  # as drawn: dark strokes on white
+    assert torch.equal(split.images[0], 255 - drawing)
+    assert torch.equal(torch.load(path, weights_only=True)["images"][0], 255 - drawing)
 
 
 def test_cache_is_keyed_by_image_size(fake_omniglot):

@@ -291,6 +291,15 @@ def use_batch_statistics_(module: torch.nn.Module) -> torch.nn.Module:
     place, keeping its affine parameters; returns ``module``."""
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            if type(child).forward is not torch.nn.modules.batchnorm._BatchNorm.forward:
+                # A module given by a user may fuse more into its norm (timm's BatchNormAct2d
+                # adds an activation): replacing it would silently drop that.
+                raise ValueError(
+                    f"{type(child).__name__} ({name!r}) is a batch norm with a forward of its "
+                    "own, which MAML's batch-statistics norm would replace, dropping whatever "
+                    "else it computes. Split it into nn.BatchNorm2d plus the rest (as "
+                    "sharebone.models.timm_backbone.plain_batch_norms_ does for timm's "
+                    "BatchNormAct2d), or set batch_norm='per_step'.")
             new = TransductiveBatchNorm(child.num_features, child.eps, child.affine)
             if child.affine:
                 new.weight, new.bias = child.weight, child.bias

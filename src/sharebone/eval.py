@@ -58,8 +58,8 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
     draw them (support images by class, queries with predicted/true class) into ``figure``.
 
     The images are read as the task's own are (its family's ``preprocessing``, where it has
-    one: an image-folder task's photos are not inverted as Omniglot's drawings are) and
-    normalised as its test episodes are."""
+    one: Omniglot's drawings are inverted, an image-folder task's photos are not, nor is
+    anything by default) and normalised as its test episodes are."""
     family = registered_families().get(task.get("family", {}).get("_target_"))
     preprocessing = getattr(family, "preprocessing", None)
     settings = preprocessing(task["family"]) if preprocessing is not None else {}

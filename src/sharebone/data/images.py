@@ -153,16 +153,17 @@ def load_image(
     image_size: int = 28,
     channels: int = 1,
     *,
-    invert: bool = True,
+    invert: bool = False,
     resize: str = "stretch",
     interpolation: str = "lanczos",
 ) -> torch.Tensor:
     """Decode one image: uint8 ``[channels, image_size, image_size]``.
 
-    The defaults are Omniglot's preprocessing (grayscale, inverted so that dark strokes on a
-    light background become bright strokes on 0, Lanczos); pass ``invert=False`` (and
-    ``channels=3``) for photos. Use the same settings as the training data for one's own images
-    so that they match it. See :func:`decode_array` for every step.
+    Nothing is inverted unless asked: ``invert=True`` is Omniglot's preprocessing (dark strokes
+    on a light background become bright strokes on 0; its loaders pass it,
+    :data:`sharebone.data.omniglot.PREPROCESSING`); ``channels=3`` for colour photos. Use the
+    same settings as the training data for one's own images so that they match it. See
+    :func:`decode_array` for every step.
 
     Raises:
         DataError: the image cannot be decoded, or has more than :data:`MAX_IMAGE_PIXELS`.

@@ -6,8 +6,9 @@ A *class* is a character, identified as ``"<alphabet>/<characterNN>"``; with rot
 augmentation (Santoro et al., 2016; Vinyals et al., 2016) each rotation of a character is a class
 of its own, ``"<alphabet>/<characterNN>/rot90"``.
 
-Preprocessing (:func:`load_image`): grayscale, **inverted** so that strokes are bright (255) and
-the background is 0 (the usual convention for Omniglot models), then resized to
+Preprocessing (:data:`PREPROCESSING`, passed to the decoder explicitly): grayscale,
+**inverted** so that strokes are bright (255) and the background is 0 (the usual convention
+for Omniglot models; :func:`load_image` itself inverts nothing unless asked), then resized to
 ``image_size x image_size`` with Lanczos antialiasing; pixels are stored as uint8 0..255.
 Members whose path has a hidden part (``.ipynb_checkpoints/``, ``.DS_Store``, ``._x.png``) or
 that sit under ``__MACOSX/`` are not drawings and are skipped.
@@ -88,6 +89,10 @@ SPLIT_KEYS = ("archives", "alphabets", "exclude_alphabets", "characters", "rotat
 DATASET_DIR = "omniglot"
 
 _CACHE_FORMAT = "sharebone.omniglot.v1"
+#: How an Omniglot drawing is read (the decoder's keyword settings): inverted, so strokes are
+#: bright. Cached archives hold drawings read this way (and a user's episode folder scored
+#: against an Omniglot task is read the same way, :meth:`OmniglotTasks.preprocessing`).
+PREPROCESSING: dict[str, Any] = {"invert": True}
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,7 +229,7 @@ def decode_archive(path: str | os.PathLike[str], image_size: int = 28) -> Decode
             members = sorted(groups[key])
             for name in members:
                 try:
-                    out[i] = decode_array(archive.read(name), image_size, 1, True)
+                    out[i] = decode_array(archive.read(name), image_size, 1, **PREPROCESSING)
                 except DECODE_ERRORS as e:
                     raise CorruptArchiveError(
                         f"Archive {path}: cannot decode {name!r} ({e}). Fix: delete the archive "

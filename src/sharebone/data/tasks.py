@@ -16,6 +16,7 @@ import torch
 
 from sharebone.data.episodes import Episode, EpisodeSampler
 from sharebone.data.families import register_family
+from sharebone.data.omniglot import PREPROCESSING as OMNIGLOT_PREPROCESSING
 from sharebone.data.omniglot import load_split
 
 
@@ -77,6 +78,12 @@ class OmniglotTasks:
         self.download = download
         self.input_shape = (1, image_size, image_size)
         self._loaded: dict[str, Any] = {}
+
+    @classmethod
+    def preprocessing(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """How a task of this family reads one image file (a user's own episode folder,
+        ``sharebone-eval episode_dir=...``): as Omniglot's drawings are, inverted."""
+        return dict(OMNIGLOT_PREPROCESSING)
 
     def images(self, split: str):
         """The split's :class:`~sharebone.data.omniglot.ImageSet`, decoded once per process."""

@@ -62,7 +62,9 @@ def load_episode_folder(root: str | Path, image_size: int, channels: int = 1,
     """Read ``support/`` and ``query/`` with the training data's preprocessing.
 
     ``preprocessing``: :func:`~sharebone.data.images.load_image`'s keyword settings (``invert``,
-    ``resize``, ``interpolation``); the defaults are Omniglot's.
+    ``resize``, ``interpolation``); for an Omniglot task, its
+    :data:`~sharebone.data.omniglot.PREPROCESSING` (``invert=True``). Nothing is inverted by
+    default.
     """
     root = Path(root).expanduser()
 

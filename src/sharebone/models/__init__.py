@@ -1,11 +1,21 @@
 """Backbones (shared across tasks) and heads (specific to a task), built by name."""
 
-from sharebone.models.backbones import BACKBONES, MLP, ConvNet, create_backbone, register_backbone
+from sharebone.models.backbones import (
+    BACKBONES,
+    MLP,
+    BackboneArg,
+    ConvNet,
+    build_backbone,
+    create_backbone,
+    feature_width,
+    is_module_record,
+    register_backbone,
+)
 from sharebone.models.registry import Registry
 from sharebone.models.resnet import ResNet12, WideResNet
 from sharebone.models.sharing import ParameterSharing, count_parameters
 from sharebone.models.timm_backbone import TimmBackbone
 
-__all__ = ["BACKBONES", "ConvNet", "MLP", "ParameterSharing", "Registry", "ResNet12",
-           "TimmBackbone", "WideResNet", "count_parameters", "create_backbone",
-           "register_backbone"]
+__all__ = ["BACKBONES", "BackboneArg", "ConvNet", "MLP", "ParameterSharing", "Registry",
+           "ResNet12", "TimmBackbone", "WideResNet", "build_backbone", "count_parameters",
+           "create_backbone", "feature_width", "is_module_record", "register_backbone"]

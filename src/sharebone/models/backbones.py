@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,76 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
                              f"model={kwargs['model']!r} or use name='timm'.")
         name, kwargs = "timm", {"model": name[len(TIMM_PREFIX):], **kwargs}
     return BACKBONES.create(name, **kwargs)
+
+
+#: A backbone given to a regime: a registry spec (``{"name": "conv4", ...}``), or a module.
+BackboneArg = Mapping[str, Any] | nn.Module
+
+
+def build_backbone(backbone: BackboneArg) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone module and what a checkpoint records of it.
+
+    A registry spec is built (:func:`create_backbone`) and recorded as it is, so a checkpoint
+    can rebuild it. A module is used as it is (not copied) and recorded by its class
+    (:func:`module_record`): a checkpoint cannot rebuild it, only load weights into one the
+    user builds again (``load_regime(path, backbone=MyNet())``).
+
+    Example:
+        >>> net, record = build_backbone(nn.Sequential(nn.Flatten(), nn.Linear(4, 8)))
+        >>> record
+        {'module': 'torch.nn.modules.container.Sequential'}
+        >>> build_backbone({"name": "mlp", "in_features": 4, "hidden": [8]})[1]
+        {'name': 'mlp', 'in_features': 4, 'hidden': [8]}
+    """
+    if isinstance(backbone, nn.Module):
+        return backbone, module_record(backbone)
+    if not isinstance(backbone, Mapping) or "name" not in backbone:
+        got = (f"a mapping without 'name' (keys: {sorted(map(str, backbone))})"
+               if isinstance(backbone, Mapping) else f"{type(backbone).__name__}")
+        raise TypeError(
+            f"backbone must be an nn.Module (your own network) or a registry spec such as "
+            f"{{'name': 'conv4', 'in_channels': 1}} (registered: {', '.join(BACKBONES.names())}"
+            f"), got {got}.")
+    spec = dict(backbone)
+    return create_backbone(spec.pop("name"), **spec), dict(backbone)
+
+
+def module_record(module: nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps of a backbone given as a module: its class's import path, and
+    ``num_features`` where it has one (plain values, so the file loads with
+    ``weights_only=True``)."""
+    cls = type(module)
+    record: dict[str, Any] = {"module": f"{cls.__module__}.{cls.__qualname__}"}
+    width = getattr(module, "num_features", None)
+    if isinstance(width, int) and not isinstance(width, bool):
+        record["num_features"] = width
+    return record
+
+
+def is_module_record(spec: Mapping[str, Any] | None) -> bool:
+    """``spec`` records a backbone that was given as a module (no registry name to rebuild
+    it by)."""
+    return isinstance(spec, Mapping) and "module" in spec and "name" not in spec
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """The width of ``backbone``'s output features, which sizes a head: its ``num_features``
+    (sharebone's and timm's backbones have one); a clear error when it has none.
+
+    Example:
+        >>> feature_width(create_backbone("mlp", in_features=4, hidden=[8]))
+        8
+    """
+    width = getattr(backbone, "num_features", None)
+    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+        return width
+    name = type(backbone).__name__
+    raise ValueError(
+        f"This regime puts a head on the backbone's features, so it needs their width, and the "
+        f"{name} given has no positive int `num_features` (got {width!r}). Set it on the "
+        f"module, e.g. `net.num_features = 64`: the size of the last dimension of net(x), "
+        f"which must be features [batch, num_features], not class scores (the regime adds "
+        f"the head).")
 
 
 _SKIP_PRETRAINED = contextvars.ContextVar("skip_pretrained_weights", default=False)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
+import types
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from sharebone.data.episodes import Episode
-from sharebone.models import ParameterSharing, create_backbone
+from sharebone.models import BackboneArg, ParameterSharing, build_backbone
 from sharebone.models.registry import Registry
 from sharebone.task_kind import CLASSIFICATION, TaskKind, accuracy
 
@@ -54,7 +56,17 @@ class FewShotRegime(pl.LightningModule):
 
     Args:
         backbone: the backbone's registry spec, e.g. ``{"name": "conv4", "in_channels": 1}``
-            (a spec, not a module, so a checkpoint can rebuild it).
+            (a checkpoint rebuilds it by name), or a module of one's own, used as it is (not
+            copied: MAML replaces its batch norms with batch-statistics ones; regimes with a
+            head read its width from ``num_features``). A checkpoint records such a module by
+            its class only; ``load_regime(path, backbone=MyNet())`` loads the weights into a
+            new one.
+
+    Episodes with uint8 images (as an :class:`~sharebone.data.episodes.EpisodeSampler`
+    returns them) are turned into floats in ``[0, 1]`` by :meth:`model_input`
+    (:meth:`Episode.to_float`, what the data module does for a sampler without a
+    ``transform``); a sampler's augmentation or normalisation is its own, applied by
+    ``sampler.prepare(episode)`` before the episode reaches the regime.
     """
 
     regime_name: str = "base"
@@ -69,10 +81,12 @@ class FewShotRegime(pl.LightningModule):
     #: class as one task), ``new_task`` (a split's classes as a new task, images held out).
     trains_on: str = "episodes"
 
-    def __init__(self, backbone: dict[str, Any]) -> None:
+    def __init__(self, backbone: BackboneArg) -> None:
         super().__init__()
-        spec = dict(backbone)
-        self.backbone = create_backbone(spec.pop("name"), **spec)
+        self.backbone, record = build_backbone(backbone)
+        #: A backbone given as a module is saved in ``hparams`` as this record (its class),
+        #: not as the module (see :meth:`save_hyperparameters`).
+        self._module_record = record if isinstance(backbone, torch.nn.Module) else None
         #: ``params -> Optimizer`` and ``optimizer -> LR scheduler`` from the run's config
         #: (``optimizer=`` / ``scheduler=`` groups, ``_partial_`` Hydra configs); unset, the
         #: regime's own defaults (:meth:`default_optimizer`, :meth:`default_scheduler`).
@@ -88,6 +102,36 @@ class FewShotRegime(pl.LightningModule):
     def metric_higher_is_better(self) -> bool:
         return self.task_kind.higher_is_better
 
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
+                             frame: types.FrameType | None = None, logger: bool = True) -> None:
+        """Lightning's, except that a backbone given as a module is recorded by its class
+        (plain values, so checkpoints load with ``weights_only=True``); its weights are in the
+        state dict anyway."""
+        frame = frame or inspect.currentframe().f_back  # the caller's __init__, as Lightning's
+        if self._module_record is not None:
+            ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+            ignore.append("backbone")
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        if self._module_record is not None:
+            self.hparams["backbone"] = dict(self._module_record)
+            self._hparams_initial["backbone"] = dict(self._module_record)
+
+    @staticmethod
+    def model_input(episode: Episode) -> Episode:
+        """``episode`` with uint8 images turned into floats in ``[0, 1]``
+        (:meth:`Episode.to_float`); float episodes as they are. Every ``predict_episode`` and
+        ``episode_loss`` starts here, so an episode straight from an
+        :class:`~sharebone.data.episodes.EpisodeSampler` can be given as it is. A single
+        episode (``sampler[i]``) is refused: regimes take meta-batches."""
+        if episode.classes.dim() != 2:
+            raise ValueError(
+                f"Regimes take a meta-batch of episodes (support [tasks, n_way * k_shot, ...]), "
+                f"got a single episode (classes of shape {tuple(episode.classes.shape)}): use "
+                f"sampler.batch([i]) instead of sampler[i].")
+        if episode.support.dtype == torch.uint8 or episode.query.dtype == torch.uint8:
+            return episode.to_float()
+        return episode
+
     # -- what a regime defines ---------------------------------------------------------------
     def predict_episode(self, episode: Episode) -> torch.Tensor:
         """Logits ``[T, n_way * q_query, n_way]`` for the query set of each task, given only
@@ -97,7 +141,7 @@ class FewShotRegime(pl.LightningModule):
     def episode_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Outer loss (a scalar) and query predictions of a meta-batch. Default: the task kind's
         loss (cross-entropy, or MSE) on :meth:`predict_episode`."""
-        predictions = self.predict_episode(episode)
+        predictions = self.predict_episode(self.model_input(episode))
         return self.task_kind.loss(predictions, episode.query_labels), predictions
 
     def parameter_sharing(self) -> ParameterSharing:
@@ -111,6 +155,7 @@ class FewShotRegime(pl.LightningModule):
     def embed_episode(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Support and query features, ``[T, S, D]`` and ``[T, Q, D]``: both sets go through
         the backbone together (one call for the meta-batch, one batch-norm batch)."""
+        episode = self.model_input(episode)
         images = torch.cat([episode.support, episode.query], dim=1)
         features = self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1)
         n_support = episode.support.shape[1]

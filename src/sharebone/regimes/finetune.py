@@ -33,7 +33,13 @@ from torch import nn
 from sharebone.analysis import layer_groups
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
 from sharebone.data.episodes import Episode
-from sharebone.models import ParameterSharing, count_parameters
+from sharebone.models import (
+    BackboneArg,
+    ParameterSharing,
+    count_parameters,
+    feature_width,
+    is_module_record,
+)
 from sharebone.models.backbones import skip_pretrained_weights
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.multitask import (
@@ -73,7 +79,7 @@ class Pretrain(SharedBackboneRegime):
 
     trains_on = "classes"
 
-    def __init__(self, backbone: dict[str, Any], num_classes: int | None = None,
+    def __init__(self, backbone: BackboneArg, num_classes: int | None = None,
                  lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 64,
                  head_fit: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, heads={"classes": num_classes} if num_classes else None,
@@ -209,7 +215,7 @@ class FineTune(FewShotRegime):
 
     trains_on = "new_task"
 
-    def __init__(self, source: str | None = None, backbone: dict[str, Any] | None = None,
+    def __init__(self, source: str | None = None, backbone: BackboneArg | None = None,
                  num_classes: int | None = None, mode: str = "probe", lr: float = 1e-3,
                  backbone_lr_ratio: float = 0.1, unfreeze_at_epoch: int = 1,
                  unfreeze_every: int = 1, lr_decay: float = 1 / 2.6, weight_decay: float = 0.0,
@@ -223,20 +229,29 @@ class FineTune(FewShotRegime):
             if source is None:
                 raise ValueError("FineTune needs a source checkpoint or a backbone spec.")
             backbone, _ = source_backbone(source)
+            if is_module_record(backbone):
+                raise CheckpointError(
+                    f"{source} was trained with a backbone given as a module "
+                    f"({backbone['module']}), which it cannot rebuild: pass backbone=<a new "
+                    "instance of that class> with source=..., and its weights are loaded.")
         # With a source, its weights replace any pretrained ones: do not load those.
         with skip_pretrained_weights() if source is not None else contextlib.nullcontext():
             super().__init__(backbone)
-        self.head = (nn.Linear(self.backbone.num_features, num_classes)
+        self.head = (nn.Linear(feature_width(self.backbone), num_classes)
                      if num_classes else None)
         self.head_fit = {**DEFAULT_HEAD_FIT, **dict(head_fit or {})}
         self.save_hyperparameters()
-        self.hparams["backbone"], self.hparams["source"] = dict(backbone), source
+        self.hparams["source"] = source
+        if self._module_record is None:
+            self.hparams["backbone"] = dict(backbone)
         self._source_loaded = False
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.source and not self._source_loaded:
             spec, weights = source_backbone(self.hparams.source)
-            if spec != dict(self.hparams.backbone):
+            # A module given as the backbone has no spec to compare: its weights must fit.
+            given = is_module_record(self.hparams.backbone)
+            if not given and spec != dict(self.hparams.backbone):
                 raise CheckpointError(
                     f"{self.hparams.source} has backbone ({describe_backbone(spec)}), this model "
                     f"({describe_backbone(dict(self.hparams.backbone))}).")

@@ -6,8 +6,10 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
-from sharebone.models import BACKBONES
+from sharebone.models import BACKBONES, BackboneArg, is_module_record
 from sharebone.models.backbones import skip_pretrained_weights
 from sharebone.regimes.base import REGIMES, FewShotRegime, create_regime
 
@@ -37,19 +39,30 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_regime(path: str | Path, backbone: dict[str, Any] | None = None) -> FewShotRegime:
+def load_regime(path: str | Path, backbone: BackboneArg | None = None) -> FewShotRegime:
     """Rebuild the regime a checkpoint was trained with and load its weights.
 
     Args:
         path: a ``.ckpt`` file or a run directory.
         backbone: the backbone spec the caller expects; when given it must match the
-            checkpoint's (a conv4 checkpoint cannot be read into an MLP).
+            checkpoint's (a conv4 checkpoint cannot be read into an MLP). Or a module: the
+            regime is built on it and the checkpoint's weights loaded into it, which is how a
+            regime trained on a module of one's own comes back (its checkpoint records the
+            module's class, not how to build it).
     """
     checkpoint = read_checkpoint(path)
     meta = checkpoint["sharebone"]
     hparams = dict(meta["hparams"])
     trained = dict(hparams.get("backbone", {}))
-    if backbone is not None and backbone_differences(dict(backbone), trained):
+    if isinstance(backbone, nn.Module):
+        hparams["backbone"] = backbone
+    elif is_module_record(trained):
+        raise CheckpointError(
+            f"Checkpoint {path} was trained with a backbone given as a module "
+            f"({trained['module']}), which a checkpoint cannot rebuild. Build one again and pass "
+            f"it: load_regime(path, backbone={trained['module'].rpartition('.')[2]}(...)); the "
+            "checkpoint's weights are loaded into it.")
+    elif backbone is not None and backbone_differences(dict(backbone), trained):
         raise CheckpointError(
             f"Checkpoint {path} was trained with backbone ({describe_backbone(trained)}) but "
             f"({describe_backbone(dict(backbone))}) was requested. Drop the backbone override to "
@@ -68,10 +81,12 @@ def load_regime(path: str | Path, backbone: dict[str, Any] | None = None) -> Few
     try:
         model.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:
+        given = (f"the {type(backbone).__name__} given as its backbone"
+                 if isinstance(backbone, nn.Module) else f"backbone ({describe_backbone(trained)})")
         raise CheckpointError(
-            f"The weights in {path} do not fit a {meta['regime']} model with backbone "
-            f"({describe_backbone(trained)}): {str(err).splitlines()[0]} Was the file written by "
-            "another version or edited?"
+            f"The weights in {path} do not fit a {meta['regime']} model with {given}: "
+            f"{str(err).splitlines()[0]} Was the file written by another version or edited, or "
+            "the module built with other settings than the one trained?"
         ) from err
     model.run_config = meta.get("config")
     return model

@@ -41,8 +41,9 @@ from sharebone.adaptation import (
     use_batch_statistics_,
 )
 from sharebone.data.episodes import Episode
-from sharebone.models import ParameterSharing, count_parameters
+from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
+from sharebone.models.timm_backbone import plain_batch_norms_
 from sharebone.precision import check_autocast, check_bf16_supported
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
@@ -61,7 +62,9 @@ class MAML(FewShotRegime):
     differentiated through the inner loop (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400).
 
     Args:
-        backbone: registry spec, e.g. ``{"name": "conv4"}`` (the paper's 4-block conv net).
+        backbone: registry spec, e.g. ``{"name": "conv4"}`` (the paper's 4-block conv net), or
+            a module of one's own (a pure function of its parameters, as
+            :func:`torch.func.functional_call` needs; ``num_features`` its output width).
         lr: Adam's meta learning rate (beta).
         n_way, inner_steps, inner_lr, test_inner_steps, first_order, adapt, learn_step_sizes,
         head, batch_norm, loss, vmap, backend, per_task_backward, compile, vmap_chunk_size,
@@ -92,7 +95,7 @@ class MAML(FewShotRegime):
     #: Defaults of ``first_order``, ``adapt`` and ``learn_step_sizes`` that a preset changes.
     preset: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, backbone: dict[str, Any], n_way: int = 5, inner_steps: int = 1,
+    def __init__(self, backbone: BackboneArg, n_way: int = 5, inner_steps: int = 1,
                  inner_lr: float = 0.4, test_inner_steps: int | None = None,
                  first_order: bool | None = None, adapt: str | None = None,
                  learn_step_sizes: bool | None = None,
@@ -116,9 +119,11 @@ class MAML(FewShotRegime):
         if batch_norm == "transductive":
             # No running statistics: batch norm uses the current batch's, in train and eval mode
             # alike (Finn et al.'s implementation), and the model can run under torch.vmap.
-            use_batch_statistics_(self.backbone)
+            # timm's fused norm + activation (in a timm model given as a module) is split
+            # first, so that only the norm is replaced.
+            use_batch_statistics_(plain_batch_norms_(self.backbone))
         self.head = (None if head == "none" else
-                     LinearHead(self.backbone.num_features, n_way, init=head))
+                     LinearHead(feature_width(self.backbone), n_way, init=head))
         self.per_step_bn = PerStepBatchNorm(self.backbone,
                                             inner_steps if batch_norm == "per_step" else None)
         self.step_sizes = nn.ParameterDict()
@@ -158,7 +163,7 @@ class MAML(FewShotRegime):
             shapes.update({f"backbone.{k}": tuple(p.shape)
                            for k, p in self.backbone.named_parameters()})
         if self.head is not None:
-            shapes.update({"head.weight": (n_way, self.backbone.num_features),
+            shapes.update({"head.weight": (n_way, self.head.in_features),
                            "head.bias": (n_way,)})
         return shapes
 
@@ -369,6 +374,7 @@ class MAML(FewShotRegime):
         keeps the graph for the meta-gradient; otherwise support gradients are constants and
         the predictions carry no graph (nothing will differentiate through them), so
         evaluation holds one task's activations at a time."""
+        episode = self.model_input(episode)
         task = self._task_function(episode.n_way)
         if self._use_vmap():
             chunks = [self._vmapped(task, episode, chunk)
@@ -389,6 +395,7 @@ class MAML(FewShotRegime):
         meta-gradient as soon as the task is done (``per_task_backward``), chunked vmapped
         meta-training each chunk's (``vmap_chunk_size``), both with
         :func:`~sharebone.adaptation.accumulate_meta_gradients`."""
+        episode = self.model_input(episode)
         params = [p for p in self.parameters() if p.requires_grad]
         if self._use_chunked_meta_gradients():
             task = self._task_function(episode.n_way)

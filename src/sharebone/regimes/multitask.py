@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharebone.data.episodes import Episode
-from sharebone.models import ParameterSharing, count_parameters
+from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.task_kind import REGRESSION, task_kind
 from sharebone.weighting import (
@@ -177,7 +177,7 @@ class SharedBackboneRegime(FewShotRegime):
     episodes, answered by a head fitted on each support set.
     """
 
-    def __init__(self, backbone: dict[str, Any], heads: dict[str, int] | None = None,
+    def __init__(self, backbone: BackboneArg, heads: dict[str, int] | None = None,
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
                  conflict_every: int = 10, head_fit: dict[str, Any] | None = None) -> None:
@@ -187,7 +187,7 @@ class SharedBackboneRegime(FewShotRegime):
         bad = {name: n for name, n in heads.items() if not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"Every head needs a positive int output size; got {bad}.")
-        width = self.backbone.num_features
+        width = feature_width(self.backbone)
         self.heads = nn.ModuleDict({_key(name): nn.Linear(width, n) for name, n in heads.items()})
         self.head_names = list(heads)
         spec = dict(weighting or {"name": "equal"})
@@ -364,7 +364,7 @@ class MultiTask(SharedBackboneRegime):
 
     trains_on = "tasks"
 
-    def __init__(self, backbone: dict[str, Any], heads: dict[str, int] | None = None,
+    def __init__(self, backbone: BackboneArg, heads: dict[str, int] | None = None,
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
                  conflict_every: int = 10, head_fit: dict[str, Any] | None = None) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from sharebone.data.episodes import Episode
-from sharebone.models import ParameterSharing, count_parameters
+from sharebone.models import BackboneArg, ParameterSharing, count_parameters
 from sharebone.regimes.base import FewShotRegime, register_regime
 
 
@@ -33,7 +33,8 @@ class ProtoNet(FewShotRegime):
     ways than it tests (e.g. 60-way training for Omniglot), set with ``sampler.train.n_way``.
 
     Args:
-        backbone: registry spec of the embedding network, e.g. ``{"name": "conv4"}``.
+        backbone: registry spec of the embedding network, e.g. ``{"name": "conv4"}``, or a
+            module of one's own (any ``x -> [batch, features]`` network).
         lr: Adam learning rate.
         lr_step_size, lr_gamma: multiply ``lr`` by ``lr_gamma`` every ``lr_step_size``
             optimizer steps (the paper halves it every 2000 episodes).
@@ -49,7 +50,7 @@ class ProtoNet(FewShotRegime):
         torch.Size([2, 12, 3])
     """
 
-    def __init__(self, backbone: dict[str, Any], lr: float = 1e-3, lr_step_size: int = 2000,
+    def __init__(self, backbone: BackboneArg, lr: float = 1e-3, lr_step_size: int = 2000,
                  lr_gamma: float = 0.5, distance: str = "sqeuclidean") -> None:
         super().__init__(backbone)
         if distance not in ("sqeuclidean", "cosine"):
