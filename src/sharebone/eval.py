@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -18,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sharebone import suggest
 from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint
 from sharebone.config import CONFIG_DIR
@@ -181,8 +183,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """``sharebone-eval``: the Hydra app, with "did you mean" hints for mistyped overrides."""
+    with suggest.on_failure(sys.argv[1:], "eval"):
+        hydra_main()
 
 
 if __name__ == "__main__":
