@@ -215,6 +215,13 @@ def test_tensorboard_and_csv_at_once_with_tags_in_their_hparams(tmp_path):
     assert csv_rows(tmp_path), "the CSV logger ran beside it"
 
 
+def test_logger_presets_compose_one_or_several(tmp_path):
+    assert set(compose_train(tmp_path, ["logger=many"]).logger) == {"wandb", "csv", "tensorboard"}
+    assert set(compose_train(tmp_path, ["logger=[csv,tensorboard]"]).logger) == {
+        "csv", "tensorboard"}
+    assert compose_train(tmp_path, ["logger=tensorboard"]).logger.tensorboard.log_graph is False
+
+
 def test_bad_tags_and_unknown_loggers_are_refused(tmp_path):
     with pytest.raises(ValueError, match="tags="):
         run(compose_train(tmp_path, FAST + ["tags=[ok,'']"]))
