@@ -87,8 +87,12 @@ def test_callback_presets_compose_with_the_users_own(tmp_path):
 
 def test_a_callback_without_a_class_is_refused_with_the_fix(tmp_path):
     cfg = compose_train(tmp_path, FAST + ["+callbacks.mine.patience=3"])
+    model = build_run(cfg).regime
     with pytest.raises(ValueError, match=r"callbacks.mine has no _target_.*~callbacks.mine"):
-        build_callbacks(cfg, build_run(cfg).regime, tmp_path)
+        build_callbacks(cfg, model, tmp_path)
+    cfg = compose_train(tmp_path, FAST + ["+callbacks.model_checkpoint.save_top_k=3"])
+    with pytest.raises(ValueError, match=r"monitor and mode only, not \['save_top_k'\]"):
+        build_callbacks(cfg, model, tmp_path)
 
 
 def test_early_stopping_stops_a_real_run(tmp_path):

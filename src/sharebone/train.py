@@ -131,6 +131,13 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
     tuned = {k: v for k, v in OmegaConf.to_container(
         entries.get("model_checkpoint") or OmegaConf.create({}), resolve=True).items()
         if v is not None}
+    if set(tuned) - {"monitor", "mode"}:
+        raise ValueError(f"callbacks.model_checkpoint takes monitor and mode only, not "
+                         f"{sorted(set(tuned) - {'monitor', 'mode'})}: sharebone writes "
+                         "checkpoints/best.ckpt and last.ckpt itself (resume, the test and "
+                         "sharebone-eval read them); checkpoint.every_n_train_steps sets how "
+                         "often last.ckpt is written. Another ModelCheckpoint can be added as "
+                         "+callbacks.<name>._target_=pytorch_lightning.callbacks.ModelCheckpoint.")
     score = f"val/{model.metric_name}"
     monitor = tuned.get("monitor", score)
     mode = tuned.get("mode", monitor_mode(model, monitor))
@@ -187,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_switches(cfg)
     dashboard.user_tags(cfg)  # bad tags are refused now, whichever loggers run
     if not cfg.get("train", True):
-        return test_checkpoint(cfg)
+        return score_checkpoint(cfg)
     ckpt_path = resume_checkpoint(cfg.get("resume"))
     if ckpt_path:
         continue_in_run_dir(cfg, ckpt_path)
@@ -222,7 +229,7 @@ def check_switches(cfg: DictConfig) -> None:
                          "test as ckpt_path=.")
 
 
-def test_checkpoint(cfg: DictConfig) -> dict[str, float]:
+def score_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """``train=false``: score ``ckpt_path`` on this config's test episodes, as a run scores its
     best checkpoint after training (same evaluator, results, loggers, figures), in a new run
     directory. The checkpoint must have this config's task, backbone and regime."""
