@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -118,15 +119,19 @@ def test_progress_presets_pick_a_bar_on_a_terminal_and_lines_elsewhere():
         progress_bar("fancy")
 
 
-def test_progress_lines_in_a_real_run_without_a_terminal(tmp_path, capsys):
+def test_progress_lines_in_a_real_run_without_a_terminal(tmp_path, capsys, caplog):
     cfg = compose_train(tmp_path, FAST + ONE_SETTING + [
         "callbacks=[default,rich_progress]", "trainer.enable_progress_bar=true",
         "callbacks.progress_bar.every_seconds=0"])
-    run(cfg)
-    out = capsys.readouterr().out
-    assert "[sharebone] epoch 1/1: 1/3 steps" in out and "[sharebone] epoch 1/1: 3/3 steps" in out
-    assert "[sharebone] validation after epoch 1: val/acc=" in out
-    assert "\r" not in out and "\x1b[" not in out, "no bar redrawn in place, no colour codes"
+    with caplog.at_level(logging.INFO, logger="sharebone.progress"):
+        run(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sharebone.progress"]
+    assert [line.split(",")[0] for line in lines if line.startswith("epoch")] == [
+        "epoch 1/1: 1/3 steps", "epoch 1/1: 2/3 steps", "epoch 1/1: 3/3 steps"]
+    assert any(line.startswith("validation after epoch 1: val/acc=") for line in lines)
+    out = capsys.readouterr()
+    for stream in (out.out, out.err):
+        assert "\r" not in stream and "\x1b[" not in stream, "no bar drawn: no \\r, no colour"
 
 
 # --------------------------------------------------------------------------------------------

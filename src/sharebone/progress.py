@@ -1,12 +1,13 @@
 """Training progress: a rich or tqdm bar on a terminal, plain lines everywhere else.
 
-A bar redrawn in place is unreadable in ``train.log``, under ``nohup``, in a SLURM ``.out`` file
-or a CI log: there :func:`progress_bar` gives :class:`LineProgressBar`, a line every few seconds
-(as the test-episode progress does).
+A bar redrawn in place is unreadable under ``nohup``, in a SLURM ``.out`` file or a CI log:
+there :func:`progress_bar` gives :class:`LineProgressBar`, a log line every few seconds (as the
+test-episode progress does), so it is in the run's ``train.log`` too.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, TextIO
@@ -15,18 +16,20 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.progress import ProgressBar
 
+log = logging.getLogger(__name__)
+
 STYLES = ("rich", "tqdm")
 
 
 def progress_bar(style: str = "tqdm", refresh_rate: int = 1, every_seconds: float = 30.0,
                  stream: TextIO | None = None) -> ProgressBar:
     """The ``style`` bar (``rich`` or ``tqdm``) when ``stream`` (stdout) is a terminal, else
-    :class:`LineProgressBar` printing a line every ``every_seconds``."""
+    :class:`LineProgressBar` logging a line every ``every_seconds``."""
     if style not in STYLES:
         raise ValueError(f"progress bar style must be one of {STYLES}, got {style!r}.")
     stream = stream or sys.stdout
     if not stream.isatty():
-        return LineProgressBar(every_seconds, stream)
+        return LineProgressBar(every_seconds)
     if style == "rich":
         return RichProgressBar(refresh_rate=refresh_rate)
     return TQDMProgressBar(refresh_rate=refresh_rate)
@@ -34,12 +37,12 @@ def progress_bar(style: str = "tqdm", refresh_rate: int = 1, every_seconds: floa
 
 class LineProgressBar(ProgressBar):
     """``epoch 2/10: 120/500 steps, 8.1 steps/s, ETA 47s, train/loss=0.52`` every
-    ``every_seconds`` and at each epoch's end, and a line per validation with its metrics."""
+    ``every_seconds`` and at each epoch's end, and a line per validation with its metrics,
+    logged (INFO): on the console and in ``train.log`` under the Hydra app."""
 
-    def __init__(self, every_seconds: float = 30.0, stream: TextIO | None = None) -> None:
+    def __init__(self, every_seconds: float = 30.0) -> None:
         super().__init__()
         self.every = every_seconds
-        self.stream = stream
         self._enabled = True
         self._started = self._last = 0.0
 
@@ -51,7 +54,7 @@ class LineProgressBar(ProgressBar):
 
     def _print(self, line: str) -> None:
         if self._enabled:
-            print(f"[sharebone] {line}", file=self.stream or sys.stdout, flush=True)
+            log.info("%s", line)
 
     def _metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         shown = []
