@@ -22,10 +22,12 @@ FIGURES = ("val_episode.png", "learning_curves.png", "acc_vs_shots.png")
 
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
-    """ProtoNet on generated images, 2 epochs (2 validations), logged to W&B and CSV."""
+    """ProtoNet on generated images, 2 epochs (2 validations), logged to W&B and CSV, with
+    tags of its own."""
     out = tmp_path_factory.mktemp("dashboard")
     overrides = [o for o in FAST if not o.startswith("logger=")] + [
         "logger=wandb", "+logger.csv={}", "trainer.max_epochs=2", "test.episodes=4",
+        "tags=[baseline,conv4]",
         "test.settings=[{n_way: 5, k_shot: 1}, {n_way: 5, k_shot: 2}, {n_way: 3, k_shot: 1}]"]
     cfg = compose_train(out, overrides)
     metrics = run(cfg)
@@ -47,7 +49,8 @@ def test_the_run_is_named_and_tagged_by_what_it_is(two_epochs):
     summary = json.loads(inspect(run_dir, "--summary", "--json"))
     assert re.fullmatch(r"protonet-synthetic_images-conv4-5w1s-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d",
                         summary["name"]), summary["name"]
-    assert summary["tags"] == ["protonet", "synthetic_images", "conv4", "5w1s"]
+    # the config's own tags first, then what the run is (conv4 once)
+    assert summary["tags"] == ["baseline", "conv4", "protonet", "synthetic_images", "5w1s"]
 
 
 def test_the_config_is_the_run_config_nested_once(two_epochs):

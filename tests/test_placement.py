@@ -7,10 +7,10 @@ import csv
 
 import pytest
 import torch
+from helpers.configs import FAST, compose_train
 
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.placement import AUTO_FRACTION, check_policy, place_source
-from helpers.configs import FAST, compose_train
 
 META = torch.device("meta")  # a device without memory: placement logic, no GPU needed
 

@@ -12,17 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.configs import FAST
-from hydra._internal.callbacks import Callbacks
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.utils import create_config_search_path
+from helpers.configs import FAST, hydra_context
 from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
-from hydra.core.utils import setup_globals
-from hydra.types import HydraContext, RunMode
 
 import sharebone.cli
-from sharebone.config import CONFIG_DIR
 from sharebone.sweep import swept_keys, write_summary
 
 BIN = Path(sys.executable).parent
@@ -123,14 +117,6 @@ def test_swept_keys_from_the_command_line_and_the_sweeper():
             "+x=range(3)", "hydra.run.dir=a,b"]
     assert swept_keys(args, {"regime.lr": "interval(0,1)", "backbone.hidden": "choice(32,64)"}) \
         == ["regime.lr", "x", "backbone.hidden"]
-
-
-def hydra_context(overrides: list[str]):
-    """What Hydra builds before it launches a multirun: the config and the launcher."""
-    setup_globals()  # the ${now:} resolver, as Hydra registers it
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONFIG_DIR)))
-    cfg = loader.load_configuration("train", overrides=overrides, run_mode=RunMode.MULTIRUN)
-    return cfg, HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
 
 
 def test_slurm_launcher_composes_and_the_submitted_job_pickles(tmp_path):

@@ -1,7 +1,8 @@
 """The console scripts ``sharebone-train`` and ``sharebone-eval``.
 
 Hydra parses the command line here, before torch or Lightning is imported, so that
-``--help``, ``--cfg job`` and a mistyped override answer in about a second; the run itself
+``--help``, ``--cfg job`` and a mistyped override (with its "did you mean",
+:mod:`sharebone.suggest`) answer in about a second; the run itself
 (:func:`sharebone.train.run`, :func:`sharebone.eval.run`) is imported only when there is one.
 """
 
@@ -13,6 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sharebone import suggest
 from sharebone.config import CONFIG_DIR
 from sharebone.ranks import handed_config
 from sharebone.run_dir import restore_overrides
@@ -21,8 +23,9 @@ from sharebone.run_dir import restore_overrides
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     """One training run; returns what a Hydra sweeper optimises (see ``objective``)."""
-    from sharebone.train import objective, run
+    from sharebone.train import check_objective, objective, run
 
+    check_objective(cfg)
     return objective(cfg, run(cfg))
 
 
@@ -45,9 +48,11 @@ def train() -> float | None:
         run(OmegaConf.load(handed))
         sys.exit(0)
     sys.argv = restore_overrides(sys.argv)
-    return train_app()
+    with suggest.on_failure(sys.argv[1:], "train"):
+        return train_app()
 
 
 def evaluate() -> None:
     """``sharebone-eval``."""
-    eval_app()
+    with suggest.on_failure(sys.argv[1:], "eval"):
+        eval_app()

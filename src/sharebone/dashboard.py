@@ -7,7 +7,7 @@
   setting, the run directory's time) unless the user named it, and tagged with the same parts;
 - :func:`callbacks`: :class:`Dashboard` (the validation metric's W&B summary is its best value,
   ``max`` for accuracy, ``min`` for MSE; a sample validation episode with its predictions after
-  every validation) and Lightning's ``LearningRateMonitor`` (every step);
+  every validation); the learning rate is the ``lr_monitor`` callback (configs/callbacks/);
 - :func:`after_test`: learning curves from ``csv/metrics.csv``, test accuracy vs shots and, for
   the MAML family, accuracy vs inner steps at test.
 
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor
 
 from sharebone import tracking
 from sharebone.data.episodes import Episode
@@ -73,13 +72,33 @@ def run_name(cfg: Mapping[str, Any], output_dir: str | Path) -> str:
 
 def name_and_tags(wandb: Mapping[str, Any] | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The W&B options with a name (unless one is set: the user's, a sweep job's; a resumed
-    run keeps the name its W&B run has) and the run's tags added to the user's own."""
+    run keeps the name its W&B run has) and tags: ``logger.wandb.tags``, the config's own
+    ``tags``, then what the run is (regime, task, backbone, setting)."""
     options = dict(wandb or {})
     if not options.get("name") and not cfg.get("resume"):
         options["name"] = run_name(cfg, cfg["paths"]["output_dir"])
-    tags = [str(t) for t in (options.get("tags") or [])]
-    options["tags"] = tags + [t for t in run_tags(cfg) if t not in tags]
+    tags: list[str] = []
+    for tag in [*(options.get("tags") or []), *user_tags(cfg), *run_tags(cfg)]:
+        if str(tag) not in tags:
+            tags.append(str(tag))
+    options["tags"] = tags
     return options
+
+
+def user_tags(cfg: Mapping[str, Any]) -> list[str]:
+    """The config's top-level ``tags`` (``tags=[baseline,lr_sweep]``), checked: W&B takes
+    non-empty strings of at most 64 characters."""
+    tags = cfg.get("tags") or []
+    if isinstance(tags, str):  # tags=baseline: one tag
+        tags = [tags]
+    if not isinstance(tags, Sequence):
+        raise ValueError(f"tags must be a list of words, e.g. tags=[baseline,lr_sweep]; "
+                         f"got {tags!r}.")
+    for tag in tags:
+        if not isinstance(tag, str | int | float) or not str(tag).strip() or len(str(tag)) > 64:
+            raise ValueError(f"tags: {tag!r} is not a tag (a non-empty word of at most 64 "
+                             "characters), e.g. tags=[baseline,lr_sweep].")
+    return [str(t) for t in tags]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,13 +237,11 @@ class Dashboard(pl.Callback):
 
 def callbacks(cfg: Mapping[str, Any], model: Any, output_dir: str | Path,
               loggers: Sequence[Any]) -> list[pl.Callback]:
-    """:class:`Dashboard`, and the learning rate every step where a logger records it."""
+    """:class:`Dashboard` (the learning rate is the ``callbacks/lr_monitor`` preset's)."""
     options = figure_options(cfg)
     found: list[pl.Callback] = [Dashboard(
         output_dir, loggers, title=describe(cfg, model.regime_name),
         val_episode=bool(options["enabled"] and options["val_episode"]))]
-    if loggers:
-        found.append(LearningRateMonitor(logging_interval="step"))
     return found
 
 

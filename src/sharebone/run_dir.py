@@ -147,9 +147,11 @@ def _comparable(key: str, value: Any) -> Any:
     return value
 
 
-def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source: str) -> None:
-    """Refuse to resume a run under another task, backbone or regime than it was trained
-    with (weights would load, and the run would silently train something else)."""
+def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source: str,
+                   key: str = "resume") -> None:
+    """Refuse to resume (``key="resume"``) or test (``key="ckpt_path"``) a run under another
+    task, backbone or regime than it was trained with (weights would load, and the run would
+    silently train or test something else)."""
     if not saved:
         return
     changed = [k for k in SAME_RUN_KEYS
@@ -158,11 +160,14 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source
         return
     lines = [f"  {k}: the run has {_brief(saved[k])}, this command has {_brief(current.get(k))}"
              for k in changed]
+    fix = ("sharebone-train restores the run's own overrides (its .hydra/overrides.yaml); drop "
+           "the ones that change these, and change only what may change on resume, e.g. "
+           "trainer.max_epochs or test settings." if key == "resume" else
+           "Compose the run's own task, backbone and regime (e.g. the experiment= or task= it "
+           "was trained with), or score it on any task with sharebone-eval ckpt=... task=....")
     raise RunDirError(
-        f"resume={source} was trained with another {', '.join(changed)} than this command "
-        "composes:\n" + "\n".join(lines) + "\nsharebone-train restores the run's own "
-        "overrides (its .hydra/overrides.yaml); drop the ones that change these, and change "
-        "only what may change on resume, e.g. trainer.max_epochs or test settings.")
+        f"{key}={source} was trained with another {', '.join(changed)} than this command "
+        "composes:\n" + "\n".join(lines) + "\n" + fix)
 
 
 def _brief(value: Any) -> str:

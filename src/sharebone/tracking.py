@@ -1,4 +1,5 @@
-"""Experiment tracking: W&B first (offline without credentials), CSV as the fallback.
+"""Experiment tracking: W&B first (offline without credentials), CSV as the fallback;
+TensorBoard on request.
 
 A tracking failure must never lose a training run. W&B runs through :class:`SafeWandbLogger`:
 the first W&B call that fails (the ``wandb-core`` service killed, a full disk, a bad value)
@@ -509,7 +510,8 @@ def wandb_run_id(output_dir: str | Path) -> str | None:
 
 def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,
                   resume: bool = False, resume_id: str | None = None) -> list[Logger]:
-    """Loggers from the ``logger`` config group: ``{"wandb": {...}, "csv": {...}}``.
+    """Loggers from the ``logger`` config group: ``{"wandb": {...}, "csv": {...},
+    "tensorboard": {...}}``, any of them.
 
     W&B is written offline when there are no credentials; when it cannot start at all the
     run logs to CSV in ``output_dir`` instead, and when it fails later its metrics go there.
@@ -517,6 +519,11 @@ def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,
     rows, W&B continues the run ``resume_id`` (default: :func:`wandb_run_id` of the folder).
     """
     cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - {"wandb", "csv", "tensorboard"})
+    if unknown:
+        raise ValueError(f"logger: unknown logger(s) {unknown}; sharebone knows wandb, csv and "
+                         "tensorboard (logger=wandb|csv|tensorboard|many|none, or a list: "
+                         "logger=[csv,tensorboard]).")
     loggers: list[Logger] = []
     if resume and resume_id is None:
         resume_id = wandb_run_id(output_dir)
@@ -541,7 +548,25 @@ def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,
     if "csv" in cfg:
         loggers.append(ResumableCSVLogger(save_dir=str(output_dir), name="csv", version="",
                                           resume=resume, **dict(cfg["csv"] or {})))
+    if "tensorboard" in cfg:
+        loggers.append(tensorboard_logger(output_dir, **dict(cfg["tensorboard"] or {})))
     return loggers
+
+
+def tensorboard_logger(output_dir: str | Path, **options: Any) -> Logger:
+    """Lightning's ``TensorBoardLogger`` writing to ``<output_dir>/tensorboard``. A resumed run
+    adds event files to the same folder; TensorBoard shows them as one run."""
+    import importlib.util
+
+    if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+        raise ModuleNotFoundError(
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or pip install -e '.[tensorboard]'), or pick another logger (logger=csv).")
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    # No hp_metric placeholder: the run's metrics are logged under their own names.
+    options.setdefault("default_hp_metric", False)
+    return TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", **options)
 
 
 def wandb_loggers(loggers: Sequence[Logger]) -> list[SafeWandbLogger]:

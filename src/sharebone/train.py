@@ -6,6 +6,8 @@
     sharebone-train -m regime.lr=1e-3,3e-3            # a sweep (summary.md/.csv at the end)
     sharebone-train trainer=ddp trainer.devices=4     # DDP: the meta-batch split across GPUs
     sharebone-train resume=outputs/2026-11-25/13-00-00  # continue a killed run exactly
+    sharebone-train train=false ckpt_path=outputs/2026-11-25/13-00-00  # only test a checkpoint
+    sharebone-train hparams_search=protonet_optuna    # Optuna search on the val episodes
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks.progress import ProgressBar
 
 from sharebone import dashboard, tracking
 from sharebone.build import RunParts, build_run, check_world_size, resolved
 from sharebone.checkpoint_io import (
     AtomicCheckpointIO,
     RNGState,
+    find_checkpoint,
     read_checkpoint,
     resume_checkpoint,
 )
@@ -91,18 +95,35 @@ def logger_config(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
+                    loggers: list[Any] | None = None) -> list[pl.Callback]:
     """Best/last checkpoints (last also every ``checkpoint.every_n_train_steps`` steps, for
-    mid-epoch resume), RNG state in checkpoints, and any ``callbacks.<name>`` from the config.
+    mid-epoch resume), RNG state in checkpoints, the non-finite-loss guard, and the
+    ``callbacks`` group's entries (configs/callbacks/: presets and ``+callbacks.<name>``).
 
     Both checkpoint callbacks write ``last.ckpt`` (the epoch-end one after validation, the
     step one in between); the newest wins, so ``resume=<run dir>`` continues from the latest.
+    ``callbacks.model_checkpoint`` only tunes the best checkpoint (``monitor``, ``mode``); an
+    entry's ``monitor: null`` is the regime's validation score, ``mode: null`` its direction.
     """
+    entries = cfg.get("callbacks") or {}
+    tuned = {k: v for k, v in OmegaConf.to_container(
+        entries.get("model_checkpoint") or OmegaConf.create({}), resolve=True).items()
+        if v is not None}
+    if set(tuned) - {"monitor", "mode"}:
+        raise ValueError(f"callbacks.model_checkpoint takes monitor and mode only, not "
+                         f"{sorted(set(tuned) - {'monitor', 'mode'})}: sharebone writes "
+                         "checkpoints/best.ckpt and last.ckpt itself (resume, the test and "
+                         "sharebone-eval read them); checkpoint.every_n_train_steps sets how "
+                         "often last.ckpt is written. Another ModelCheckpoint can be added as "
+                         "+callbacks.<name>._target_=pytorch_lightning.callbacks.ModelCheckpoint.")
+    score = f"val/{model.metric_name}"
+    monitor = tuned.get("monitor", score)
+    mode = tuned.get("mode", monitor_mode(model, monitor))
     dirpath = output_dir / "checkpoints"
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=dirpath, filename="best", monitor=f"val/{model.metric_name}",
-                        save_last=True, enable_version_counter=False,
-                        mode="max" if model.metric_higher_is_better else "min")]
+        ModelCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode=mode,
+                        save_last=True, enable_version_counter=False)]
     every = (cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0
     if every > 0:
         callbacks.append(ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every,
@@ -111,11 +132,35 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path) -> list[pl.Ca
     callbacks.append(RNGState())
     callbacks.append(StepTimes())
     callbacks.append(NonFiniteLoss(cfg.get("on_nonfinite_loss", "stop")))
-    for name, spec in (cfg.get("callbacks") or {}).items():
-        if spec is not None:
-            log.info("callback %s: %s", name, spec.get("_target_"))
-            callbacks.append(instantiate(spec))
+    bars = (cfg.get("trainer") or {}).get("enable_progress_bar", True)
+    for name, spec in entries.items():
+        if spec is None or name == "model_checkpoint":
+            continue
+        if "_target_" not in spec:
+            raise ValueError(f"callbacks.{name} has no _target_ (the class to make). Add it: "
+                             f"+callbacks.{name}._target_=<module.Class>, or drop the entry: "
+                             f"~callbacks.{name}.")
+        if "monitor" in spec and spec.get("monitor") is None:
+            spec = OmegaConf.merge(spec, {"monitor": score, "mode": spec.get("mode")
+                                          or monitor_mode(model, score)})
+        callback = instantiate(spec)
+        if isinstance(callback, LearningRateMonitor) and not loggers:
+            log.info("callback %s left out: the run has no logger to write the rate to", name)
+            continue
+        if isinstance(callback, ProgressBar) and not bars:
+            log.info("callback %s left out: trainer.enable_progress_bar is false", name)
+            continue
+        log.info("callback %s: %s", name, spec.get("_target_"))
+        callbacks.append(callback)
     return callbacks
+
+
+def monitor_mode(model: Any, monitor: str) -> str:
+    """``max`` or ``min`` for a monitored metric: the regime's own score goes its way
+    (accuracy up, MSE down); a loss or error goes down; any other score up."""
+    if monitor == f"val/{model.metric_name}":
+        return "max" if model.metric_higher_is_better else "min"
+    return "min" if any(w in monitor for w in ("loss", "mse", "error", "nll")) else "max"
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -126,6 +171,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     another's checkpoints; ``resume=`` continues a run in its own directory.
     """
     quiet_known_noise()
+    check_switches(cfg)
+    dashboard.user_tags(cfg)  # bad tags are refused now, whichever loggers run
+    if not cfg.get("train", True):
+        return score_checkpoint(cfg)
     ckpt_path = resume_checkpoint(cfg.get("resume"))
     if ckpt_path:
         continue_in_run_dir(cfg, ckpt_path)
@@ -139,6 +188,53 @@ def run(cfg: DictConfig) -> dict[str, float]:
             return train_and_test(cfg, output_dir, ckpt_path)
         finally:  # a caller running several jobs in one process gets its setting back
             torch.set_num_threads(threads)
+
+
+def check_switches(cfg: DictConfig) -> None:
+    """``train``/``test.enabled``/``ckpt_path``/``resume`` make sense together."""
+    train, test = cfg.get("train", True), (cfg.get("test") or {}).get("enabled", True)
+    if not isinstance(train, bool) or not isinstance(test, bool):
+        raise ValueError(f"train and test.enabled are true or false; got train={train!r}, "
+                         f"test.enabled={test!r}.")
+    if train and cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path= names a checkpoint to test without training (train=false "
+                         "ckpt_path=...); to continue training a run, use resume=<run dir>.")
+    if not train and not test:
+        raise ValueError("train=false test.enabled=false leaves nothing to do: drop one.")
+    if not train and not cfg.get("ckpt_path"):
+        raise ValueError("train=false tests a checkpoint: pass ckpt_path=<file.ckpt or run "
+                         "dir>. (sharebone-eval ckpt=... scores one on its own settings.)")
+    if not train and cfg.get("resume"):
+        raise ValueError("resume= continues training; with train=false name the checkpoint to "
+                         "test as ckpt_path=.")
+
+
+def score_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """``train=false``: score ``ckpt_path`` on this config's test episodes, as a run scores its
+    best checkpoint after training (same evaluator, results, loggers, figures), in a new run
+    directory. The checkpoint must have this config's task, backbone and regime."""
+    ckpt = find_checkpoint(cfg.ckpt_path)
+    saved = read_checkpoint(ckpt)["sharebone"].get("config")
+    check_same_run(saved, OmegaConf.to_container(cfg, resolve=True), str(cfg.ckpt_path),
+                   key="ckpt_path")
+    output_dir = Path(cfg.paths.output_dir)
+    with RunLock(output_dir):
+        check_fresh(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pl.seed_everything(cfg.seed, workers=True)
+        set_float32_matmul_precision(cfg.get("float32_matmul_precision", "auto"))
+        parts = build_run(cfg)
+        accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+        cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        model = load_regime(str(ckpt)).to("cuda" if cuda else "cpu")
+        print(f"[sharebone] testing {ckpt} ({model.regime_name} / {cfg.task.name}), no training")
+        loggers = tracking.build_loggers(logger_config(cfg), output_dir)
+        for logger in loggers:
+            tracking.safely(logger.log_hyperparams, resolved(cfg, parts.from_data))
+        metrics: dict[str, float] = {}
+        score_and_report(cfg, model, parts, output_dir, loggers, metrics, str(ckpt))
+        finish_run(cfg, model, output_dir, loggers, metrics, str(ckpt), upload=False)
+        return metrics
 
 
 def continue_in_run_dir(cfg: DictConfig, ckpt_path: str) -> None:
@@ -180,7 +276,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
     tracking.log_summary(loggers, {f"params/{k}": v for k, v in sharing.as_dict().items()
                                    if isinstance(v, int)})
 
-    callbacks = build_callbacks(cfg, model, output_dir)
+    callbacks = build_callbacks(cfg, model, output_dir, loggers)
     callbacks += dashboard.callbacks(cfg, model, output_dir, loggers)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
@@ -202,7 +298,11 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
     if best:
         # Score what was saved, through the same loader sharebone-eval uses.
         model = load_regime(best).to(trainer.strategy.root_device)
-    score_and_report(cfg, model, parts, output_dir, loggers, metrics, best)
+    if cfg.test.get("enabled", True):
+        score_and_report(cfg, model, parts, output_dir, loggers, metrics, best)
+    else:
+        print("[sharebone] test.enabled=false: the test episodes were not scored")
+    finish_run(cfg, model, output_dir, loggers, metrics, best)
     return metrics
 
 
@@ -217,7 +317,8 @@ def best_checkpoint(checkpoint: ModelCheckpoint, output_dir: Path) -> str:
 
 def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: Path,
                      loggers: list[Any], metrics: dict[str, float], best: str) -> None:
-    """Score ``model`` on the run's test episodes; results to files, loggers and ``metrics``."""
+    """Score ``model`` on the run's test episodes; results to files, loggers and ``metrics``
+    (:func:`finish_run` then writes the summary and closes the loggers)."""
     t = cfg.test
     results = evaluate(model, parts.tests, episodes=t.episodes,
                        episodes_per_batch=t.batch_size)
@@ -226,20 +327,26 @@ def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: P
     log.info("%s", table)  # the results in train.log too
     paths = write_results(results, output_dir, extra={
         "regime": model.regime_name, "task": cfg.task.name,
-        "train_seconds": metrics["train_seconds"], "checkpoint": str(best),
+        "train_seconds": metrics.get("train_seconds"), "checkpoint": str(best),
         **model.parameter_sharing().as_dict()})
     for r in results:
         metrics[f"test/{r.name}/{r.metric}"] = r.mean
         metrics[f"test/{r.name}/ci95"] = r.ci95
-    tracking.log_summary(loggers, metrics)
     tracking.log_table(loggers, "test/results", [r.as_dict() for r in results])
     dashboard.after_test(cfg, model, parts.tests, results, loggers, output_dir)
-    if best:
+    print(f"[sharebone] results: {paths['json']}")
+
+
+def finish_run(cfg: DictConfig, model: Any, output_dir: Path, loggers: list[Any],
+               metrics: dict[str, float], best: str, upload: bool = True) -> None:
+    """The run's summary to its loggers (with the checkpoint as a W&B artifact when
+    ``upload``), loggers closed, ``metrics.json`` written (what a sweep reads)."""
+    tracking.log_summary(loggers, metrics)
+    if best and upload:
         tracking.log_checkpoint(loggers, best, name=f"{model.regime_name}-{cfg.task.name}",
                                 metadata=dict(metrics))
     for note in tracking.finish(loggers):
         print(f"[sharebone] {note}")
-    print(f"[sharebone] results: {paths['json']}")
     (output_dir / "metrics.json").write_text(
         json.dumps(finite_or_none(metrics), indent=2, allow_nan=False))
 
@@ -300,10 +407,22 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     test setting's score. Validation by default: tuning on the test episodes would leak."""
     key = cfg.get("objective")
     if key:
-        return metrics.get(key)
+        if key not in metrics:
+            raise KeyError(f"objective={key} is not among this run's metrics "
+                           f"({', '.join(sorted(metrics))}); set objective= to one of the "
+                           "val/ ones.")
+        return metrics[key]
     return next((v for k, v in metrics.items() if k.startswith("val/")),
                 next((v for k, v in metrics.items()
                       if k.startswith("test/") and not k.endswith("ci95")), None))
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """A sweeper must not tune on the test episodes: they are the final, untouched comparison."""
+    key = str(cfg.get("objective") or "")
+    if key.startswith("test/"):
+        raise ValueError(f"objective={key} would tune on the test episodes; pick a validation "
+                         "metric (objective=val/acc, or val/mse for regression).")
 
 
 if __name__ == "__main__":  # python -m sharebone.train: the console script's app
