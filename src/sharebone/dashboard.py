@@ -51,12 +51,17 @@ def training_setting(cfg: Mapping[str, Any]) -> str | None:
     return f"{n_way}w{k_shot}s" if n_way is not None and k_shot is not None else None
 
 
-def run_time(output_dir: str | Path) -> str:
-    """When the run started: the ``<date>/<time>`` of a Hydra run directory, else now."""
+def hydra_run_time(output_dir: str | Path) -> str | None:
+    """``<date>_<time>`` of a Hydra run directory ``.../<date>/<time>``; None for another."""
     parts = Path(output_dir).parts
     if len(parts) >= 2 and _DATE.match(parts[-2]) and _TIME.match(parts[-1]):
         return f"{parts[-2]}_{parts[-1]}"
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return None
+
+
+def run_time(output_dir: str | Path) -> str:
+    """When the run started: the ``<date>/<time>`` of a Hydra run directory, else now."""
+    return hydra_run_time(output_dir) or time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def run_tags(cfg: Mapping[str, Any]) -> list[str]:
