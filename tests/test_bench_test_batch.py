@@ -1,0 +1,31 @@
+"""scripts/bench_test_batch.py: a fresh process per batch size, its peak memory and time."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from helpers.configs import REPO_ROOT
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_test_batch", REPO_ROOT / "scripts" / "bench_test_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_batch_size_is_measured_in_its_own_process_with_the_same_scores(tmp_path, capsys):
+    bench = load_bench()
+    rows = bench.main(["--regimes", "protonet", "--sizes", "1,3", "--episodes", "3",
+                       "--n-way", "5", "--k-shot", "1", "--q-query", "2",
+                       "--out", str(tmp_path / "rows.json")])
+    assert [(r["regime"], r["batch_size"], r["episodes"]) for r in rows] == \
+        [("protonet", 1, 3), ("protonet", 3, 3)]
+    for r in rows:
+        assert r["threads"] == 1 and r["seconds"] > 0 and r["cpu_seconds"] > 0
+        assert r["peak_rss_mb"] >= r["setup_rss_mb"] > 100, "the kernel's peak RSS mark"
+    # Batch size is memory, not results: the same episodes, the same untrained weights.
+    assert rows[0]["acc"] == rows[1]["acc"]
+    assert "| protonet | 3 | 3 |" in capsys.readouterr().out
+    assert (tmp_path / "rows.json").is_file()
