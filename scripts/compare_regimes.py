@@ -235,7 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="conv4")
     p.add_argument("--episodes", type=int, default=600, help="test episodes per setting")
     p.add_argument("--q-query", type=int, default=15, help="test queries per way")
-    p.add_argument("--test-batch-size", type=int, default=16, help="test episodes per batch")
+    p.add_argument("--test-batch-size", default="auto",
+                   help="test episodes per forward pass (auto: test.batch_size's default)")
     p.add_argument("--val-episodes", type=int, default=50)
     p.add_argument("--batches-per-epoch", type=int, default=100,
                    help="steps between validations (checkpoint selection)")

@@ -299,7 +299,7 @@ def _vs_shots(cfg, model, tests, results, loggers, folder, title, options):
 def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options):
     """The first test setting scored with 0..test_inner_steps+extra inner steps, on its first
     ``inner_steps_episodes`` episodes (the same episodes for every step count)."""
-    from sharebone.evaluation.fewshot import episode_scores
+    from sharebone.evaluation.fewshot import batch_size_for, episode_scores
     from sharebone.evaluation.stats import summarize
     from sharebone.figures import score_vs_inner_steps
 
@@ -315,8 +315,8 @@ def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options)
     try:
         for s in steps:
             hparams["test_inner_steps"] = s
-            per_episode = episode_scores(model, test, episodes,
-                                         min(episodes, int(cfg["test"]["batch_size"])))
+            per_batch = batch_size_for(cfg["test"]["batch_size"], model.device)
+            per_episode = episode_scores(model, test, episodes, min(episodes, per_batch))
             scores.append(summarize(per_episode, test.n_way, test.k_shot, test.q_query,
                                     metric=model.metric_name))
     finally:
