@@ -138,6 +138,24 @@ def check_writable(folder: Path) -> None:
                               "output_dir=<a folder you can write> to sharebone-eval.") from err
 
 
+def track(cfg: DictConfig, model: FewShotRegime, ckpt: Path, task: dict[str, Any],
+          results: list[Any], link: dict[str, Any], written: Path) -> None:
+    """The evaluation as a W&B run (:mod:`sharebone.evaluation.wandb_log`) and its
+    score-vs-shots figure as a PNG beside the results file ``written``."""
+    logger = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    loggers = start(wandb_options(logger, link, model.regime_name, task["name"], cfg.split),
+                    written.parent)
+    config = {**OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(ckpt),
+              "regime": model.regime_name, "task": task, "results": str(written),
+              **{k: v for k, v in link.items() if k != "train_tags"}}
+    config.pop("logger", None)
+    title = (f"{model.regime_name} on {task['name']} ({cfg.split}, seed {cfg.seed})\n"
+             f"{Path(ckpt).name} of {link['train_run_name'] or run_dir_of(ckpt).name}")
+    figure = written.with_name(f"{written.stem}_{model.metric_name}_vs_shots.png")
+    for note in log_evaluation(loggers, config, results, figure=figure, title=title):
+        print(f"[sharebone] {note}")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
     quiet_known_noise()
@@ -183,20 +201,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  **model.parameter_sharing().as_dict()})
     print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
     # Only now: an evaluation that fails leaves no half-written W&B run.
-    loggers = start(wandb_options(OmegaConf.to_container(cfg.logger, resolve=True)
-                                  if cfg.get("logger") else None, link, model.regime_name,
-                                  task["name"], cfg.split), output_dir)
-    config = {**OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(ckpt),
-              "regime": model.regime_name, "task": task, "results": str(paths["json"]),
-              **{k: v for k, v in link.items() if k != "train_tags"}}
-    config.pop("logger", None)
-    title = (f"{model.regime_name} on {task['name']} ({cfg.split}, seed {cfg.seed})\n"
-             f"{Path(ckpt).name} of {link['train_run_name'] or run_dir_of(ckpt).name}")
-    notes = log_evaluation(loggers, config, results,
-                           figure=output_dir / f"{stem}_{model.metric_name}_vs_shots.png",
-                           title=title)
-    for note in notes:
-        print(f"[sharebone] {note}")
+    track(cfg, model, ckpt, task, results, link, paths["json"])
     return {"results": [r.as_dict() for r in results],
             "paths": {k: str(v) for k, v in paths.items()}}
 
