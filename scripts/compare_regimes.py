@@ -10,8 +10,15 @@ Each is trained by ``sharebone.train.run`` for ``--steps`` optimizer steps and/o
 ``--budget-seconds`` of wall time, then scored on 5w1s, 5w5s, 20w1s and 20w5s test episodes fixed
 by ``--test-seed``: every row sees identical support and query images (checked, and the
 fingerprint is written into the table). Writes ``comparison.md``, ``comparison.csv`` and
-``accuracy_vs_shots.png`` into ``--out`` and logs the table and the plot to W&B (offline without
-credentials).
+``accuracy_vs_shots.png`` into ``--out``.
+
+On W&B (offline without credentials; ``--wandb disabled`` turns it off) a comparison is one
+group (``--name``, default ``compare-<task>-<time>``): a run per regime (``<regime>-<group>``,
+job_type ``train``) with the comparison's settings in its config under ``comparison`` (budget,
+task, seeds, test episodes) next to the run's own, its curves (train/val metrics over steps),
+test scores (``test/<n>w<k>s/acc``) and figures, as ``sharebone-train`` logs them; then a run
+``<group>-summary`` (job_type ``summary``) with the comparison's config, the table
+``comparison`` (a row per regime) and the accuracy-vs-shots plot.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import csv
 import hashlib
 import io
 import json
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +86,34 @@ def available_regimes(requested: list[str] | None) -> list[str]:
     return names
 
 
+def comparison_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What every regime of this comparison shares: the budget, task, seeds and test."""
+    return {"name": args.name, "task": args.task, "backbone": args.backbone,
+            "steps": args.steps, "budget_seconds": args.budget_seconds, "seed": args.seed,
+            "test_seed": args.test_seed, "episodes": args.episodes, "q_query": args.q_query,
+            "settings": [f"{n}w{k}s" for n, k in SETTINGS]}
+
+
+def logger_overrides(args: argparse.Namespace, regime: str) -> list[str]:
+    """W&B for one regime's training run: in the comparison's group, its settings in the
+    run config under ``comparison``."""
+    if args.wandb == "disabled":
+        return ["logger=none"]
+    shared = {k: v for k, v in comparison_config(args).items() if k != "settings"}
+    return ["logger=wandb", f"logger.wandb.mode={args.wandb}", f"logger.wandb.group={args.name}",
+            f"logger.wandb.name={regime}-{args.name}", "logger.wandb.tags=[comparison]",
+            "+logger.wandb.job_type=train"] + [
+        f"+comparison.{k}={'null' if v is None else v}" for k, v in shared.items()]
+
+
 def base_overrides(args: argparse.Namespace) -> list[str]:
     settings = ", ".join(f"{{n_way: {n}, k_shot: {k}}}" for n, k in SETTINGS)
-    o = [f"task={args.task}", f"backbone={args.backbone}", "logger=none", f"seed={args.seed}",
+    o = [f"task={args.task}", f"backbone={args.backbone}", f"seed={args.seed}",
          f"test.settings=[{settings}]", f"test.episodes={args.episodes}",
          f"test.q_query={args.q_query}", f"test.batch_size={args.test_batch_size}",
          f"test.seed={args.test_seed}", f"sampler.val_episodes={args.val_episodes}",
          f"sampler.batches_per_epoch={args.batches_per_epoch}", "trainer.max_epochs=100000",
-         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10"]
+         "trainer.enable_progress_bar=false", f"trainer.log_every_n_steps={args.log_every}"]
     if args.steps:
         o.append(f"++trainer.max_steps={args.steps}")
     if args.budget_seconds:
@@ -98,7 +127,8 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def train_one(regime: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from sharebone.train import run
 
-    overrides = base_overrides(args) + [f"regime={regime}"] + REGIME_OVERRIDES.get(regime, [])
+    overrides = (base_overrides(args) + logger_overrides(args, regime) + [f"regime={regime}"]
+                 + REGIME_OVERRIDES.get(regime, []))
     if regime == "multitask":
         if args.task not in MULTITASK_VIEW:
             raise SystemExit(f"No multitask view of task {args.task}; "
@@ -175,12 +205,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def log_to_wandb(rows: list[dict[str, Any]], out: Path, png: Path, mode: str) -> list[str]:
-    loggers = tracking.build_loggers(
-        {"wandb": {"project": "sharebone", "name": "compare_regimes", "mode": mode,
-                   "tags": ["comparison"]}}, out)
+def log_to_wandb(rows: list[dict[str, Any]], out: Path, png: Path,
+                 args: argparse.Namespace) -> list[str]:
+    """The summary run of the comparison's W&B group: its config, the table, the plot."""
+    if args.wandb == "disabled":
+        return []
+    loggers = tracking.wandb_loggers(tracking.build_loggers(
+        {"wandb": {"project": "sharebone", "name": f"{args.name}-summary", "mode": args.wandb,
+                   "group": args.name, "job_type": "summary", "tags": ["comparison"]}}, out))
+    for logger in loggers:
+        tracking.safely(logger.log_hyperparams,
+                        {"comparison": {**comparison_config(args),
+                                        "regimes": [r["regime"] for r in rows]}})
     tracking.log_table(loggers, "comparison", rows)
-    for logger in tracking.wandb_loggers(loggers):
+    for logger in loggers:
         tracking.safely(logger.log_image, key="accuracy_vs_shots", images=[str(png)])
     return tracking.finish(loggers)
 
@@ -197,20 +235,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="conv4")
     p.add_argument("--episodes", type=int, default=600, help="test episodes per setting")
     p.add_argument("--q-query", type=int, default=15, help="test queries per way")
-    p.add_argument("--test-batch-size", type=int, default=16, help="test episodes per batch")
+    p.add_argument("--test-batch-size", default="auto",
+                   help="test episodes per forward pass (auto: test.batch_size's default)")
     p.add_argument("--val-episodes", type=int, default=50)
     p.add_argument("--batches-per-epoch", type=int, default=100,
                    help="steps between validations (checkpoint selection)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--log-every", type=int, default=10,
+                   help="training metrics logged every n optimizer steps")
     p.add_argument("--out", default="outputs/compare_regimes")
     p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"])
+    p.add_argument("--name", default=None,
+                   help="the comparison's W&B group (default: compare-<task>-<time>)")
     args = p.parse_args(argv)
     if args.quick:
         args.task, args.backbone = "synthetic_images", "mlp"
         args.steps = args.steps or 4
         args.episodes, args.val_episodes, args.batches_per_epoch = 6, 4, 2
+        args.log_every = 1
+    args.name = args.name or f"compare-{args.task}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        p.error(f"--name {args.name!r}: use letters, digits, '_', '.' and '-' only (it names "
+                "the W&B group and runs, and goes into the runs' Hydra overrides)")
     if not args.steps and not args.budget_seconds:
         p.error("give a budget: --steps and/or --budget-seconds (or --quick)")
     return args
@@ -234,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     png = out / "accuracy_vs_shots.png"
     plot(rows, png)
     print("\n" + table)
-    for note in log_to_wandb(rows, out, png, args.wandb):
+    for note in log_to_wandb(rows, out, png, args):
         print(f"[compare] {note}")
     print(f"[compare] wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {png}")
     return rows

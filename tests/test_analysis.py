@@ -93,7 +93,7 @@ def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     rows = load_script("compare_regimes").main(
         ["--quick", "--regimes", "protonet,pretrain,multitask", "--out", str(out),
-         "--wandb", "offline"])
+         "--wandb", "offline", "--name", "cmp-test"])
     return out, rows
 
 
@@ -118,6 +118,75 @@ def test_compare_regimes_scores_every_regime_on_identical_episodes(comparison):
 def test_compare_regimes_needs_a_budget():
     with pytest.raises(SystemExit):
         load_script("compare_regimes").parse_args(["--task", "omniglot_small"])
+
+
+def test_compare_regimes_refuses_a_name_that_cannot_name_runs(capsys):
+    with pytest.raises(SystemExit):
+        load_script("compare_regimes").parse_args(["--quick", "--name", "my comparison"])
+    assert "--name 'my comparison': use letters, digits" in capsys.readouterr().err
+
+
+def wandb_records(run_dir) -> list[dict]:
+    import json
+
+    from helpers.wandb_service import leet_inspect
+
+    return [json.loads(line) for line in leet_inspect(run_dir, "--json").splitlines()]
+
+
+def only_wandb_run(folder):
+    runs = list((folder / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_compare_regimes_logs_a_run_per_regime_in_one_group_with_curves(comparison):
+    import json
+
+    from helpers.wandb_service import leet_inspect
+
+    out, rows = comparison
+    for row in rows:
+        regime = row["regime"]
+        run_dir = only_wandb_run(out / regime)
+        records = wandb_records(run_dir)
+        run = next(r["run"] for r in records if r["type"] == "run")
+        assert (run["run_group"], run["display_name"], run["job_type"]) == \
+            ("cmp-test", f"{regime}-cmp-test", "train")
+        summary = json.loads(leet_inspect(run_dir, "--summary", "--json"))
+        config = summary["config"]
+        assert config["regime"]["name"] == regime
+        assert {k: config["comparison"][k] for k in ("name", "task", "steps", "seed",
+                                                      "test_seed", "episodes")} == {
+            "name": "cmp-test", "task": "synthetic_images", "steps": 4, "seed": 0,
+            "test_seed": 0, "episodes": 6}
+        history = [r["history"]["item"] for r in records if r["type"] == "history"]
+        curve = {i["trainer/global_step"] for i in history if "train/loss" in i}
+        assert len(curve) >= 3, f"{regime}: train/loss over steps, got steps {curve}"
+        assert len([i for i in history if "val/acc" in i]) >= 2, f"{regime}: val/acc curve"
+        for n, k in [(5, 1), (20, 5)]:
+            assert summary["summary"][f"test/{n}w{k}s/acc"] == pytest.approx(row[f"{n}w{k}s"])
+
+
+def test_compare_regimes_logs_a_summary_run_with_the_table(comparison):
+    import json
+
+    from helpers.wandb_service import leet_inspect
+
+    out, rows = comparison
+    run_dir = only_wandb_run(out)
+    run = next(r["run"] for r in wandb_records(run_dir) if r["type"] == "run")
+    assert (run["run_group"], run["display_name"], run["job_type"]) == \
+        ("cmp-test", "cmp-test-summary", "summary")
+    summary = json.loads(leet_inspect(run_dir, "--summary", "--json"))
+    assert summary["config"]["comparison"]["regimes"] == ["protonet", "pretrain", "multitask"]
+    assert summary["config"]["comparison"]["steps"] == 4
+    table = summary["summary"]["comparison"]
+    saved = json.loads((run_dir / "files" / table["path"]).read_text())
+    logged = [dict(zip(saved["columns"], r, strict=True)) for r in saved["data"]]
+    assert [r["regime"] for r in logged] == ["protonet", "pretrain", "multitask"]
+    assert [r["20w5s"] for r in logged] == pytest.approx([r["20w5s"] for r in rows])
+    assert summary["summary"]["accuracy_vs_shots"]["_type"].startswith("image")
 
 
 def test_layer_change_script_adapts_and_compares(comparison, tmp_path):

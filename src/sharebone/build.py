@@ -26,7 +26,7 @@ from sharebone.checks import check_count
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.families import build_family
 from sharebone.data.multitask import TaskBatchDataModule, TaskSet, class_tasks, held_out_split
-from sharebone.evaluation.fewshot import TestEpisodes, test_episodes
+from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_episodes
 from sharebone.regimes import REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone
 from sharebone.regimes.multitask import check_heads
@@ -73,7 +73,7 @@ def build_run(cfg: DictConfig) -> RunParts:
     t = cfg.test
     with setting("test"):
         check_count("episodes", t.episodes)
-        check_count("batch_size", t.batch_size)
+        batch_size_for(t.batch_size, "cpu")  # "auto" or a count
         tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed)
     regime = instantiate(cfg.regime, **from_data, _convert_="all")
     regime.optimizer_factory = partial_from(cfg, "optimizer")

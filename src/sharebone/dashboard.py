@@ -50,12 +50,17 @@ def training_setting(cfg: Mapping[str, Any]) -> str | None:
     return f"{n_way}w{k_shot}s" if n_way is not None and k_shot is not None else None
 
 
-def run_time(output_dir: str | Path) -> str:
-    """When the run started: the ``<date>/<time>`` of a Hydra run directory, else now."""
+def hydra_run_time(output_dir: str | Path) -> str | None:
+    """``<date>_<time>`` of a Hydra run directory ``.../<date>/<time>``; None for another."""
     parts = Path(output_dir).parts
     if len(parts) >= 2 and _DATE.match(parts[-2]) and _TIME.match(parts[-1]):
         return f"{parts[-2]}_{parts[-1]}"
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return None
+
+
+def run_time(output_dir: str | Path) -> str:
+    """When the run started: the ``<date>/<time>`` of a Hydra run directory, else now."""
+    return hydra_run_time(output_dir) or time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def run_tags(cfg: Mapping[str, Any]) -> list[str]:
@@ -311,7 +316,7 @@ def _vs_shots(cfg, model, tests, results, loggers, folder, title, options):
 def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options):
     """The first test setting scored with 0..test_inner_steps+extra inner steps, on its first
     ``inner_steps_episodes`` episodes (the same episodes for every step count)."""
-    from sharebone.evaluation.fewshot import episode_scores
+    from sharebone.evaluation.fewshot import batch_size_for, episode_scores
     from sharebone.evaluation.stats import summarize
     from sharebone.figures import score_vs_inner_steps
 
@@ -327,8 +332,8 @@ def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options)
     try:
         for s in steps:
             hparams["test_inner_steps"] = s
-            per_episode = episode_scores(model, test, episodes,
-                                         min(episodes, int(cfg["test"]["batch_size"])))
+            per_batch = batch_size_for(cfg["test"]["batch_size"], model.device)
+            per_episode = episode_scores(model, test, episodes, min(episodes, per_batch))
             scores.append(summarize(per_episode, test.n_way, test.k_shot, test.q_query,
                                     metric=model.metric_name))
     finally:

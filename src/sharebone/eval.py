@@ -3,6 +3,9 @@
     sharebone-eval ckpt=outputs/2026-11-25/13-00-00             # 600 episodes per setting
     sharebone-eval ckpt=run/checkpoints/best.ckpt episodes=1000 task=omniglot_lake
     sharebone-eval ckpt=run episode_dir=my_episode               # your own support/query
+
+Scores are also a W&B run (``logger=wandb``, the default; ``logger=none`` turns it off), in
+the training run's project and grouped by its id: :mod:`sharebone.evaluation.wandb_log`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.evaluation.wandb_log import log_evaluation, start, training_run, wandb_options
 from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
 from sharebone.noise import quiet_known_noise
@@ -132,6 +136,24 @@ def check_writable(folder: Path) -> None:
                               "output_dir=<a folder you can write> to sharebone-eval.") from err
 
 
+def track(cfg: DictConfig, model: FewShotRegime, ckpt: Path, task: dict[str, Any],
+          results: list[Any], link: dict[str, Any], written: Path) -> None:
+    """The evaluation as a W&B run (:mod:`sharebone.evaluation.wandb_log`) and its
+    score-vs-shots figure as a PNG beside the results file ``written``."""
+    logger = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    loggers = start(wandb_options(logger, link, model.regime_name, task["name"], cfg.split),
+                    written.parent)
+    config = {**OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(ckpt),
+              "regime": model.regime_name, "task": task, "results": str(written),
+              **{k: v for k, v in link.items() if k != "train_tags"}}
+    config.pop("logger", None)
+    title = (f"{model.regime_name} on {task['name']} ({cfg.split}, seed {cfg.seed})\n"
+             f"{Path(ckpt).name} of {link['train_run_name'] or run_dir_of(ckpt).name}")
+    figure = written.with_name(f"{written.stem}_{model.metric_name}_vs_shots.png")
+    for note in log_evaluation(loggers, config, results, figure=figure, title=title):
+        print(f"[sharebone] {note}")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
     quiet_known_noise()
@@ -169,11 +191,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # One file per evaluation, never over an earlier one: task, split, seed, episodes, time.
     stem = unique_stem(output_dir, f"fewshot_{task['name']}_{cfg.split}_seed{cfg.seed}_"
                                    f"{cfg.episodes}ep_{time.strftime('%Y%m%d-%H%M%S')}")
+    link = training_run(ckpt, model.run_config)
     paths = write_results(results, output_dir, stem=stem,
                           extra={"checkpoint": str(ckpt), "regime": model.regime_name,
                                  "task": task["name"], "split": cfg.split, "seed": cfg.seed,
+                                 "train_run_id": link["train_run_id"],
                                  **model.parameter_sharing().as_dict()})
     print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
+    # Only now: an evaluation that fails leaves no half-written W&B run.
+    track(cfg, model, ckpt, task, results, link, paths["json"])
     return {"results": [r.as_dict() for r in results],
             "paths": {k: str(v) for k, v in paths.items()}}
 

@@ -58,10 +58,39 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
     return tests
 
 
+#: ``test.batch_size: auto``, by device type. On a CPU, more episodes per forward pass only
+#: add memory (scripts/bench_test_batch.py; the numbers are in configs/train.yaml); a GPU
+#: needs batches to be busy: 32, the default before ``auto``, there.
+AUTO_EPISODES_PER_BATCH = {"cpu": 4}
+AUTO_EPISODES_PER_BATCH_ACCELERATOR = 32
+
+
+def batch_size_for(value: int | str, device: torch.device | str) -> int:
+    """Episodes per forward pass: ``value``, or for ``"auto"`` the one for ``device``.
+
+    Example:
+        >>> batch_size_for("auto", "cpu"), batch_size_for("auto", "cuda:0")
+        (4, 32)
+        >>> batch_size_for("all", "cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size must be auto or an integer >= 1, got 'all'.
+    """
+    if value == "auto":
+        return AUTO_EPISODES_PER_BATCH.get(torch.device(device).type,
+                                           AUTO_EPISODES_PER_BATCH_ACCELERATOR)
+    try:
+        return check_count("batch_size", value)
+    except ValueError:
+        raise ValueError(f"batch_size must be auto or an integer >= 1, got {value!r}.") from None
+
+
 def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
-                   episodes_per_batch: int = 32) -> torch.Tensor:
+                   episodes_per_batch: int | str = "auto") -> torch.Tensor:
     """Per-episode query score ``[episodes]`` (the regime's metric, accuracy for
-    classification) on episodes ``0..episodes-1`` of ``test``."""
+    classification) on episodes ``0..episodes-1`` of ``test``, ``episodes_per_batch`` at a
+    time (``"auto"``: :func:`batch_size_for` the model's device)."""
+    episodes_per_batch = batch_size_for(episodes_per_batch, model.device)
     was_training = model.training
     model.eval()
     scores = []
@@ -99,13 +128,13 @@ class Progress:
 
 
 def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int = 600,
-             episodes_per_batch: int = 32) -> list[FewShotResult]:
+             episodes_per_batch: int | str = "auto") -> list[FewShotResult]:
     """Mean score (accuracy, or MSE) ± 95% CI for each test setting (see :func:`test_episodes`).
 
     Episode ``i`` of a setting is fixed by ``(seed, split, i)``: two checkpoints evaluated
     with the same settings see exactly the same support and query images.
     """
     check_count("episodes", episodes)
-    check_count("batch_size (episodes per forward pass)", episodes_per_batch)
+    batch_size_for(episodes_per_batch, "cpu")  # checked before any scoring
     return [summarize(episode_scores(model, test, episodes, episodes_per_batch), test.n_way,
                       test.k_shot, test.q_query, metric=model.metric_name) for test in tests]
