@@ -774,24 +774,31 @@ class ImageFolderTasks:
         files = release_files(self.root, split)
         for path in files:
             require_regular_file(path)
-        stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-        key = {**self._settings(), "source": "tiered_imagenet_pickle", "files": stats}
+        names = find_split_file(NAMES_FILE, self.root)
+        stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+                 for p in (*files, names)]  # the names table names the cached classes too
+        key = {**self._settings(), "source": "tiered_imagenet_pickle", "files": stats,
+               "listed": sorted(self._listed(split).values())}
         return _Plan(split, [], key, self._decode_png, lambda item: f"image {item} of {files[0]}",
-                     f"{self.root.name}-release", lambda: self._read_tiered(split))
+                     f"{self.root.name}-release", lambda: self._read_tiered(split, names))
+
+    def _listed(self, split: str) -> dict[str, str]:
+        """Class -> its line in the split's class list (``<category>/<wnid>``), if it has one."""
+        spec = self.splits.get(split)
+        if not isinstance(spec, str) or spec.lower().endswith(".csv"):
+            return {}
+        return {e.rpartition("/")[2]: e for e in parse_split(split, spec, self.root).entries}
 
     def _decode_png(self, item: Any) -> np.ndarray:
         return to_chw(decode_array(png_bytes(item), self.image_size, self.channels, self.invert,
                                    self.resize, self.interpolation))
 
-    def _read_tiered(self, split: str) -> tuple[list[ClassEntry], Any]:
-        names = read_names(find_split_file(NAMES_FILE, self.root))
-        release = read_release(self.root, split, names)
+    def _read_tiered(self, split: str, names: Path) -> tuple[list[ClassEntry], Any]:
+        release = read_release(self.root, split, read_names(names))
         self._check_listed(split, [c.name for c in release.classes],
                            str(release_files(self.root, split)[1]))
         # Named as the class list names them (<category>/<wnid>), as the folder source does.
-        spec = self.splits.get(split)
-        listed = {} if not isinstance(spec, str) or spec.lower().endswith(".csv") else {
-            e.rpartition("/")[2]: e for e in parse_split(split, spec, self.root).entries}
+        listed = self._listed(split)
         entries = [ClassEntry(listed.get(c.name, f"{c.group}/{c.name}"), c.group, c.where,
                               c.rows, c.name) for c in release.classes]
         return sorted(entries, key=lambda e: e.name), release.images
