@@ -13,11 +13,16 @@ printed before and after: on a shared machine, compare rows of one run only.
         --q-query 1 --warmup 1 --iters 2                      # 10 images per episode
 
 ``wrn28_10`` is heavy on a CPU: its first group runs at the full 84x84 with 160 channels, 4
-blocks, on every image; about 78 GFLOP per image forward (39 G multiply-adds, a third in each
-group), so a 5-way 5-shot 15-query step (100 images, forward and backward) is about 23 TFLOP,
-and backward keeps about 160 MB of activations per image (16 GB for the step). Both scale
+blocks, on every image; about 72 GFLOP per image forward (36 G multiply-adds, a third in each
+group), so a 5-way 5-shot 15-query step (100 images, forward and backward) is about 21 TFLOP,
+and backward keeps about 150 MB of activations per image (15 GB for the step). Both scale
 with the images per episode, so ``--k-shot 1 --q-query 1`` (10 images) measures it at a tenth
 of the time and memory. The peak resident memory of the process so far is printed per row.
+On a shared 2-core machine (load average about 10, 1 thread), 10 images per episode:
+conv4-64 0.28 s per step, resnet12 5.9 s, wrn28_10 72 s (62-82 s; peak RSS 3.1 GB, 1.6 GB
+before it); 20 images: wrn28_10 128 s (one step, peak RSS 3.7 GB); 100 images: conv4-64
+6.0 s, resnet12 75 s (12.8x its 10-image time). A 100-image wrn28_10 step is then 11-15
+minutes and about 15 GB, which this machine (23 GB, shared) cannot give it.
 """
 
 from __future__ import annotations

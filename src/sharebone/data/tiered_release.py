@@ -14,6 +14,9 @@ written by Python 2, so they are read with ``encoding="latin1"`` (Python 2 ``str
 :func:`sharebone.data.archives.load_data_pickle`: numpy arrays, lists, dicts and strings, and
 nothing that could run code. The image pickle is held in memory while its split is decoded
 (about its file size, gigabytes for ``train``), once per machine, into the memory-mapped cache.
+Pillow decodes the PNGs as RGB. (The PNGs were written by ``cv2.imencode`` from
+``cv2.imread``'s BGR arrays, so the files are ordinary RGB PNGs; the reference code's
+``cv2.imdecode`` gives BGR arrays back, sharebone's cache holds RGB like every other source.)
 
 The release names classes and categories by their ImageNet words (``"goldfinch, Carduelis
 carduelis"``, ``"passerine, passeriform bird"``; category names cut at 46 characters).
