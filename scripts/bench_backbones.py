@@ -9,10 +9,20 @@ printed before and after: on a shared machine, compare rows of one run only.
 
     python scripts/bench_backbones.py                          # conv4 (32, 64), resnet12, timm
     python scripts/bench_backbones.py --backbones resnet12-dropblock --iters 3 --out bench.json
+    python scripts/bench_backbones.py --backbones conv4-64 resnet12 wrn28_10 --k-shot 1 \
+        --q-query 1 --warmup 1 --iters 2                      # 10 images per episode
 
-``wrn28_10`` is offered but heavy here: its first group runs at the full 84x84 with 160
-channels on all 100 images; on a shared 2-core, 23 GB machine the process was killed after
-about 4 minutes, before its first step ended (presumably out of memory).
+``wrn28_10`` is heavy on a CPU: its first group runs at the full 84x84 with 160 channels, 4
+blocks, on every image; about 72 GFLOP per image forward (36 G multiply-adds, a third in each
+group), so a 5-way 5-shot 15-query step (100 images, forward and backward) is about 21 TFLOP,
+and backward keeps about 150 MB of activations per image (15 GB for the step). Both scale
+with the images per episode, so ``--k-shot 1 --q-query 1`` (10 images) measures it at a tenth
+of the time and memory. The peak resident memory of the process so far is printed per row.
+On a shared 2-core machine (load average about 10, 1 thread), 10 images per episode:
+conv4-64 0.28 s per step, resnet12 5.9 s, wrn28_10 72 s (62-82 s; peak RSS 3.1 GB, 1.6 GB
+before it); 20 images: wrn28_10 128 s (one step, peak RSS 3.7 GB); 100 images: conv4-64
+6.0 s, resnet12 75 s (12.8x its 10-image time). A 100-image wrn28_10 step is then 11-15
+minutes and about 15 GB, which this machine (23 GB, shared) cannot give it.
 """
 
 from __future__ import annotations
@@ -40,23 +50,34 @@ BACKBONES = {
 DEFAULT = ["conv4-32", "conv4-64", "resnet12", "timm:resnet18"]
 
 
-def episode():
+def episode(n_way: int = N_WAY, k_shot: int = K_SHOT, q_query: int = Q_QUERY):
     from sharebone.data.episodes import EpisodeSampler
 
+    per_class = max(20, k_shot + q_query)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (N_WAY * 20, 3, SIDE, SIDE), generator=g, dtype=torch.uint8)
-    sampler = EpisodeSampler(images, torch.arange(N_WAY * 20) // 20, N_WAY, K_SHOT, Q_QUERY)
+    images = torch.randint(0, 256, (n_way * per_class, 3, SIDE, SIDE), generator=g,
+                           dtype=torch.uint8)
+    sampler = EpisodeSampler(images, torch.arange(n_way * per_class) // per_class, n_way,
+                             k_shot, q_query)
     return sampler.batch([0]).to_float()
 
 
-def bench(spec: dict, warmup: int, iters: int) -> dict:
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(spec: dict, warmup: int, iters: int, shape: tuple[int, int, int] = (N_WAY, K_SHOT,
+                                                                               Q_QUERY)) -> dict:
     from sharebone.models import count_parameters
     from sharebone.regimes import ProtoNet
 
     torch.manual_seed(0)
     model = ProtoNet(spec).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = episode()
+    batch = episode(*shape)
     times = []
     for i in range(warmup + iters):
         start = time.perf_counter()
@@ -70,7 +91,7 @@ def bench(spec: dict, warmup: int, iters: int) -> dict:
     return {"params": count_parameters(model.backbone),
             "num_features": model.backbone.num_features,
             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "steps": len(times)}
+            "steps": len(times), "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -79,6 +100,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-way", type=int, default=N_WAY)
+    parser.add_argument("--k-shot", type=int, default=K_SHOT)
+    parser.add_argument("--q-query", type=int, default=Q_QUERY)
     parser.add_argument("--out", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
@@ -88,17 +112,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{args.threads} thread(s), torch {torch.__version__}")
-    print(f"ProtoNet {N_WAY}-way {K_SHOT}-shot {Q_QUERY}-query, {SIDE}x{SIDE}x3, meta-batch 1; "
-          f"{machine}")
+    shape = (args.n_way, args.k_shot, args.q_query)
+    images = args.n_way * (args.k_shot + args.q_query)
+    print(f"ProtoNet {args.n_way}-way {args.k_shot}-shot {args.q_query}-query ({images} images),"
+          f" {SIDE}x{SIDE}x3, meta-batch 1; {machine}")
     print(f"load average before: {os.getloadavg()}")
     rows = []
-    print("| backbone | parameters | features | step (s), median | min | max |")
-    print("|---|---|---|---|---|---|")
+    print("| backbone | parameters | features | step (s), median | min | max | peak RSS so far |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.backbones:
-        row = {"backbone": name, **bench(BACKBONES[name], args.warmup, args.iters)}
+        row = {"backbone": name, "images": images,
+               **bench(BACKBONES[name], args.warmup, args.iters, shape)}
         rows.append(row)
         print(f"| {name} | {row['params']:,} | {row['num_features']} | {row['median_s']:.3f} | "
-              f"{row['min_s']:.3f} | {row['max_s']:.3f} |", flush=True)
+              f"{row['min_s']:.3f} | {row['max_s']:.3f} | {row['peak_rss_mb']:,.0f} MB |",
+              flush=True)
     print(f"load average after: {os.getloadavg()} (a shared machine: other jobs add noise)")
     if args.out:
         with open(args.out, "w") as f:

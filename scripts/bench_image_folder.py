@@ -8,11 +8,17 @@ photos), then measures:
    into its 84x84x3 uint8 cache (``.npy``), with 1 and with all (``os.sched_getaffinity``)
    decoding threads: images/s, wall time, cache size on disk. Each run uses a fresh cache dir.
 2. **episodes**: 5-way 5-shot 15-query meta-batches of 32 from the memory-mapped cache
-   (``EpisodeSampler.batch``: counter-based hash, one ``index_select``), episodes/s; the same
-   with augmentation and normalisation on the CPU (``sampler.prepare``: crop with padding,
-   colour jitter, flip, normalise; what ``on_after_batch_transfer`` does on the device); and
-   learn2learn's ``TaskDataset`` (one task per call, as scripts/bench_sampler.py times it) on
-   the same tensor, when learn2learn is installed.
+   (``EpisodeSampler.batch``: counter-based hash, one ``index_select`` each for support and
+   query into huge-page memory), episodes/s; the same with augmentation and normalisation on
+   the CPU (``sampler.prepare``: crop with padding, colour jitter, flip, normalise; what
+   ``on_after_batch_transfer`` does on the device); and learn2learn's ``TaskDataset`` (one
+   task per call, as scripts/bench_sampler.py times it) on the same tensor, when learn2learn
+   is installed. Beside them, the memory-bandwidth **ceiling**: the same bytes (3,200 random
+   rows of 21 KB, 68 MB per meta-batch) gathered by one plain ``torch.index_select`` from the
+   cache into a buffer reused every call (pages already mapped: the copy alone), one into a
+   fresh buffer (``torch.index_select`` as is: every 4 KiB page faulted in and zeroed by the
+   kernel first), and one contiguous 68 MB ``copy_`` (memcpy); the sampler is reported as a
+   fraction of the first.
 3. **memory**: resident memory of a fresh process that loads the cache and samples
    ``--rss-batches`` meta-batches, memory-mapped (sharebone's way) vs the same array read
    into RAM (``np.load`` without ``mmap_mode``): VmRSS, RssAnon (private memory) and RssFile
@@ -112,6 +118,22 @@ def episodes(root: Path, cache: Path, args: argparse.Namespace) -> list[dict[str
     m = measure(lambda i: plain.batch(range(i * META_BATCH, (i + 1) * META_BATCH)).to_float(),
                 META_BATCH, args.seconds, args.repeats, args.warmup)
     rows.append({"what": "... + to float only (no augmentation)", **m})
+    n = META_BATCH * N_WAY * (K_SHOT + Q_QUERY)
+    gen = torch.Generator().manual_seed(0)
+    picks = [torch.randint(0, len(data), (n,), generator=gen) for _ in range(64)]
+    out = torch.empty((n, *data.images.shape[1:]), dtype=torch.uint8)
+    m = measure(lambda i: torch.index_select(data.images, 0, picks[i % 64], out=out),
+                META_BATCH, args.seconds, args.repeats, args.warmup)
+    rows_ceiling = {"what": "ceiling: torch.index_select of the same bytes into a reused "
+                            "buffer (the copy alone)", **m}
+    m = measure(lambda i: data.images.index_select(0, picks[i % 64]), META_BATCH, args.seconds,
+                args.repeats, args.warmup)
+    rows_fresh = {"what": "torch.index_select of the same bytes into fresh memory (4 KiB "
+                          "pages faulted in)", **m}
+    ram = data.images.index_select(0, torch.arange(n) % len(data))  # n contiguous rows
+    m = measure(lambda i: out.copy_(ram), META_BATCH, args.seconds, args.repeats, args.warmup)
+    rows_memcpy = {"what": "one contiguous copy_ of the same bytes (memcpy)", **m}
+    rows += [rows_ceiling, rows_fresh, rows_memcpy]
     l2l = None if args.no_l2l else import_l2l()
     if l2l is not None:
         m = measure(l2l_calls(l2l, data.images, data.labels, N_WAY, K_SHOT, Q_QUERY), 1,
@@ -175,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=float, default=0.3)
     p.add_argument("--rss-batches", type=int, default=300)
     p.add_argument("--no-l2l", action="store_true")
+    p.add_argument("--no-rss", action="store_true", help="skip the memory measurement")
     p.add_argument("--quick", action="store_true", help="tiny timings (checks it runs)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -211,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"(runs {' / '.join(f'{x:,.0f}' for x in r['runs_episodes_per_s'])})",
                   flush=True)
         cache_bytes = result["decode"][0]["cache_bytes"]
-        for r in rss(root, cache, args.rss_batches):
+        for r in ([] if args.no_rss else rss(root, cache, args.rss_batches)):
             result["rss"].append(r)
             a, b = r["after"], r["before"]
             anon = a["RssAnon"] - b["RssAnon"]
@@ -224,10 +247,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.root:
             shutil.rmtree(base, ignore_errors=True)
     result["meta"]["loadavg_end"] = os.getloadavg()
+    ours = result["episodes"][0]["episodes_per_s"] if result["episodes"] else None
+    ceiling = [r for r in result["episodes"] if r["what"].startswith("ceiling")]
+    if ours and ceiling:
+        top = ceiling[0]["episodes_per_s"]
+        result["sampler_over_ceiling"] = ours / top
+        print(f"sharebone sampler / ceiling: {ours / top:.2f}", flush=True)
     ratio = [r for r in result["episodes"] if r["what"].startswith("learn2learn")]
-    if ratio:
-        ours = result["episodes"][0]["episodes_per_s"]
-        print(f"sharebone / learn2learn: {ours / ratio[0]['episodes_per_s']:.0f}x", flush=True)
+    if ours and ratio:
+        l2l = ratio[0]["episodes_per_s"]
+        result["sampler_over_l2l"] = ours / l2l
+        print(f"sharebone / learn2learn: {ours / l2l:.1f}x"
+              + (f" (the ceiling over learn2learn: {ceiling[0]['episodes_per_s'] / l2l:.1f}x)"
+                 if ceiling else ""), flush=True)
     print(f"load average start {result['meta']['loadavg_start']}, end "
           f"{result['meta']['loadavg_end']}; median of {args.repeats} runs", flush=True)
     if args.json:

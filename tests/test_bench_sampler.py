@@ -70,3 +70,26 @@ def test_quick_run_without_l2l(bench, monkeypatch, capsys) -> None:
     captured = capsys.readouterr()
     assert "NOT INSTALLED" in captured.out
     assert "learn2learn not importable" in captured.err
+
+
+def test_bench_image_folder_reports_the_ceiling_beside_the_sampler(tmp_path: Path) -> None:
+    """scripts/bench_image_folder.py --quick: the sampler, the index_select ceiling, the
+    fresh-page and memcpy rows, and the sampler as a fraction of the ceiling."""
+    path = SCRIPT.parent / "bench_image_folder.py"
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("bench_image_folder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "folder.json"
+    result = module.main(["--images", "200", "--classes", "10", "--quick", "--no-l2l",
+                          "--no-rss", "--source-size", "84x84", "--root", str(tmp_path / "d"),
+                          "--json", str(out)])
+    whats = [r["what"] for r in result["episodes"]]
+    assert whats[0].startswith("sharebone EpisodeSampler, meta-batch 32")
+    assert any(w.startswith("ceiling: torch.index_select") for w in whats)
+    assert any("fresh memory" in w for w in whats) and any("memcpy" in w for w in whats)
+    ceiling = next(r for r in result["episodes"] if r["what"].startswith("ceiling"))
+    ratio = result["episodes"][0]["episodes_per_s"] / ceiling["episodes_per_s"]
+    assert result["sampler_over_ceiling"] == pytest.approx(ratio)
+    assert json.loads(out.read_text())["sampler_over_ceiling"] == pytest.approx(ratio)
+    assert result["rss"] == []

@@ -96,6 +96,21 @@ def test_nonsense_settings_are_refused(kwargs):
         EpisodeSampler(images, labels, **settings)
 
 
+def test_meta_batches_on_huge_pages_hold_the_same_pixels(monkeypatch):
+    # 84x84x3, 32 5-way 5-shot 15-query episodes: 68 MB, gathered into huge-page memory.
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (400, 3, 84, 84), dtype=torch.uint8, generator=gen)
+    sampler = EpisodeSampler(images, torch.arange(400) // 20, n_way=5, k_shot=5, q_query=15)
+    huge = sampler.batch(range(32))
+    huge_float = huge.to_float()
+    monkeypatch.setattr("sharebone.memory.HUGE_MIN_BYTES", 2**62)  # plain torch.empty
+    plain = sampler.batch(range(32))
+    assert huge.support.shape == (32, 25, 3, 84, 84) and huge.query.shape == (32, 75, 3, 84, 84)
+    assert torch.equal(huge.support, plain.support) and torch.equal(huge.query, plain.query)
+    assert torch.equal(huge_float.query, plain.query.float() / 255)
+    assert torch.equal(huge_float.support, plain.to_float().support)
+
+
 def test_to_float_scales_uint8_only():
     ep = Episode(torch.full((1, 2, 1, 1, 1), 255, dtype=torch.uint8), torch.zeros(1, 2),
                  torch.zeros(1, 2, 1), torch.zeros(1, 2), torch.zeros(1, 2))

@@ -1,4 +1,5 @@
-"""keep_freed_memory: activation-sized blocks come from the heap and stay there when freed."""
+"""keep_freed_memory: activation-sized blocks come from the heap and stay there when freed;
+empty_huge: the sampler's fresh buffers on transparent huge pages."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from sharebone.memory import keep_freed_memory
+from sharebone.memory import empty_huge, keep_freed_memory
 
 # One 24 MB buffer (a conv4 activation of a 20-way query set) in a fresh process: prints
 # whether malloc served it with its own mmap, and how many MB freeing it gave back to the OS.
@@ -61,3 +63,46 @@ def test_activation_sized_blocks_come_from_the_heap_and_stay():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc is Linux-only")
 def test_calling_twice_is_harmless():
     assert keep_freed_memory() and keep_freed_memory()
+
+
+def thp_mode() -> str | None:
+    """The kernel's transparent huge page setting (``always``, ``madvise``, ``never``)."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+def huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_empty_huge_is_torch_empty_for_every_use():
+    for shape, dtype in (((3, 4), torch.uint8), ((2, 3, 84, 84), torch.float32),
+                         ((4096, 3, 84, 84), torch.uint8)):
+        t = empty_huge(shape, dtype)
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+        t.fill_(7)
+        assert int(t.sum()) == 7 * t.numel()
+
+
+@pytest.mark.skipif(thp_mode() not in ("always", "madvise"),
+                    reason=f"transparent huge pages are {thp_mode()!r} in this kernel")
+def test_empty_huge_buffers_are_backed_by_huge_pages():
+    size = 64 * 2**20
+    middle = size // 2  # madvise splits off the 2 MiB-aligned interior as its own mapping
+    huge = empty_huge((size,)).fill_(1)
+    assert huge_kb(huge.data_ptr() + middle) >= 2048  # at least one 2 MiB page
+    if thp_mode() == "madvise":  # only advised memory gets them
+        plain = torch.empty(size, dtype=torch.uint8).fill_(1)
+        assert huge_kb(plain.data_ptr() + middle) == 0

@@ -258,3 +258,70 @@ def draw_shape(path: Path, shape: str, shift: int = 0) -> None:
     else:
         d.ellipse([20 + shift, 20, 85 + shift, 85], outline=0, width=10)
     img.save(path)
+
+
+#: The shipped wnid -> name table of tieredImageNet (what the release spells).
+TIERED_NAMES = SPLITS_DIR / "tiered_imagenet" / "names.txt"
+
+
+def tiered_names() -> dict[str, str]:
+    lines = TIERED_NAMES.read_text().splitlines()
+    return dict(line.split("\t", 1) for line in lines if line and not line.startswith("#"))
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2 wrote its ``str`` (``SHORT_BINSTRING``/``BINSTRING``), so a
+    pickle made here reads as the release's, which Python 2 wrote."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def python2_pickle(obj: object) -> bytes:
+    """``obj`` as a Python 2 protocol-2 pickle: its strings as given in bytes, numpy under the
+    module name numpy 1 had (``numpy.core.multiarray``)."""
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def tiered_release(root: Path, split: str, classes: list[tuple[str, str]], per_class: int = 2,
+                   python2: bool = True) -> list[bytes]:
+    """``<split>_images_png.pkl`` and ``<split>_labels.pkl`` in the layout of Ren et al.'s
+    release, for ``classes`` = ``[(category wnid, class wnid)]``: a list of uint8 arrays of PNG
+    bytes (``cv2.imencode``'s [n, 1]), and the labels dict with the release's key names, class
+    and category named by their words (categories cut at 46 characters, as the release has
+    them), classes interleaved. Returns the PNG bytes, in order."""
+    names = tiered_names()
+    general: list[str] = []
+    specific, label_general, label_specific, pngs = [], [], [], []
+    for i in range(per_class):
+        for c, (category, wnid) in enumerate(classes):
+            name = names[category][:46]
+            if name not in general:
+                general.append(name)
+            buffer = io.BytesIO()
+            photo(f"{wnid}/{i}", (84, 84)).save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+            label_specific.append(c)
+            label_general.append(general.index(name))
+    specific = [names[w] for _, w in classes]
+    text = (lambda s: s.encode("latin1")) if python2 else str
+    labels = {text("label_specific"): np.array(label_specific, np.int32),
+              text("label_general"): np.array(label_general, np.int32),
+              text("label_specific_str"): [text(n) for n in specific],
+              text("label_general_str"): [text(n) for n in general]}
+    images = [np.frombuffer(b, np.uint8).reshape(-1, 1) for b in pngs]
+    root.mkdir(parents=True, exist_ok=True)
+    dump = python2_pickle if python2 else (lambda o: pickle.dumps(o, protocol=4))
+    (root / f"{split}_images_png.pkl").write_bytes(dump(images))
+    (root / f"{split}_labels.pkl").write_bytes(dump(labels))
+    return pngs

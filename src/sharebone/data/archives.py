@@ -37,6 +37,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from sharebone.files import atomic_write
 
@@ -532,13 +533,16 @@ def _pickle_global(module: str, name: str):
     return getattr(multiarray, name)
 
 
-def load_data_pickle(data: bytes, where: str, encoding: str = "ASCII") -> object:
-    """Unpickle a dataset file that should hold only numpy arrays, dicts, lists, str and
-    numbers (the miniImageNet caches, CIFAR's batches), and refuse anything else.
+def load_data_pickle(data: bytes | BinaryIO, where: str, encoding: str = "ASCII") -> object:
+    """Unpickle a dataset file (its bytes, or the file opened for reading: then it is read as
+    it is unpickled, never held twice) that should hold only numpy arrays, dicts, lists, str
+    and numbers (the miniImageNet caches, CIFAR's batches, tieredImageNet's release), and
+    refuse anything else.
 
     A pickle is a program: :func:`pickle.loads` runs whatever callable it names. This one may
     only name numpy's array reconstruction (:data:`_PICKLE_ALLOWED`); an array of Python
-    objects is refused too. ``encoding`` is for Python 2 pickles (CIFAR's: ``"bytes"``).
+    objects is refused too. ``encoding`` is for Python 2 pickles (CIFAR's: ``"bytes"``;
+    tieredImageNet's: ``"latin1"``).
 
     Raises:
         UnsafePickleError: the pickle names anything else (naming it and ``where``).
@@ -560,7 +564,8 @@ def load_data_pickle(data: bytes, where: str, encoding: str = "ASCII") -> object
             return _pickle_global(module, name)
 
     try:
-        obj = Restricted(io.BytesIO(data), encoding=encoding).load()
+        source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+        obj = Restricted(source, encoding=encoding).load()
     except DataError:
         raise
     except Exception as e:  # a truncated or garbled pickle fails in many ways

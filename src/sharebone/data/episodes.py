@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sharebone.checks import check_count
+from sharebone.memory import empty_huge
 
 __all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys", "uniform"]
 
@@ -144,7 +145,11 @@ class Episode:
         """uint8 images in ``[0, 255]`` -> float in ``[0, 1]``; other dtypes unchanged."""
 
         def convert(t: torch.Tensor) -> torch.Tensor:
-            return t.float().div_(255) if t.dtype == torch.uint8 else t
+            if t.dtype != torch.uint8:
+                return t
+            if t.device.type != "cpu":
+                return t.float().div_(255)
+            return empty_huge(tuple(t.shape), torch.float32).copy_(t).div_(255)  # see _gather
 
         return Episode(convert(self.support), self.support_labels, convert(self.query),
                        self.query_labels, self.classes, self.index)
@@ -337,14 +342,12 @@ class EpisodeSampler:
             sample_keys = sample_keys.masked_fill(padding, torch.iinfo(torch.int64).max)
         picks = torch.topk(sample_keys, per_way, dim=2, largest=False, sorted=True).indices
         rows = self.offsets[classes].unsqueeze(-1) + picks  # [T, n_way, k_shot + q_query]
-        shape = self.images.shape[1:]
         # index_select copies whole rows; it is ~25x faster than advanced indexing here. One
         # call each for support and query puts the rows straight where they belong (no second
-        # copy to split them: at 84x84x3 a meta-batch of 32 5-way 5-shot 15-query is 68 MB).
-        support = self.images.index_select(0, rows[:, :, : self.k_shot].reshape(-1))
-        query = self.images.index_select(0, rows[:, :, self.k_shot :].reshape(-1))
-        support = support.view(tasks, self.n_way * self.k_shot, *shape)
-        query = query.view(tasks, self.n_way * self.q_query, *shape)
+        # copy to split them: at 84x84x3 a meta-batch of 32 5-way 5-shot 15-query is 68 MB),
+        # into memory on huge pages: faulting in fresh 4 KiB pages cost more than the copy.
+        support = self._gather(rows[:, :, : self.k_shot], (tasks, self.n_way * self.k_shot))
+        query = self._gather(rows[:, :, self.k_shot :], (tasks, self.n_way * self.q_query))
         return Episode(
             support=support,
             support_labels=self._support_labels.expand(tasks, -1),
@@ -353,6 +356,14 @@ class EpisodeSampler:
             classes=self.class_ids[classes],
             index=episodes,
         )
+
+    def _gather(self, rows: torch.Tensor, lead: tuple[int, int]) -> torch.Tensor:
+        """``images[rows]`` as ``[*lead, *image shape]``: one copy, into a fresh buffer."""
+        shape = (*lead, *self.images.shape[1:])
+        if self.images.device.type != "cpu":
+            return self.images.index_select(0, rows.reshape(-1).to(self.images.device)).view(shape)
+        out = empty_huge((rows.numel(), *self.images.shape[1:]), self.images.dtype)
+        return torch.index_select(self.images, 0, rows.reshape(-1), out=out).view(shape)
 
     def __repr__(self) -> str:
         within = ", group_episodes=True" if self.group_episodes else ""

@@ -20,11 +20,14 @@ A relative split file is looked up under ``root``, then in sharebone's ``tasks/`
 
 ``source`` says where the pixels come from: ``folder`` (the above), ``mini_imagenet_pickle``
 (``root/mini-imagenet-cache-<split>.pkl``, dicts of ``image_data`` [N, 84, 84, 3] uint8 and
-``class_dict`` name -> indices), ``cifar100`` (``root/cifar-100-python.tar.gz``, downloaded and
-md5-checked when missing; CIFAR-FS and FC100 take their classes from both of its batches), or
-``auto`` (the miniImageNet pickles when present, else Ravi's ``<split>.csv`` files when present,
-else a folder). Pickles are read with a restricted unpickler (numpy arrays, dicts, lists and
-str only) and tar members in memory, never extracted.
+``class_dict`` name -> indices), ``tiered_imagenet_pickle`` (Ren et al.'s release,
+``root/<split>_images_png.pkl`` and ``root/<split>_labels.pkl``:
+:mod:`sharebone.data.tiered_release`; its 34 categories are the groups), ``cifar100``
+(``root/cifar-100-python.tar.gz``, downloaded and md5-checked when missing; CIFAR-FS and FC100
+take their classes from both of its batches), or ``auto`` (the miniImageNet pickles when
+present, else the tieredImageNet release, else Ravi's ``<split>.csv`` files, else a folder).
+Pickles are read with a restricted unpickler (numpy arrays, dicts, lists and str only) and tar
+members in memory, never extracted.
 
 Each split is decoded once, in parallel (``workers`` threads; Pillow decodes and resizes
 without the GIL), into a uint8 ``[N, C, S, S]`` ``.npy`` cache under
@@ -81,6 +84,15 @@ from sharebone.data.images import (
     to_chw,
 )
 from sharebone.data.omniglot import ImageSet
+from sharebone.data.tiered_release import IMAGES_FILE as TIERED_IMAGES
+from sharebone.data.tiered_release import LABELS_FILE as TIERED_LABELS
+from sharebone.data.tiered_release import (
+    NAMES_FILE,
+    png_bytes,
+    read_names,
+    read_release,
+    release_files,
+)
 from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -90,7 +102,7 @@ __all__ = ["CIFAR100", "ImageFolderTasks", "SOURCES", "scan_classes"]
 #: Bumped whenever the cache's contents would change for the same settings.
 FORMAT_VERSION = 1
 CACHE_SUBDIR = "image_folder"
-SOURCES = ("folder", "mini_imagenet_pickle", "cifar100", "auto")
+SOURCES = ("folder", "mini_imagenet_pickle", "tiered_imagenet_pickle", "cifar100", "auto")
 CORRUPT_POLICIES = ("refuse", "skip")
 MINI_IMAGENET_PICKLE = "mini-imagenet-cache-{split}.pkl"
 
@@ -461,7 +473,8 @@ class ImageFolderTasks:
         resize: ``stretch`` (the whole image, squeezed to a square) or ``crop`` (centre).
         interpolation: resampling filter (``lanczos``, ``bicubic``, ``bilinear``, ...).
         invert: invert intensities (dark drawings on white become bright on black).
-        source: ``folder``, ``mini_imagenet_pickle``, ``cifar100`` or ``auto``.
+        source: ``folder``, ``mini_imagenet_pickle``, ``tiered_imagenet_pickle``,
+            ``cifar100`` or ``auto``.
         cache_dir: where decoded splits are cached (None: ``$SHAREBONE_CACHE_DIR``, else
             ``~/.cache/sharebone``); ``false`` decodes into memory, without a cache.
         corrupt: an image that cannot be decoded: ``refuse`` (an error listing them) or
@@ -612,8 +625,12 @@ class ImageFolderTasks:
                 check_root(self.root)
                 pickles = [self.root / MINI_IMAGENET_PICKLE.format(split=s) for s in self.splits]
                 csvs = [self.root / f"{s}.csv" for s in self.splits]
+                tiered = [self.root / name.format(split=s) for s in self.splits
+                          for name in (TIERED_IMAGES, TIERED_LABELS)]
                 if all(p.is_file() for p in pickles):
                     source = "mini_imagenet_pickle"
+                elif all(p.is_file() for p in tiered):
+                    source = "tiered_imagenet_pickle"
                 else:
                     source = "folder"
                     if all(p.is_file() for p in csvs):  # Ravi & Larochelle's layout
@@ -626,6 +643,8 @@ class ImageFolderTasks:
         source = self.resolved_source()
         if source == "mini_imagenet_pickle":
             return self._plan_pickle(split)
+        if source == "tiered_imagenet_pickle":
+            return self._plan_tiered(split)
         if source == "cifar100":
             return self._plan_cifar(split)
         classes = self._folder_classes()[split]
@@ -750,6 +769,39 @@ class ImageFolderTasks:
                                       [int(r) for r in rows]))
         self._check_listed(split, [e.name for e in entries], str(path))
         return entries, images
+
+    def _plan_tiered(self, split: str) -> _Plan:
+        files = release_files(self.root, split)
+        for path in files:
+            require_regular_file(path)
+        names = find_split_file(NAMES_FILE, self.root)
+        stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+                 for p in (*files, names)]  # the names table names the cached classes too
+        key = {**self._settings(), "source": "tiered_imagenet_pickle", "files": stats,
+               "listed": sorted(self._listed(split).values())}
+        return _Plan(split, [], key, self._decode_png, lambda item: f"image {item} of {files[0]}",
+                     f"{self.root.name}-release", lambda: self._read_tiered(split, names))
+
+    def _listed(self, split: str) -> dict[str, str]:
+        """Class -> its line in the split's class list (``<category>/<wnid>``), if it has one."""
+        spec = self.splits.get(split)
+        if not isinstance(spec, str) or spec.lower().endswith(".csv"):
+            return {}
+        return {e.rpartition("/")[2]: e for e in parse_split(split, spec, self.root).entries}
+
+    def _decode_png(self, item: Any) -> np.ndarray:
+        return to_chw(decode_array(png_bytes(item), self.image_size, self.channels, self.invert,
+                                   self.resize, self.interpolation))
+
+    def _read_tiered(self, split: str, names: Path) -> tuple[list[ClassEntry], Any]:
+        release = read_release(self.root, split, read_names(names))
+        self._check_listed(split, [c.name for c in release.classes],
+                           str(release_files(self.root, split)[1]))
+        # Named as the class list names them (<category>/<wnid>), as the folder source does.
+        listed = self._listed(split)
+        entries = [ClassEntry(listed.get(c.name, f"{c.group}/{c.name}"), c.group, c.where,
+                              c.rows, c.name) for c in release.classes]
+        return sorted(entries, key=lambda e: e.name), release.images
 
     def _check_listed(self, split: str, names: list[str], where: str) -> None:
         """A pickle's classes must be the configured class list's, when there is one."""
