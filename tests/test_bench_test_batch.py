@@ -31,20 +31,20 @@ def test_each_batch_size_is_measured_in_its_own_process_with_the_same_scores(tmp
     assert (tmp_path / "rows.json").is_file()
 
 
-def test_auto_is_four_episodes_per_pass_on_a_cpu_and_a_bad_size_is_refused(tmp_path):
+def test_auto_is_one_episode_per_pass_on_a_cpu_and_a_bad_size_is_refused(tmp_path):
     import pytest
     import torch
     from helpers.configs import FAST, compose_train
 
     from sharebone.build import build_run
-    from sharebone.evaluation.fewshot import evaluate
+    from sharebone.evaluation.fewshot import batch_size_for, evaluate
 
     cfg = compose_train(tmp_path, FAST + ["test.settings=[{n_way: 5, k_shot: 1}]"])
     assert cfg.test.batch_size == "auto"
     torch.manual_seed(0)
     parts = build_run(cfg)
     auto = evaluate(parts.regime, parts.tests, episodes=9)
-    assert auto == evaluate(parts.regime, parts.tests, episodes=9, episodes_per_batch=4)
+    assert batch_size_for(cfg.test.batch_size, parts.regime.device) == 1
     assert [r.mean for r in auto] == pytest.approx(
         [r.mean for r in evaluate(parts.regime, parts.tests, episodes=9, episodes_per_batch=9)])
     for bad in ("all", "0"):
