@@ -68,6 +68,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     for noise in ("litlogger", "LeafSpec"):  # known harmless lines are filtered at the source
         assert noise not in out.stdout + out.stderr
     assert "| 5w1s | 4 | acc |" in out.stdout
+    assert "| 5w1s | 4 | acc |" in (tmp_path / "run" / "train.log").read_text()  # logged too
     ev = sharebone("eval", "ckpt=run", "episodes=4", "settings=[{n_way: 5, k_shot: 1}]",
                    cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -75,6 +76,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert len(list((tmp_path / "run" / "eval").glob("fewshot_synthetic_images_test_*.json"))) == 1
     # eval's own Hydra folder is outputs/eval/..., not one that looks like a training run
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["eval"]
+    assert list((tmp_path / "outputs" / "eval").glob("*/*/eval.log"))
     assert "5w1s: 4/4 episodes" in ev.stdout  # progress, also without a terminal
 
 
