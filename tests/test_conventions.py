@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
     TQDMProgressBar,
 )
+from pytorch_lightning.callbacks.progress import ProgressBar
 
 import sharebone.cli
 import sharebone.train
@@ -52,9 +53,9 @@ def csv_rows(run_dir: Path) -> list[dict]:
 # callbacks/
 
 
-def test_default_callbacks_are_the_checkpoints_and_the_learning_rate(tmp_path):
+def test_default_callbacks_are_the_checkpoints_the_learning_rate_and_progress(tmp_path):
     cfg = compose_train(tmp_path, FAST)
-    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor", "progress_bar"}
     model = build_run(cfg).regime
     made = build_callbacks(cfg, model, tmp_path, loggers=[object()])
     best = made[0]
@@ -65,6 +66,12 @@ def test_default_callbacks_are_the_checkpoints_and_the_learning_rate(tmp_path):
     # No logger: nowhere to write the rate (Lightning would refuse the monitor).
     assert not any(isinstance(c, LearningRateMonitor)
                    for c in build_callbacks(cfg, model, tmp_path, loggers=[]))
+    # debug=fast turns bars off; with them on, stdout here is no terminal: plain lines.
+    assert not any(isinstance(c, ProgressBar) for c in made)
+    shown = compose_train(tmp_path, FAST + ["trainer.enable_progress_bar=true"])
+    bars = [c for c in build_callbacks(shown, model, tmp_path, loggers=[])
+            if isinstance(c, ProgressBar)]
+    assert len(bars) == 1 and isinstance(bars[0], LineProgressBar)
 
 
 def test_callback_presets_compose_with_the_users_own(tmp_path):
