@@ -34,6 +34,7 @@ meta-batches after 3 of warm-up, on CUDA unless ``--device`` says otherwise::
     python scripts/bench_maml.py                     # real Omniglot if SHAREBONE_DATA_DIR has it
     python scripts/bench_maml.py --data random --iters 3 --threads 1 --out bench.json
     python scripts/bench_maml.py --preset issue12 --data random --repeats 1 --out gpu.json
+    python scripts/bench_maml.py --preset issue12 --backbone resnet12 --settings 5w1s15q:8
     python scripts/bench_maml.py --preset issue12 --device cpu --iters 1 --warmup 0 \\
         --repeats 1 --hidden 8 --impls learn2learn,sharebone-vmap-chunk4   # CPU smoke
 """
@@ -54,6 +55,13 @@ import torch.nn.functional as F
 
 N_WAY, K_SHOT, Q_QUERY, INNER_LR = 5, 1, 15, 0.4
 SPEC = {"name": "conv4", "in_channels": 1, "hidden": 64, "image_size": 28}
+#: ``--backbone``: the shared backbone and the images it takes (random data at that size; the
+#: real Omniglot data only for conv4 at 28x28).
+BACKBONES = {
+    "conv4": SPEC,
+    "conv4_84": {"name": "conv4", "in_channels": 3, "hidden": 32, "image_size": 84},
+    "resnet12": {"name": "resnet12", "in_channels": 3, "image_size": 84},
+}
 #: The episode setting of this process (``--setting``): ways, shots, queries.
 SETTING = {"n_way": N_WAY, "k_shot": K_SHOT, "q_query": Q_QUERY}
 #: name -> (settings "<n>w<k>s<q>q:<meta-batch>", implementations, orders, device, iters, warmup)
@@ -95,7 +103,9 @@ def episodes(data: str, meta_batch: int, batches: int):
         sampler = OmniglotTasks(splits, download=False).sampler("train", *SETTING.values(), 0)
     else:
         g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=g, dtype=torch.uint8)
+        size = SPEC["image_size"]
+        images = torch.randint(0, 256, (100 * 20, SPEC["in_channels"], size, size), generator=g,
+                               dtype=torch.uint8)
         sampler = EpisodeSampler(images, torch.arange(2000) // 20, *SETTING.values())
     return [sampler.batch(range(b * meta_batch, (b + 1) * meta_batch)).to_float()
             for b in range(batches)]
@@ -264,6 +274,9 @@ def main() -> None:
                              "a table; explicit options win")
     parser.add_argument("--hidden", type=int, default=SPEC["hidden"],
                         help="conv4 channels (64 as in the paper; smaller for smoke runs)")
+    parser.add_argument("--backbone", choices=list(BACKBONES), default="conv4",
+                        help="conv4 (28x28x1), conv4_84 (MAML's miniImageNet net, 84x84x3) or "
+                             "resnet12 (84x84x3); random images for all but conv4")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "ORDER"), help=argparse.SUPPRESS)
     defaults = {a.dest: a.default for a in parser._actions}
     args = parser.parse_args()
@@ -274,7 +287,14 @@ def main() -> None:
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
     args.device = args.device or "cpu"
-    SPEC["hidden"] = args.hidden
+    if args.backbone != "conv4":
+        SPEC.clear()
+        SPEC.update(BACKBONES[args.backbone])
+        if args.data == "real":
+            parser.error("--data real is Omniglot at 28x28: use it with --backbone conv4")
+        args.data = "random"
+    if "hidden" in SPEC and (args.backbone == "conv4" or args.hidden != defaults["hidden"]):
+        SPEC["hidden"] = args.hidden
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data
@@ -295,7 +315,7 @@ def main() -> None:
     if torch.device(where).type == "cuda" and torch.cuda.is_available():
         where += f" ({torch.cuda.get_device_name(torch.device(where))})"
     print(f"torch {torch.__version__}, device {where}, {torch.get_num_threads()} threads, "
-          f"data={data}, conv4-{args.hidden}, {args.iters} timed meta-batches after "
+          f"data={data}, {describe(SPEC)}, {args.iters} timed meta-batches after "
           f"{args.warmup}")
     difference = check_equal_numerics() if "learn2learn" in args.impls else float("nan")
     print(f"equal numerics: max |meta-gradient difference| (float64, 4 tasks) = {difference:.2e}")
@@ -307,7 +327,7 @@ def main() -> None:
     for setting, order, round_, impl in jobs:
         cmd = [sys.executable, __file__, "--worker", impl, str(order), "--data", data,
                "--settings", setting, "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--device", args.device, "--hidden", str(args.hidden)]
+               "--device", args.device, "--hidden", str(args.hidden), "--backbone", args.backbone]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -344,6 +364,13 @@ def main() -> None:
             json.dump({"data": data, "threads": torch.get_num_threads(), "device": where,
                        "settings": args.settings, "grad_difference": difference,
                        "results": results, "runs": runs}, f, indent=2)
+
+
+def describe(spec: dict) -> str:
+    """``conv4-64 28x28x1``: the backbone as the table's header names it."""
+    width = f"-{spec['hidden']}" if "hidden" in spec else ""
+    size = spec["image_size"]
+    return f"{spec['name']}{width} {size}x{size}x{spec['in_channels']}"
 
 
 def parse_setting(text: str) -> tuple[tuple[int, int, int], int]:
