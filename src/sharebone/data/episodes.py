@@ -361,7 +361,7 @@ class EpisodeSampler:
         """``images[rows]`` as ``[*lead, *image shape]``: one copy, into a fresh buffer."""
         shape = (*lead, *self.images.shape[1:])
         if self.images.device.type != "cpu":
-            return self.images.index_select(0, rows.reshape(-1).to(self.images.device)).view(shape)
+            return self.images.index_select(0, rows.reshape(-1)).view(shape)  # rows: there too
         out = empty_huge((rows.numel(), *self.images.shape[1:]), self.images.dtype)
         return torch.index_select(self.images, 0, rows.reshape(-1), out=out).view(shape)
 

@@ -21,18 +21,17 @@ import torch
 
 #: ``auto`` keeps three quarters of free GPU memory for the model, its meta-batch and vmap.
 AUTO_FRACTION = 0.25
-POLICIES = ("auto", True, False)
 
 
 def check_policy(images_on_device: Any) -> str | bool:
-    """``auto``/``true``/``false`` (as YAML gives them) or a clear error."""
-    if isinstance(images_on_device, str) and images_on_device.lower() in ("true", "false"):
-        images_on_device = images_on_device.lower() == "true"
-    if images_on_device not in POLICIES or isinstance(images_on_device, int | float) and \
-            not isinstance(images_on_device, bool):
-        raise ValueError(f"sampler.images_on_device must be auto, true or false, got "
-                         f"{images_on_device!r}.")
-    return images_on_device
+    """``auto``, ``True`` or ``False`` (YAML's spellings of them too), or a clear error."""
+    if isinstance(images_on_device, bool):
+        return images_on_device
+    word = str(images_on_device).lower() if isinstance(images_on_device, str) else None
+    if word in ("auto", "true", "false"):
+        return "auto" if word == "auto" else word == "true"
+    raise ValueError(f"sampler.images_on_device must be auto, true or false, got "
+                     f"{images_on_device!r}.")
 
 
 def free_memory(device: torch.device) -> int:
