@@ -33,6 +33,7 @@ TINY = {
     "timm": {"name": "timm", "model": "test_efficientnet", "in_channels": 3, "image_size": 16},
 }
 NEEDS_TIMM = "timm is not installed (pip install timm, or the 'timm' extra): timm backbones skipped"
+HUB_REASON = "huggingface_hub (installed with timm, the 'timm' extra) holds the weights cache"
 GRADIENT_REGIMES = {"maml": {}, "maml-vmap": {"vmap": True}, "fomaml": {}, "anil": {},
                     "metasgd": {}}
 
@@ -302,7 +303,7 @@ def test_timm_unknown_model_suggests_close_names(timm):
 
 
 def test_timm_pretrained_weights_missing_offline_give_a_clear_error(timm, tmp_path, monkeypatch):
-    constants = pytest.importorskip("huggingface_hub.constants")
+    constants = pytest.importorskip("huggingface_hub.constants", reason=HUB_REASON)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="pretrained weights for 'resnet18'.*pretrained=false"):
@@ -315,7 +316,7 @@ def test_a_checkpoint_of_a_pretrained_timm_backbone_loads_without_the_weights_ca
     need_timm_model("test_resnet")
     from sharebone.regimes import load_regime
 
-    constants = pytest.importorskip("huggingface_hub.constants")
+    constants = pytest.importorskip("huggingface_hub.constants", reason=HUB_REASON)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     spec = {"name": "timm", "model": "test_resnet", "in_channels": 3, "image_size": 16}
