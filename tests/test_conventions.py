@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pytorch_lightning.callbacks.progress import ProgressBar
 import sharebone.cli
 import sharebone.train
 from sharebone.build import build_run
-from sharebone.progress import LineProgressBar, progress_bar
+from sharebone.progress import LineProgressBar, TrainMetricsShown, progress_bar
 from sharebone.run_dir import RunDirError
 from sharebone.suggest import hints
 from sharebone.train import build_callbacks, check_objective, run
@@ -120,8 +121,9 @@ def test_progress_presets_pick_a_bar_on_a_terminal_and_lines_elsewhere():
         def isatty(self) -> bool:
             return True
 
-    assert type(progress_bar("rich", stream=Terminal())) is RichProgressBar
-    assert type(progress_bar("tqdm", refresh_rate=5, stream=Terminal())) is TQDMProgressBar
+    rich, tqdm = progress_bar("rich", stream=Terminal()), progress_bar("tqdm", stream=Terminal())
+    assert isinstance(rich, RichProgressBar) and isinstance(tqdm, TQDMProgressBar)
+    assert all(isinstance(bar, TrainMetricsShown) for bar in (rich, tqdm))
     assert type(progress_bar("rich", stream=io.StringIO())) is LineProgressBar
     with pytest.raises(ValueError, match="one of"):
         progress_bar("fancy")
@@ -134,8 +136,11 @@ def test_progress_lines_in_a_real_run_without_a_terminal(tmp_path, capsys, caplo
     with caplog.at_level(logging.INFO, logger="sharebone.progress"):
         run(cfg)
     lines = [r.getMessage() for r in caplog.records if r.name == "sharebone.progress"]
-    assert [line.split(",")[0] for line in lines if line.startswith("epoch")] == [
+    steps = [line for line in lines if line.startswith("epoch")]
+    assert [line.split(",")[0] for line in steps] == [
         "epoch 1/1: 1/3 steps", "epoch 1/1: 2/3 steps", "epoch 1/1: 3/3 steps"]
+    # debug=fast logs every step: each line shows that step's training metrics
+    assert all(re.search(r"train/loss=[\d.]+, train/acc=[\d.]+", line) for line in steps)
     assert any(line.startswith("validation after epoch 1: val/acc=") for line in lines)
     out = capsys.readouterr()
     for stream in (out.out, out.err):

@@ -110,6 +110,35 @@ def test_a_nan_training_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tm
     assert not (tmp_path / "fewshot.json").exists()
 
 
+def test_a_nan_checked_on_logging_steps_never_reaches_a_checkpoint(tmp_path):
+    # nonfinite_check=logging is what a GPU run does: no host read of the loss per step.
+    cfg = compose_train(tmp_path, FAST + ONE + [
+        "nonfinite_check=logging", "sampler.batches_per_epoch=8", "trainer.log_every_n_steps=4",
+        "checkpoint.every_n_train_steps=1", f"+callbacks.poison._target_={__name__}.PoisonWeights",
+        "+callbacks.poison.at=2"])
+    with pytest.raises(NonFiniteLossError,
+                       match=r"Training loss is nan at step 2 .*\(seen at step 3: .*no checkpoint"):
+        run(cfg)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2, "the save after the NaN step was refused, not written"
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+def test_a_nan_checked_on_logging_steps_is_found_on_the_next_one(tmp_path):
+    cfg = compose_train(tmp_path, FAST + ONE + [
+        "nonfinite_check=logging", "sampler.batches_per_epoch=8", "trainer.log_every_n_steps=4",
+        "checkpoint.every_n_train_steps=0", f"+callbacks.poison._target_={__name__}.PoisonWeights",
+        "+callbacks.poison.at=1"])
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 1 .*\(seen at step 4: "):
+        run(cfg)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_an_unknown_nonfinite_check_is_refused_before_training(tmp_path):
+    fails_before_training(tmp_path, ["nonfinite_check=never"], ValueError,
+                          r"nonfinite_check must be one of \('step', 'logging', 'auto'\)")
+
+
 def test_a_nan_loss_may_be_let_through_on_request(tmp_path):
     cfg = compose_train(tmp_path, FAST + ONE + [
         "on_nonfinite_loss=warn", f"+callbacks.poison._target_={__name__}.PoisonWeights",

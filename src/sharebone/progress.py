@@ -3,6 +3,10 @@
 A bar redrawn in place is unreadable under ``nohup``, in a SLURM ``.out`` file or a CI log:
 there :func:`progress_bar` gives :class:`LineProgressBar`, a log line every few seconds (as the
 test-episode progress does), so it is in the run's ``train.log`` too.
+
+Every bar shows the training metrics the loggers last got (:class:`TrainMetricsShown`), not
+Lightning's per-step progress-bar metrics: those are read on the host at every step, which on
+a GPU makes the host wait for the device each step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, TextIO
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.progress import ProgressBar
+
+from sharebone.cadence import logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +37,42 @@ def progress_bar(style: str = "tqdm", refresh_rate: int = 1, every_seconds: floa
     if not stream.isatty():
         return LineProgressBar(every_seconds)
     if style == "rich":
-        return RichProgressBar(refresh_rate=refresh_rate)
-    return TQDMProgressBar(refresh_rate=refresh_rate)
+        return RichBar(refresh_rate=refresh_rate)
+    return TQDMBar(refresh_rate=refresh_rate)
 
 
-class LineProgressBar(ProgressBar):
+def shown_on_bar(key: str) -> bool:
+    """A run's headline training metrics (``train/loss``, ``train/acc``), not per-task ones."""
+    return key.startswith("train/") and key.count("/") == 1
+
+
+class TrainMetricsShown(ProgressBar):
+    """A progress bar showing the training metrics as the loggers last got them: read once
+    per logging step (:func:`sharebone.cadence.logs_this_step`), when the regime logs them."""
+
+    _train_shown: dict[str, float] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if logs_this_step(trainer, batch_idx):
+            self._train_shown = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                 if shown_on_bar(k) and getattr(v, "numel", lambda: 1)() == 1}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: pl.Trainer,
+                    pl_module: pl.LightningModule) -> dict[str, int | str | float | dict]:
+        return {**super().get_metrics(trainer, pl_module), **(self._train_shown or {})}
+
+
+class RichBar(TrainMetricsShown, RichProgressBar):
+    """Lightning's rich bar, with the training metrics of :class:`TrainMetricsShown`."""
+
+
+class TQDMBar(TrainMetricsShown, TQDMProgressBar):
+    """Lightning's tqdm bar, with the training metrics of :class:`TrainMetricsShown`."""
+
+
+class LineProgressBar(TrainMetricsShown):
     """``epoch 2/10: 120/500 steps, 8.1 steps/s, ETA 47s, train/loss=0.52`` every
     ``every_seconds`` and at each epoch's end, and a line per validation with its metrics,
     logged (INFO): on the console and in ``train.log`` under the Hydra app."""
@@ -69,6 +106,7 @@ class LineProgressBar(ProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         total = self.total_train_batches
         done = batch_idx + 1
         now = time.perf_counter()

@@ -131,7 +131,8 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
                                          enable_version_counter=False))
     callbacks.append(RNGState())
     callbacks.append(StepTimes())
-    callbacks.append(NonFiniteLoss(cfg.get("on_nonfinite_loss", "stop")))
+    callbacks.append(NonFiniteLoss(cfg.get("on_nonfinite_loss", "stop"),
+                                   cfg.get("nonfinite_check", "auto")))
     bars = (cfg.get("trainer") or {}).get("enable_progress_bar", True)
     for name, spec in entries.items():
         if spec is None or name == "model_checkpoint":

@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from sharebone.cadence import logs_this_step
 from sharebone.data.episodes import Episode
 from sharebone.models import BackboneArg, ParameterSharing, build_backbone
 from sharebone.models.registry import Registry
@@ -169,10 +170,17 @@ class FewShotRegime(pl.LightningModule):
     # -- Lightning hooks shared by all regimes -------------------------------------------------
     def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
         loss, logits = self.episode_loss(episode)
-        score = self.episode_metric(logits.detach(), episode.query_labels).mean()
-        self.log_dict({"train/loss": loss, f"train/{self.metric_name}": score}, prog_bar=True,
-                      batch_size=episode.num_tasks)
+        if self.logs_this_step(batch_idx):
+            score = self.episode_metric(logits.detach(), episode.query_labels).mean()
+            self.log_dict({"train/loss": loss.detach(), f"train/{self.metric_name}": score},
+                          batch_size=episode.num_tasks)
         return loss
+
+    def logs_this_step(self, batch_idx: int) -> bool:
+        """Whether this training step's metrics reach the loggers; only then are they logged
+        (see :mod:`sharebone.cadence`). Off the progress bar: Lightning reads a bar metric on
+        the host at every step, a GPU sync; the bars show what the loggers got instead."""
+        return self._trainer is not None and logs_this_step(self._trainer, batch_idx)
 
     def validation_step(self, episode: Episode, batch_idx: int) -> None:
         with self.prediction_context():

@@ -273,8 +273,9 @@ class FineTune(FewShotRegime):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss, acc = self._scores(batch)
-        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True,
-                      batch_size=batch[0].shape[0])
+        if self.logs_this_step(batch_idx):
+            self.log_dict({"train/loss": loss.detach(), "train/acc": acc},
+                          batch_size=batch[0].shape[0])
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -202,6 +202,7 @@ class SharedBackboneRegime(FewShotRegime):
         self.task_names = list(heads)  # order of task ids in batches; set from the data at fit
         # Read by the shared machinery; subclasses (pre-training) may not expose them as hparams.
         self.conflict_every = conflict_every
+        self._conflict_step: int | None = None
         self.lr, self.weight_decay = lr, weight_decay
 
     def on_fit_start(self) -> None:
@@ -242,8 +243,13 @@ class SharedBackboneRegime(FewShotRegime):
         inputs, targets, task = batch
         names = self.task_names
         features = self.backbone(inputs)
-        rows = [torch.nonzero(task == t).flatten() for t in range(len(names))]
-        missing = [names[t] for t, r in enumerate(rows) if r.numel() == 0]
+        # Each task's rows, with one read of the counts (a GPU sync) for all tasks.
+        counts = torch.bincount(task, minlength=len(names)).tolist()
+        if len(counts) > len(names):
+            raise ValueError(f"Training batch {batch_idx} has task ids up to {len(counts) - 1}, "
+                             f"but the model has {len(names)} heads ({names}).")
+        rows = list(torch.argsort(task, stable=True).split(counts))
+        missing = [names[t] for t, n in enumerate(counts) if n == 0]
         if missing:
             raise ValueError(f"Training batch {batch_idx} has no example of task(s) {missing}; "
                              "task-balanced batches (TaskBatches) always hold every task.")
@@ -251,14 +257,18 @@ class SharedBackboneRegime(FewShotRegime):
         outputs = [head(features[r]) for head, r in zip(heads, rows, strict=True)]
         losses = torch.stack([self.task_loss(o, targets[r])
                               for o, r in zip(outputs, rows, strict=True)])
-        check_finite(losses, names, "loss")
+        # Naming the task with a NaN loss reads the losses: every step on a CPU (free), on
+        # logging steps elsewhere (the NaN guard still stops the run on the objective).
+        logs = self.logs_this_step(batch_idx)
+        checks = logs or losses.device.type == "cpu"
+        if checks:
+            check_finite(losses, names, "loss")
 
-        every = self.conflict_every
-        wants_conflict = bool(every) and self.global_step % every == 0 and len(names) > 1
         gramian = (self.task_gramian(losses)
-                   if self.weighting.uses_gramian or wants_conflict else None)
+                   if self.weighting.uses_gramian or (logs and self._wants_conflict()) else None)
         weights = self.weighting(losses, gramian)
-        check_finite(weights, names, "weight")
+        if checks:
+            check_finite(weights, names, "weight")
 
         if self.weighting.weighs_heads:
             objective = (weights * losses).sum() + self.weighting.penalty()
@@ -267,6 +277,28 @@ class SharedBackboneRegime(FewShotRegime):
             objective = sum(self.task_loss(head(scale_gradient(features[r], w[t])), targets[r])
                             for t, (head, r) in enumerate(zip(heads, rows, strict=True)))
 
+        if logs:
+            self.log_dict(self._step_metrics(objective, losses, weights, outputs, targets, rows,
+                                             gramian), batch_size=inputs.shape[0])
+        return objective
+
+    def _wants_conflict(self) -> bool:
+        """Measure gradient conflict now (a logging step): at most every ``conflict_every``
+        steps, as it costs a backward pass per task."""
+        every, last = self.conflict_every, self._conflict_step
+        if not every or len(self.task_names) < 2 or (
+                last is not None and 0 <= self.global_step - last < every):
+            return False
+        self._conflict_step = self.global_step
+        return True
+
+    def _step_metrics(self, objective: torch.Tensor, losses: torch.Tensor,
+                      weights: torch.Tensor, outputs: list[torch.Tensor],
+                      targets: torch.Tensor, rows: list[torch.Tensor],
+                      gramian: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What a training step logs: the objective, each task's loss, score and weight, the
+        mean score, and (with a Gramian) how much the tasks' gradients conflict."""
+        names = self.task_names
         logged: dict[str, torch.Tensor] = {"train/loss": objective.detach()}
         metric = self.metric_name
         for t, name in enumerate(names):
@@ -282,11 +314,7 @@ class SharedBackboneRegime(FewShotRegime):
             for t, name in enumerate(names):
                 logged[f"train/{name}/conflict"] = cosine[t][off[t]].mean()
             logged["train/conflict"] = cosine[off].mean()
-        if self._trainer is not None:  # also callable outside a Trainer (tests, doctest)
-            self.log_dict(logged, batch_size=inputs.shape[0])
-            self.log("train/step_loss", objective.detach(), prog_bar=True, logger=False,
-                     batch_size=inputs.shape[0])
-        return objective
+        return logged
 
     def on_train_epoch_end(self) -> None:
         if self.weighting is not None:
@@ -333,8 +361,9 @@ class MultiTask(SharedBackboneRegime):
     mgda, imtl).
 
     Per task it logs ``train/<task>/loss``, ``/acc`` (``/mse``), ``/weight`` and ``/conflict``,
-    the mean cosine between that task's gradient on the backbone and the other tasks' (every
-    ``conflict_every`` steps, and on every step for Gramian-based weightings).
+    the mean cosine between that task's gradient on the backbone and the other tasks' (on
+    logging steps at most every ``conflict_every`` steps, and on every logging step for
+    Gramian-based weightings).
 
     Args:
         backbone: registry spec of the shared backbone.
@@ -344,8 +373,8 @@ class MultiTask(SharedBackboneRegime):
         loss: ``"cross_entropy"`` or ``"mse"`` (regression tasks).
         lr, weight_decay: Adam.
         batch_size: examples of *each* task per step.
-        conflict_every: log gradient conflict every this many steps (0: only when the weighting
-            computes task gradients anyway).
+        conflict_every: measure gradient conflict on a logging step at most every this many
+            steps (0: only when the weighting computes task gradients anyway).
         head_fit: how few-shot evaluation fits a head on support features:
             ``{"method": "logistic" | "sgd", "steps", "lr", "l2", "normalize"}``.
 
