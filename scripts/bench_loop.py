@@ -166,9 +166,10 @@ def count_syncs(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         cfg.callbacks["host_syncs"] = {"_target_": "__main__.CountedSyncs"}
     run(cfg)
     counter = SYNCS.pop()
-    steady = counter.per_step[2:] or counter.per_step
-    return {"host_syncs_per_step": statistics.mean(steady) if steady else 0.0,
-            "host_sync_lines": {k: v / counter.steps for k, v in counter.counts.most_common()}}
+    steps = max(counter.steps, 1)
+    return {"host_syncs_per_step": sum(counter.counts.values()) / steps,
+            "host_syncs_by_step": counter.per_step,
+            "host_sync_lines": {k: v / steps for k, v in counter.counts.most_common()}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

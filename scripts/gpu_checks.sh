@@ -9,6 +9,8 @@
 # README: `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl`;
 # `pip wheel --no-deps antlr4-python3-runtime==4.9.3` for antlr4), learn2learn as its
 # Cython-regenerated source in .l2l/ (scripts/install_learn2learn.sh keeps it with --keep).
+# Real Omniglot for the bf16 comparison: copy ../shared/data/omniglot to .data/omniglot and
+# carry .data (2.8 MB); without it that comparison runs on synthetic images.
 # Results land in $OUT (the device tool's folder), else ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -26,8 +28,13 @@ PY=${PYTHON:-python3}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; TRAINER=cpu; STEPS=3; BENCH=(--device cpu --iters 1 --warmup 0 --hidden 8
     --impls sharebone,sharebone-vmap-chunk4 --settings 5w1s15q:8 --orders 2)
+  LOOP=(--steps 3 --warmup 1 --repeats 1 sampler.meta_batch_size=2 backbone.hidden=8)
+  PRECISIONS="32-true"; EPOCHS=1; EPISODES=4
+  SHORT=(sampler.batches_per_epoch=2 sampler.meta_batch_size=2 sampler.val_episodes=2)
 else
   DEVICE=cuda; TRAINER=gpu; STEPS=300; BENCH=(--preset issue12)
+  LOOP=(--steps 200 --warmup 10 --repeats 2)
+  PRECISIONS="32-true bf16-mixed"; EPOCHS=3; EPISODES=600; SHORT=()
   nvidia-smi > "$OUT/device.txt" 2>&1
 fi
 
@@ -57,3 +64,25 @@ for r in rows:
     print({k: round(float(r[k]), 3) for k in ("perf/data_ms", "perf/step_ms", "perf/data_fraction")})
 PY
 done 2>&1 | tee "$OUT/train_on_device.txt"
+
+# 4. The Lightning gap: sharebone-train's steps/s over the bare step (goal >= 0.9), and the
+#    host syncs left per training step, by line.
+$PY scripts/bench_loop.py --device $DEVICE --logger wandb "${LOOP[@]}" --out "$OUT/loop.json" \
+  2>&1 | tail -n 12 | tee "$OUT/bench_loop.txt"
+
+# 5. bf16 against float32: the same short budget, steps/s and the 5w1s test accuracy.
+TASK=(task=synthetic_images)
+[ -d .data/omniglot ] && TASK=(task=omniglot_small "data_dir=$PWD/.data")
+for p in $PRECISIONS; do
+  $PY -m sharebone.train experiment=omniglot_maml_5w1s "${TASK[@]}" trainer=$TRAINER \
+    ++trainer.precision=$p logger=csv figures.enabled=false trainer.max_epochs=$EPOCHS \
+    test.episodes=$EPISODES "test.settings=[{n_way: 5, k_shot: 1}]" "${SHORT[@]}" \
+    hydra.run.dir="$OUT/precision_$p" > "$OUT/precision_$p.txt" 2>&1
+  echo "precision=$p: exit $?"
+  $PY - "$OUT/precision_$p" <<'PY'
+import json, sys
+from pathlib import Path
+m = json.loads((Path(sys.argv[1]) / "metrics.json").read_text())
+print({k: v for k, v in m.items() if k.startswith("test/5w1s") or k == "train_seconds"})
+PY
+done 2>&1 | tee "$OUT/precision.txt"
