@@ -201,6 +201,13 @@ def test_an_optional_local_config_overrides_and_is_ignored_by_git(tmp_path):
     assert out.returncode == 0, out.stderr
     job = yaml.safe_load(out.stdout)
     assert job["seed"] == 1234 and job["tags"] == ["laptop"]
+    # sharebone-eval reads its own: local/eval.yaml (its keys differ from training's)
+    (mine / "eval.yaml").write_text("# @package _global_\nepisodes: 77\nlogger: none\n")
+    out = sharebone_cli("eval", "--config-dir", str(tmp_path / "mine"), "--cfg", "job",
+                        "ckpt=some.ckpt", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    job = yaml.safe_load(out.stdout)
+    assert job["episodes"] == 77 and job["ckpt"] == "some.ckpt" and job["seed"] == 0
     # Absent (the repository has only .gitkeep), the config composes without it.
     assert not list((REPO_ROOT / "configs" / "local").glob("*.yaml")) or pytest.skip(
         "this checkout has its own configs/local/*.yaml")
