@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.configs import FAST, compose_train
 from helpers.wandb_service import leet_inspect as inspect
 
+from sharebone.evaluation.wandb_log import training_run
+from sharebone.regimes.loading import load_regime
 from sharebone.tracking import build_loggers, finish, wandb_mode, wandb_run_id
 from sharebone.train import run
 
@@ -101,6 +104,29 @@ def test_a_run_resumed_in_its_own_directory_continues_its_wandb_run_and_csv(tmp_
     assert [int(r["step"]) for r in train] == [0, 1, 2, 3, 4, 5]
     assert [r["train/loss"] for r in train[:3]] == [r["train/loss"] for r in epoch_0]
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [2, 5]
+
+
+def test_a_resume_continues_the_wandb_run_its_checkpoint_names(tmp_path):
+    """Another W&B run written into the run directory since (an evaluation given
+    ``output_dir=<run dir>``) is newer, but the checkpoint names the run that trained it."""
+    overrides = [o for o in FAST if not o.startswith("logger=")] + [
+        "logger=wandb", "test.enabled=false"]
+    run(compose_train(tmp_path, overrides))
+    first_id = wandb_run_id(tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["sharebone"]["wandb_run_id"] == first_id
+    (tmp_path / "wandb" / "offline-run-29991231_235959-evalrun1").mkdir()
+    assert wandb_run_id(tmp_path) == "evalrun1"
+    run(compose_train(tmp_path, overrides + [f"resume={tmp_path}", "trainer.max_epochs=2"]))
+    resumed = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*")
+                     if not p.name.endswith("evalrun1"))
+    assert len(resumed) == 2 and all(name.endswith(f"-{first_id}") for name in resumed)
+    best = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["sharebone"]["wandb_run_id"] == first_id and best["global_step"] == 6
+    # an evaluation of it is grouped under the same run
+    model = load_regime(tmp_path)
+    assert model.wandb_run_id == first_id
+    assert training_run(tmp_path, model.run_config, model.wandb_run_id)["train_run_id"] == first_id
 
 
 def test_wandb_run_id_is_the_newest_run_in_the_folder(tmp_path):

@@ -191,7 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # One file per evaluation, never over an earlier one: task, split, seed, episodes, time.
     stem = unique_stem(output_dir, f"fewshot_{task['name']}_{cfg.split}_seed{cfg.seed}_"
                                    f"{cfg.episodes}ep_{time.strftime('%Y%m%d-%H%M%S')}")
-    link = training_run(ckpt, model.run_config)
+    link = training_run(ckpt, model.run_config, getattr(model, "wandb_run_id", None))
     paths = write_results(results, output_dir, stem=stem,
                           extra={"checkpoint": str(ckpt), "regime": model.regime_name,
                                  "task": task["name"], "split": cfg.split, "seed": cfg.seed,

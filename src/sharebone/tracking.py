@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -506,6 +507,20 @@ def wandb_run_id(output_dir: str | Path) -> str | None:
         if match and path.is_dir() and not path.is_symlink():
             found.append((match.group(1), path.stat().st_mtime, match.group(2)))
     return max(found)[2] if found else None
+
+
+class WandbRunInCheckpoints(pl.Callback):
+    """Writes the id of the W&B run that is training into every checkpoint
+    (``checkpoint["sharebone"]["wandb_run_id"]``), so that a resume continues that run and an
+    evaluation is grouped under it, whatever other W&B runs were written to the run directory
+    since (an evaluation given ``output_dir=<run dir>``)."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        for logger in wandb_loggers(trainer.loggers):
+            if not logger.failed:
+                checkpoint.setdefault("sharebone", {})["wandb_run_id"] = logger.version
+                return
 
 
 def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,

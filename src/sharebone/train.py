@@ -130,6 +130,7 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
                                          save_top_k=0, save_last=True,
                                          enable_version_counter=False))
     callbacks.append(RNGState())
+    callbacks.append(tracking.WandbRunInCheckpoints())
     callbacks.append(StepTimes())
     callbacks.append(NonFiniteLoss(cfg.get("on_nonfinite_loss", "stop"),
                                    cfg.get("nonfinite_check", "auto")))
@@ -177,8 +178,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.get("train", True):
         return score_checkpoint(cfg)
     ckpt_path = resume_checkpoint(cfg.get("resume"))
-    if ckpt_path:
-        continue_in_run_dir(cfg, ckpt_path)
+    wandb_id = continue_in_run_dir(cfg, ckpt_path) if ckpt_path else None
     output_dir = Path(cfg.paths.output_dir)
     first = launch_rank() == 0  # ranks a launcher started share rank 0's directory and lock
     with RunLock(output_dir) if first else contextlib.nullcontext():
@@ -186,7 +186,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             check_fresh(output_dir)
         threads = torch.get_num_threads()
         try:
-            return train_and_test(cfg, output_dir, ckpt_path)
+            return train_and_test(cfg, output_dir, ckpt_path, wandb_id)
         finally:  # a caller running several jobs in one process gets its setting back
             torch.set_num_threads(threads)
 
@@ -238,19 +238,23 @@ def score_checkpoint(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
 
-def continue_in_run_dir(cfg: DictConfig, ckpt_path: str) -> None:
+def continue_in_run_dir(cfg: DictConfig, ckpt_path: str) -> str | None:
     """A resumed run goes on in its own directory (its best checkpoint, results, W&B run and
-    CSV rows are there), and only as the run it was: same task, backbone and regime."""
-    saved = read_checkpoint(ckpt_path)["sharebone"].get("config")
-    check_same_run(saved, OmegaConf.to_container(cfg, resolve=True), str(cfg.resume))
+    CSV rows are there), and only as the run it was: same task, backbone and regime. Returns
+    the id of the W&B run that wrote the checkpoint (None: none recorded)."""
+    meta = read_checkpoint(ckpt_path)["sharebone"]
+    check_same_run(meta.get("config"), OmegaConf.to_container(cfg, resolve=True),
+                   str(cfg.resume))
     run_dir = run_dir_of(ckpt_path)
     if Path(cfg.paths.output_dir).resolve() != run_dir.resolve():
         print(f"[sharebone] resuming in the run's own directory {run_dir}")
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
+    return meta.get("wandb_run_id")
 
 
-def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
+                   wandb_id: str | None = None) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("keep_freed_memory", True):
@@ -270,7 +274,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> 
     # One W&B run per job: ranks that a launcher started as processes of their own log nothing
     # (Lightning's loggers only write on rank 0 anyway; this keeps them from opening runs).
     # A resumed run is in its own directory: its W&B run and CSV rows continue.
-    loggers = (tracking.build_loggers(logger_config(cfg), output_dir, resume=bool(ckpt_path))
+    loggers = (tracking.build_loggers(logger_config(cfg), output_dir, resume=bool(ckpt_path),
+                                      resume_id=wandb_id)
                if launch_rank() == 0 else [])
     for logger in loggers:
         tracking.safely(logger.log_hyperparams, model.run_config)

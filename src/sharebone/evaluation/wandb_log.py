@@ -31,9 +31,11 @@ from sharebone.evaluation.stats import FewShotResult
 from sharebone.run_dir import run_dir_of
 
 
-def training_run(checkpoint: str | Path, run_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What links an evaluation to the run that trained ``checkpoint``: its W&B id (None when
-    it ran without W&B), name, project, tags and run directory.
+def training_run(checkpoint: str | Path, run_config: Mapping[str, Any] | None,
+                 wandb_run_id: str | None = None) -> dict[str, Any]:
+    """What links an evaluation to the run that trained ``checkpoint``: its W&B id (the one
+    recorded in the checkpoint, else the newest in the run directory; None when it ran
+    without W&B), name, project, tags and run directory.
 
     The name is the one the user gave, or the one ``sharebone-train`` gives a run in a Hydra
     ``<date>/<time>`` directory; None where it cannot be known from the checkpoint (a sweep
@@ -45,7 +47,7 @@ def training_run(checkpoint: str | Path, run_config: Mapping[str, Any] | None) -
     trained_in = (cfg.get("paths") or {}).get("output_dir")
     if not name and trained_in and dashboard.hydra_run_time(trained_in):
         name = dashboard.run_name(cfg, trained_in)
-    return {"train_run_id": tracking.wandb_run_id(run_dir), "train_run_name": name,
+    return {"train_run_id": wandb_run_id or tracking.wandb_run_id(run_dir), "train_run_name": name,
             "train_project": options.get("project"), "train_run_dir": str(run_dir),
             "train_tags": dashboard.run_tags(cfg)}
 

@@ -219,9 +219,10 @@ class FewShotRegime(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What `sharebone.regimes.loading.load_regime` needs to rebuild this model by name, with
         # plain types only so that the file loads with weights_only=True.
-        checkpoint["sharebone"] = {
+        # Callbacks write first (the W&B run's id: sharebone.tracking.WandbRunInCheckpoints).
+        checkpoint.setdefault("sharebone", {}).update({
             "regime": self.regime_name,
             "hparams": dict(self.hparams),
             "config": getattr(self, "run_config", None),
-        }
+        })
 

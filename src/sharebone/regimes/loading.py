@@ -89,4 +89,5 @@ def load_regime(path: str | Path, backbone: BackboneArg | None = None) -> FewSho
             "the module built with other settings than the one trained?"
         ) from err
     model.run_config = meta.get("config")
+    model.wandb_run_id = meta.get("wandb_run_id")  # the W&B run that trained it, if any
     return model
