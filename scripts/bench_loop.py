@@ -49,18 +49,13 @@ from sharebone.data.placement import place_source
 from sharebone.data.tasks import prepare_episode
 from sharebone.memory import keep_freed_memory
 from sharebone.precision import set_float32_matmul_precision
-from sharebone.syncs import HostSyncs
+from sharebone.syncs import HostSyncs, synchronize
 from sharebone.threads import choose_threads
 from sharebone.train import run
 
 #: What the clock callback measured in the last ``run``, and the sync counter it made.
 CLOCK: dict[str, float] = {}
 SYNCS: list[HostSyncs] = []
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepClock(pl.Callback):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.configs import compose_train
 
-from sharebone.syncs import HostSyncs, count_host_syncs
+from sharebone.syncs import HostSyncs, SyncCounter
 from sharebone.train import run
 
 MADE: list[HostSyncs] = []
@@ -32,7 +32,7 @@ def test_the_counter_names_the_line_of_each_read_and_skips_host_step_counts():
     x = torch.ones(3, requires_grad=True)
     optimizer = torch.optim.Adam([x], lr=0.1)  # on a CPU it reads its step count: host-side
     x.sum().backward()
-    with count_host_syncs() as syncs:
+    with SyncCounter() as syncs:
         value = x.sum().item()
         positive = bool((x > 0).all())
         optimizer.step()
@@ -43,7 +43,7 @@ def test_the_counter_names_the_line_of_each_read_and_skips_host_step_counts():
     assert len(syncs.counts) == 3 and all(
         where.startswith("tests/test_syncs.py:") and where.endswith("_step_counts)")
         for where in syncs.counts), syncs.counts
-    with count_host_syncs(device_only=True) as syncs:  # a GPU run: only device tensors count
+    with SyncCounter(device_only=True) as syncs:  # a GPU run: only device tensors count
         x.sum().item()
     assert not syncs.counts
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +97,12 @@ class SyncCounter(TorchFunctionMode):
         return bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu"
 
 
-
-@contextmanager
-def count_host_syncs(device_only: bool = False) -> Iterator[SyncCounter]:
-    """``with count_host_syncs() as syncs: ...``; then ``syncs.counts`` maps each line of code
-    to the host reads of tensor values it made inside the block (see :class:`SyncCounter`)."""
-    with SyncCounter(device_only) as counter:
-        yield counter
+def synchronize(device: torch.device | str) -> None:
+    """Wait until ``device`` has run everything queued on it (a CUDA device; others run
+    synchronously): what a benchmark brackets its timed region with, never a training step."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class HostSyncs(pl.Callback):
@@ -114,19 +110,24 @@ class HostSyncs(pl.Callback):
     one training batch to the start of the next: the step, its logging and progress bar, its
     callbacks), and logs them per line of code at the end of training.
 
-    ``steps`` and ``counts`` are kept for tests and scripts. Counting slows the step (every
-    torch call goes through a Python hook): a diagnostic, not for timed runs.
+    ``per_step`` (reads of each step) and ``counts`` (reads by line) are kept for tests and
+    scripts. Counting slows the step (every torch call goes through a Python hook): a
+    diagnostic, not for timed runs.
     """
 
     def __init__(self) -> None:
-        self.steps = 0
         self.counts: collections.Counter[str] = collections.Counter()
         self.per_step: list[int] = []
         self._counter: SyncCounter | None = None
 
+    @property
+    def steps(self) -> int:
+        """Training steps counted so far."""
+        return len(self.per_step)
+
     def _stop(self) -> None:
         if self._counter is not None:
-            self._counter.__exit__(*sys.exc_info())
+            self._counter.__exit__(None, None, None)
             self.per_step.append(sum(self._counter.counts.values()))
             self.counts.update(self._counter.counts)
             self._counter = None
@@ -135,7 +136,6 @@ class HostSyncs(pl.Callback):
                              batch: Any, batch_idx: int) -> None:
         self._stop()
         self._counter = SyncCounter(pl_module.device.type != "cpu").__enter__()
-        self.steps += 1
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop()  # validation reads its scores once; not a per-step cost
