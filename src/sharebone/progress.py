@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import pytorch_lightning as pl
@@ -46,6 +47,12 @@ def shown_on_bar(key: str) -> bool:
     return key.startswith("train/") and key.count("/") == 1
 
 
+def scalars(metrics: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, float]:
+    """The one-number metrics whose key ``keep`` accepts, as floats (a read per value)."""
+    return {k: float(v) for k, v in metrics.items()
+            if keep(k) and getattr(v, "numel", lambda: 1)() == 1}
+
+
 class TrainMetricsShown(ProgressBar):
     """A progress bar showing the training metrics as the loggers last got them: read once
     per logging step (:func:`sharebone.cadence.logs_this_step`), when the regime logs them."""
@@ -55,8 +62,7 @@ class TrainMetricsShown(ProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if logs_this_step(trainer, batch_idx):
-            self._train_shown = {k: float(v) for k, v in trainer.callback_metrics.items()
-                                 if shown_on_bar(k) and getattr(v, "numel", lambda: 1)() == 1}
+            self._train_shown = scalars(trainer.callback_metrics, shown_on_bar)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: pl.Trainer,
@@ -126,8 +132,7 @@ class LineProgressBar(TrainMetricsShown):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1}
+        shown = scalars(trainer.callback_metrics, lambda k: k.startswith("val/"))
         if shown:
             self._print(f"validation after epoch {trainer.current_epoch + 1}: "
                         + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
