@@ -10,6 +10,7 @@ progress bars refresh them and the NaN guard looks at the loss only on the steps
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 
 
 def logs_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -26,3 +27,15 @@ def logs_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     # metrics; a Lightning without it logs every step, and so does this.
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value on ``device`` from the host costs nothing: on the CPU it is
+    already there; on an accelerator the host waits for the device to catch up."""
+    return device.type == "cpu"
+
+
+def checks_this_step(trainer: pl.Trainer, batch_idx: int, device: torch.device) -> bool:
+    """Whether a check that reads values on ``device`` (a NaN check naming what went wrong)
+    runs on this training step: every step where reads are free, else on logging steps."""
+    return reads_are_free(device) or logs_this_step(trainer, batch_idx)

@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from sharebone.cadence import logs_this_step
+from sharebone.cadence import logs_this_step, reads_are_free
 
 #: What to do when the training loss is NaN or infinite.
 ON_NONFINITE = ("stop", "warn", "ignore")
@@ -55,7 +55,7 @@ class NonFiniteLoss(pl.Callback):
         if self.action == "ignore" or (self._warned and self.action == "warn"):
             return
         loss = loss.detach()
-        deferred = self.deferred if self.deferred is not None else loss.device.type != "cpu"
+        deferred = self.deferred if self.deferred is not None else not reads_are_free(loss.device)
         if not deferred:
             if not bool(torch.isfinite(loss).all()):
                 self._report(trainer.global_step, float(loss.float().flatten()[0]), trainer)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharebone.cadence import checks_this_step
 from sharebone.data.episodes import Episode
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.regimes.base import FewShotRegime, register_regime
@@ -257,10 +258,11 @@ class SharedBackboneRegime(FewShotRegime):
         outputs = [head(features[r]) for head, r in zip(heads, rows, strict=True)]
         losses = torch.stack([self.task_loss(o, targets[r])
                               for o, r in zip(outputs, rows, strict=True)])
-        # Naming the task with a NaN loss reads the losses: every step on a CPU (free), on
-        # logging steps elsewhere (the NaN guard still stops the run on the objective).
+        # Naming the task with a NaN loss reads the losses (the NaN guard still stops the run
+        # on the objective between checks).
         logs = self.logs_this_step(batch_idx)
-        checks = logs or losses.device.type == "cpu"
+        checks = self._trainer is None or checks_this_step(self._trainer, batch_idx,
+                                                           losses.device)
         if checks:
             check_finite(losses, names, "loss")
 
