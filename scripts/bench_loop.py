@@ -152,6 +152,7 @@ def loop_run(cfg: DictConfig, warmup: int) -> dict[str, float]:
         raise RuntimeError("the run validated before the timed steps ended: leave "
                            "trainer.val_check_interval at its default (once per epoch).")
     return {"loop_steps_s": CLOCK["steps"] / (CLOCK["train_end"] - CLOCK["train_start"]),
+            "timed_steps": CLOCK["steps"],
             "val_s": CLOCK.get("val_end", CLOCK["train_end"]) - CLOCK["train_end"],
             "loop_fit_s": fit}
 
