@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from sharebone.memory import empty_huge, keep_freed_memory
+from sharebone.memory import PeakMemory, empty_huge, keep_freed_memory
 
 # One 24 MB buffer (a conv4 activation of a 20-way query set) in a fresh process: prints
 # whether malloc served it with its own mmap, and how many MB freeing it gave back to the OS.
@@ -106,3 +106,40 @@ def test_empty_huge_buffers_are_backed_by_huge_pages():
     if thp_mode() == "madvise":  # only advised memory gets them
         plain = torch.empty(size, dtype=torch.uint8).fill_(1)
         assert huge_kb(plain.data_ptr() + middle) == 0
+
+
+MiB = 2**20
+
+
+def test_peak_memory_counts_what_was_allocated_at_once_above_the_start():
+    before = torch.ones(2 * MiB // 4)  # allocated before: neither counted nor, freed, subtracted
+    with PeakMemory("cpu") as peak:
+        a = torch.ones(4 * MiB // 4)
+        b = torch.ones(MiB // 4)
+        del a, before  # 5 MiB were alive at once; then 1 MiB
+        c = torch.ones(3 * MiB // 4)
+        del b, c
+    assert 5 * MiB <= peak.bytes < 5 * MiB + 64 * 1024
+
+
+def test_peak_memory_of_a_backward_pass_counts_the_saved_activations():
+    """A chain of 8 out-of-place ops keeps each input for the backward pass: 8 activations of
+    1 MiB alive at once, then freed; the same ops without a graph hold about two at a time."""
+    x = torch.rand(MiB // 4, requires_grad=True)
+
+    def chain():
+        y = x
+        for _ in range(8):
+            y = y.sin()
+        return y.sum()
+
+    with PeakMemory() as kept:
+        chain().backward()
+    with torch.no_grad(), PeakMemory() as plain:
+        chain()
+    assert kept.bytes >= 8 * MiB and plain.bytes <= 3 * MiB
+
+
+def test_peak_memory_refuses_a_reading_before_it_started():
+    with pytest.raises(RuntimeError, match="before start"):
+        PeakMemory("cpu").bytes_used()

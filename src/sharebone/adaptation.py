@@ -273,14 +273,19 @@ class TransductiveBatchNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch._C._functorch.maybe_current_level() is None:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # y = x * scale + shift, with per-channel scale and shift: the only activation-sized
+        # tensor autograd keeps is x itself (held by var and the product), where
+        # (x - mean) * rsqrt(var) * w + b would keep three (x, x - mean and the normalised x).
+        # Under vmap a chunk's activations are all alive at once: a vmapped conv4 task now
+        # holds 1.24x a looped one's memory, not 1.87x (tests/test_maml_memory.py).
         dims = [0, *range(2, x.dim())]
         mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
+        scale = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + self.eps)
         if self.weight is None:
-            return y
+            return x * scale - mean * scale
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        scale = scale * self.weight.view(shape)
+        return x * scale + (self.bias.view(shape) - mean * scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, batch statistics only"

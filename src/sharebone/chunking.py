@@ -25,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["HEADROOM", "auto_chunk_size", "chunk_slices", "free_device_bytes", "MemoryProbe"]
+__all__ = ["HEADROOM", "auto_chunk_size", "chunk_slices", "free_device_bytes"]
 
 #: Share of the free memory the chunks of ``vmap_chunk_size: auto`` may fill.
 HEADROOM = 0.8
@@ -70,19 +70,3 @@ def free_device_bytes(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-class MemoryProbe:
-    """Peak memory allocated on a CUDA device between :meth:`start` and :meth:`bytes_used`."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.base = device, 0
-
-    def start(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.base = torch.cuda.memory_allocated(self.device)
-
-    def bytes_used(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - self.base

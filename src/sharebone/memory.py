@@ -13,6 +13,10 @@ peak memory is unchanged; the process simply does not shrink below it while it r
 sampler's output (68 MB per meta-batch of 32 5-way 5-shot 15-query 84x84x3 episodes):
 first-touching it 4 KiB page by page costs more than copying the images into it, and asking
 for transparent huge pages (``madvise(MADV_HUGEPAGE)``, 2 MiB pages) removes most of that.
+
+:class:`PeakMemory` measures what a block of code allocates at its peak, on any device: what
+``vmap_chunk_size: auto`` sizes chunks from on a GPU, and how ``scripts/bench_maml.py`` compares
+implementations' memory on a CPU as a GPU would count it (tensor bytes, not the process's RSS).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["empty_huge", "keep_freed_memory"]
+__all__ = ["PeakMemory", "empty_huge", "keep_freed_memory"]
 
 # glibc's mallopt(3) parameters and the largest values it accepts on 64-bit Linux.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -85,3 +89,63 @@ def keep_freed_memory() -> bool:
     if not done:
         log.warning("could not tune malloc (mallopt refused); CPU runs may be slower.")
     return done
+
+
+class PeakMemory:
+    """Peak bytes allocated on ``device`` between :meth:`start` and :meth:`bytes_used`, above
+    what was allocated at the start; also a context manager (``with PeakMemory(d) as peak:``,
+    then ``peak.bytes``).
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` (cheap, exact). Elsewhere it replays the
+    allocations and frees that the profiler records (``profile_memory=True``): the same measure
+    (tensor memory that the allocator handed out, not the process's RSS, so neither malloc's
+    caching nor the interpreter shows in it), deterministic for the same work, and with the
+    profiler's overhead, so measure a step of its own rather than a timed one. A conv4's MAML
+    step measures the same on the CPU as the saved tensors it holds predict for a GPU, which
+    is what lets a CPU compare implementations' memory (``tests/test_maml_memory.py``).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.base, self.bytes = 0, 0
+        self._profiler = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+
+    def bytes_used(self) -> int:
+        """Stop measuring; the peak above the start, in bytes (also kept as ``bytes``)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+            return self.bytes
+        if self._profiler is None:
+            raise RuntimeError("PeakMemory.bytes_used() before start().")
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        kind = getattr(torch._C._autograd.DeviceType, self.device.type.upper())
+        # Allocations (+) and frees (-) in time order; a block allocated before start() and
+        # freed inside is not reported by the profiler, so it cannot push the sum below zero.
+        events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results
+                        .events() if e.name() == "[memory]" and e.device_type() == kind)
+        now = peak = 0
+        for _, nbytes in events:
+            now += nbytes
+            peak = max(peak, now)
+        self.bytes = peak
+        return peak
+
+    def __enter__(self) -> PeakMemory:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bytes_used()

@@ -44,6 +44,7 @@ from sharebone.data.episodes import Episode
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
 from sharebone.models.timm_backbone import plain_batch_norms_
+from sharebone.memory import PeakMemory
 from sharebone.precision import check_autocast, check_bf16_supported
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
@@ -206,7 +207,7 @@ class MAML(FewShotRegime):
             self.__dict__["auto_chunk_size"] = known[shape]
             yield from chunking.chunk_slices(num_tasks, known[shape])
             return
-        probe = chunking.MemoryProbe(self.device)
+        probe = PeakMemory(self.device)
         probe.start()
         yield slice(0, 1)
         # The caller has taken the first chunk's meta-gradient (its graph is freed) by now.
