@@ -26,7 +26,11 @@ does), ``sharebone-checkpoint`` loops with ``checkpoint_inner_steps``.
 
 ``--device cuda`` (any torch device): the models and episodes live there, the timed region is
 bracketed by ``torch.cuda.synchronize`` and peak memory is ``torch.cuda.max_memory_allocated``
-(reset after warm-up; ``peak_mb`` in the table), next to the process's peak RSS.
+(reset after warm-up; ``peak_mb`` in the table), next to the process's peak RSS. On a CPU one
+more meta-batch runs under :class:`sharebone.memory.PeakMemory` after the timed ones: its peak
+tensor memory (``tensor_peak_mb``) is what a GPU's ``max_memory_allocated`` counts, without
+the allocator and interpreter that RSS includes, so the memory ratios to learn2learn and the
+largest meta-batch that fits in ``--fit-gb`` (16 GB) can be read on a CPU too.
 ``--preset issue12`` is issue 12's table: 5w1s15q at meta-batch 32 and 20w1s5q at meta-batch 16,
 orders 2 and 1, learn2learn against vmap, chunked vmap (4/8/16) and the loop, 10 timed
 meta-batches after 3 of warm-up, on CUDA unless ``--device`` says otherwise::
@@ -195,13 +199,40 @@ def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup
     seconds = time.perf_counter() - started
     peak = rss_mb("VmHWM") if reset_peak else float("nan")
     device_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else float("nan")
+    # Off CUDA, one more meta-batch under PeakMemory (the profiler's allocation records, too
+    # slow to time): the tensor memory a GPU would count, which RSS hides under the allocator.
+    if not cuda:
+        from sharebone.memory import PeakMemory
+
+        with PeakMemory(device) as tensors:
+            step(batches[-1])
     chunk = vars(model).get("auto_chunk_size") if options is not None else None
     return {"impl": impl, "order": order, "setting": setting_name(meta_batch),
             "device": device, "peak_mb": device_peak if cuda else peak, "auto_chunk_size": chunk,
+            "tensor_peak_mb": device_peak if cuda else tensors.bytes / 2**20,
+            "grows_with_meta_batch": grows_with_meta_batch(impl),
             "tasks_per_s": iters * meta_batch / seconds,
             "seconds_per_meta_batch": seconds / iters, "peak_rss_mb": peak,
             "rss_before_timing_mb": base, "peak_over_base_mb": peak - base,
             "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def grows_with_meta_batch(impl: str) -> bool:
+    """Whether an implementation holds every task's graph at once (one vmap, or one backward
+    for the meta-batch); the others hold one task's, or one chunk's, whatever the meta-batch."""
+    options = IMPLS[impl][0]
+    return options is not None and "vmap_chunk_size" not in options and (
+        options.get("vmap", False) or options.get("per_task_backward") is False)
+
+
+def fits_in(budget_mb: float, r: dict) -> str:
+    """The largest meta-batch of ``r``'s setting whose tensors fit in ``budget_mb``, from its
+    peak at the measured meta-batch (all of it counted as growing with the tasks: a lower
+    bound); ``any`` where memory does not grow with the meta-batch."""
+    if not r["grows_with_meta_batch"]:
+        return "any"
+    meta_batch = int(r["setting"].split(":")[1])
+    return f"~{int(budget_mb // (r['tensor_peak_mb'] / meta_batch))}"
 
 
 def rss_mb(field: str) -> float:
@@ -277,14 +308,16 @@ def main() -> None:
     parser.add_argument("--backbone", choices=list(BACKBONES), default="conv4",
                         help="conv4 (28x28x1), conv4_84 (MAML's miniImageNet net, 84x84x3) or "
                              "resnet12 (84x84x3); random images for all but conv4")
+    parser.add_argument("--fit-gb", type=float, default=16.0,
+                        help="memory budget of the table's last column (issue 12: 16 GB)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "ORDER"), help=argparse.SUPPRESS)
-    defaults = {a.dest: a.default for a in parser._actions}
     args = parser.parse_args()
+    given = given_options(parser, sys.argv[1:])
     if args.preset:
         settings, impls, orders, device, iters, warmup = PRESETS[args.preset]
         for key, value in (("settings", settings), ("impls", impls), ("orders", orders),
                            ("device", device), ("iters", iters), ("warmup", warmup)):
-            if getattr(args, key) == defaults[key]:
+            if key not in given:
                 setattr(args, key, value)
     args.device = args.device or "cpu"
     if args.backbone != "conv4":
@@ -293,7 +326,7 @@ def main() -> None:
         if args.data == "real":
             parser.error("--data real is Omniglot at 28x28: use it with --backbone conv4")
         args.data = "random"
-    if "hidden" in SPEC and (args.backbone == "conv4" or args.hidden != defaults["hidden"]):
+    if "hidden" in SPEC and (args.backbone == "conv4" or "hidden" in given):
         SPEC["hidden"] = args.hidden
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -347,23 +380,35 @@ def main() -> None:
                     == (r["impl"], r["order"], r["setting"])), key=lambda x: x["tasks_per_s"])
         if best not in results:
             results.append(best)
-    peak = "peak GPU MB (max_memory_allocated)" if "cuda" in args.device else "peak RSS MB"
+    cuda = "cuda" in args.device
+    peak = ("peak GPU MB (max_memory_allocated)" if cuda
+            else "peak RSS MB | peak tensor MB (PeakMemory)")
+    budget = f"meta-batch in {args.fit_gb:g} GB"
     print(f"\n| setting | order | implementation | tasks/s (best round) | s / meta-batch | {peak} "
-          "| vs learn2learn | memory vs learn2learn |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| vs learn2learn | tensor memory vs learn2learn | {budget} |")
+    print("|---" * (9 if cuda else 10) + "|")
     for r in results:
         ref = next((x for x in results if (x["order"], x["setting"]) == (r["order"], r["setting"])
                     and x["impl"] == "learn2learn"), None)
         ratio = f"{r['tasks_per_s'] / ref['tasks_per_s']:.2f}x" if ref else "-"
-        memory = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref else "-"
+        memory = f"{r['tensor_peak_mb'] / ref['tensor_peak_mb']:.2f}x" if ref else "-"
         name = r["impl"] + (f" (k={r['auto_chunk_size']})" if r.get("auto_chunk_size") else "")
+        peaks = f"{r['peak_mb']:.0f}" + ("" if cuda else f" | {r['tensor_peak_mb']:.0f}")
         print(f"| {r['setting']} | {r['order']} | {name} | {r['tasks_per_s']:.2f} | "
-              f"{r['seconds_per_meta_batch']:.2f} | {r['peak_mb']:.0f} | {ratio} | {memory} |")
+              f"{r['seconds_per_meta_batch']:.2f} | {peaks} | {ratio} | {memory} | "
+              f"{fits_in(args.fit_gb * 1000, r)} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"data": data, "threads": torch.get_num_threads(), "device": where,
                        "settings": args.settings, "grad_difference": difference,
                        "results": results, "runs": runs}, f, indent=2)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options named on the command line (a preset fills in the others, so an explicit
+    ``--warmup 1`` wins over a preset's 3 although 1 is also the default)."""
+    flags = {flag: a.dest for a in parser._actions for flag in a.option_strings}
+    return {flags[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in flags}
 
 
 def describe(spec: dict) -> str:

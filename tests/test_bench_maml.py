@@ -34,3 +34,24 @@ def test_real_omniglot_is_refused_for_an_84px_backbone():
     out = subprocess.run([sys.executable, str(SCRIPT), "--backbone", "resnet12", "--data", "real"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "use it with --backbone conv4" in out.stderr
+
+
+def test_a_preset_keeps_the_options_given_and_reports_tensor_memory_on_a_cpu(tmp_path):
+    """``--warmup 1`` is the parser's default too, but given, it beats the preset's 3. On a CPU
+    every run reports its peak tensor memory (PeakMemory), and the meta-batch that fits in the
+    budget where memory grows with the tasks (one vmap), not where it does not (the loop)."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "issue12", "--device", "cpu", "--hidden", "4",
+         "--iters", "1", "--warmup", "1", "--repeats", "1", "--settings", "2w1s1q:2",
+         "--orders", "2", "--threads", "1", "--impls", "sharebone-vmap,sharebone",
+         "--fit-gb", "1", "--data", "random", "--out", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 timed meta-batches after 1" in out.stdout
+    results = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    vmap, loop = results["sharebone-vmap"], results["sharebone"]
+    assert vmap["grows_with_meta_batch"] and not loop["grows_with_meta_batch"]
+    assert 0 < loop["tensor_peak_mb"] < vmap["tensor_peak_mb"]  # two tasks' graphs at once
+    fits = int(1000 // (vmap["tensor_peak_mb"] / 2))
+    assert f"| ~{fits} |" in out.stdout and "| sharebone | " in out.stdout
+    assert out.stdout.rstrip().endswith("| any |")  # the loop's row, last

@@ -180,7 +180,7 @@ def test_a_vmapped_task_holds_about_the_memory_of_a_looped_one(name):
     def peak_bytes(**options):
         torch.manual_seed(0)
         model = PRESETS[name](spec, n_way=5, inner_lr=0.1, **options)
-        model.episode_loss(episode)[0].backward()  # once before, so one-time allocations do not count
+        model.episode_loss(episode)[0].backward()  # once first: one-time allocations
         with PeakMemory() as peak:
             model.episode_loss(episode)[0].backward()
         return peak.bytes

@@ -41,10 +41,10 @@ from sharebone.adaptation import (
     use_batch_statistics_,
 )
 from sharebone.data.episodes import Episode
+from sharebone.memory import PeakMemory
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
 from sharebone.models.timm_backbone import plain_batch_norms_
-from sharebone.memory import PeakMemory
 from sharebone.precision import check_autocast, check_bf16_supported
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
