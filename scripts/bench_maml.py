@@ -199,17 +199,19 @@ def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup
     seconds = time.perf_counter() - started
     peak = rss_mb("VmHWM") if reset_peak else float("nan")
     device_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else float("nan")
-    # Off CUDA, one more meta-batch under PeakMemory (the profiler's allocation records, too
+    # On a CPU, one more meta-batch under PeakMemory (the profiler's allocation records, too
     # slow to time): the tensor memory a GPU would count, which RSS hides under the allocator.
-    if not cuda:
+    tensor_peak = device_peak
+    if torch.device(device).type == "cpu":
         from sharebone.memory import PeakMemory
 
         with PeakMemory(device) as tensors:
             step(batches[-1])
+        tensor_peak = tensors.bytes / 2**20
     chunk = vars(model).get("auto_chunk_size") if options is not None else None
     return {"impl": impl, "order": order, "setting": setting_name(meta_batch),
             "device": device, "peak_mb": device_peak if cuda else peak, "auto_chunk_size": chunk,
-            "tensor_peak_mb": device_peak if cuda else tensors.bytes / 2**20,
+            "tensor_peak_mb": tensor_peak,
             "grows_with_meta_batch": grows_with_meta_batch(impl),
             "tasks_per_s": iters * meta_batch / seconds,
             "seconds_per_meta_batch": seconds / iters, "peak_rss_mb": peak,

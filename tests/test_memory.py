@@ -140,6 +140,8 @@ def test_peak_memory_of_a_backward_pass_counts_the_saved_activations():
     assert kept.bytes >= 8 * MiB and plain.bytes <= 3 * MiB
 
 
-def test_peak_memory_refuses_a_reading_before_it_started():
+def test_peak_memory_refuses_a_reading_before_it_started_and_devices_it_cannot_read():
     with pytest.raises(RuntimeError, match="before start"):
         PeakMemory("cpu").bytes_used()
+    with pytest.raises(ValueError, match="cpu and cuda devices, got mps"):
+        PeakMemory("mps")
