@@ -30,7 +30,7 @@ bracketed by ``torch.cuda.synchronize`` and peak memory is ``torch.cuda.max_memo
 more meta-batch runs under :class:`sharebone.memory.PeakMemory` after the timed ones: its peak
 tensor memory (``tensor_peak_mb``) is what a GPU's ``max_memory_allocated`` counts, without
 the allocator and interpreter that RSS includes, so the memory ratios to learn2learn and the
-largest meta-batch that fits in ``--fit-gb`` (16 GB) can be read on a CPU too.
+largest meta-batch that fits in ``--fit-gb`` (16 GiB) can be read on a CPU too.
 ``--preset issue12`` is issue 12's table: 5w1s15q at meta-batch 32 and 20w1s5q at meta-batch 16,
 orders 2 and 1, learn2learn against vmap, chunked vmap (4/8/16) and the loop, 10 timed
 meta-batches after 3 of warm-up, on CUDA unless ``--device`` says otherwise::
@@ -311,7 +311,7 @@ def main() -> None:
                         help="conv4 (28x28x1), conv4_84 (MAML's miniImageNet net, 84x84x3) or "
                              "resnet12 (84x84x3); random images for all but conv4")
     parser.add_argument("--fit-gb", type=float, default=16.0,
-                        help="memory budget of the table's last column (issue 12: 16 GB)")
+                        help="memory budget of the table's last column, GiB (issue 12: 16)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "ORDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     given = given_options(parser, sys.argv[1:])
@@ -385,7 +385,7 @@ def main() -> None:
     cuda = "cuda" in args.device
     peak = ("peak GPU MB (max_memory_allocated)" if cuda
             else "peak RSS MB | peak tensor MB (PeakMemory)")
-    budget = f"meta-batch in {args.fit_gb:g} GB"
+    budget = f"meta-batch in {args.fit_gb:g} GiB"
     print(f"\n| setting | order | implementation | tasks/s (best round) | s / meta-batch | {peak} "
           f"| vs learn2learn | tensor memory vs learn2learn | {budget} |")
     print("|---" * (9 if cuda else 10) + "|")
@@ -398,7 +398,7 @@ def main() -> None:
         peaks = f"{r['peak_mb']:.0f}" + ("" if cuda else f" | {r['tensor_peak_mb']:.0f}")
         print(f"| {r['setting']} | {r['order']} | {name} | {r['tasks_per_s']:.2f} | "
               f"{r['seconds_per_meta_batch']:.2f} | {peaks} | {ratio} | {memory} | "
-              f"{fits_in(args.fit_gb * 1000, r)} |")
+              f"{fits_in(args.fit_gb * 1024, r)} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"data": data, "threads": torch.get_num_threads(), "device": where,

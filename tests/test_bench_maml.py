@@ -52,6 +52,6 @@ def test_a_preset_keeps_the_options_given_and_reports_tensor_memory_on_a_cpu(tmp
     vmap, loop = results["sharebone-vmap"], results["sharebone"]
     assert vmap["grows_with_meta_batch"] and not loop["grows_with_meta_batch"]
     assert 0 < loop["tensor_peak_mb"] < vmap["tensor_peak_mb"]  # two tasks' graphs at once
-    fits = int(1000 // (vmap["tensor_peak_mb"] / 2))
+    fits = int(1024 // (vmap["tensor_peak_mb"] / 2))  # --fit-gb 1: 1 GiB
     assert f"| ~{fits} |" in out.stdout and "| sharebone | " in out.stdout
     assert out.stdout.rstrip().endswith("| any |")  # the loop's row, last
