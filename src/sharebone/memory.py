@@ -1,4 +1,5 @@
-"""Keep the memory freed between tasks in the process (CPU runs on Linux/glibc).
+"""Memory: keep what tasks free in the process (CPU runs on Linux/glibc), huge pages for
+episodes, and the peak a step allocates.
 
 Meta-training allocates and frees the same large activation buffers for every task of every
 meta-batch. With its default settings glibc's ``malloc`` gives big freed blocks back to the
@@ -14,7 +15,7 @@ sampler's output (68 MB per meta-batch of 32 5-way 5-shot 15-query 84x84x3 episo
 first-touching it 4 KiB page by page costs more than copying the images into it, and asking
 for transparent huge pages (``madvise(MADV_HUGEPAGE)``, 2 MiB pages) removes most of that.
 
-:class:`PeakMemory` measures what a block of code allocates at its peak, on any device: what
+:class:`PeakMemory` measures what a block of code allocates at its peak, on a CPU or a GPU: what
 ``vmap_chunk_size: auto`` sizes chunks from on a GPU, and how ``scripts/bench_maml.py`` compares
 implementations' memory on a CPU as a GPU would count it (tensor bytes, not the process's RSS).
 """
@@ -102,7 +103,7 @@ class PeakMemory:
     nor the interpreter shows in it), deterministic for the same work, and with the profiler's
     overhead, so measure a step of its own rather than a timed one. For vmapped MAML on a conv4
     it came within 3% of an H200's ``max_memory_allocated``; a GPU adds a fixed cost it cannot
-    see (cuDNN's workspace presumably, ~75 MiB there).
+    see (cuDNN's workspace presumably, 75-95 MiB there).
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
