@@ -7,7 +7,7 @@ while the device works on this one, and the loop runs at launch speed plus compu
 instead of the slower of the two. :class:`HostSyncs` finds those reads on any device (a CPU
 too, where they cost nothing yet), with the line of code that made each one:
 
-    sharebone-train ... +callbacks.host_syncs._target_=sharebone.syncs.HostSyncs
+    sharebone-train ... callbacks=[default,host_syncs]
 
 logs, at the end of training, how many reads each line made per training step. CUDA's own
 check (``torch.cuda.set_sync_debug_mode``) sees only a GPU and only some operations.
