@@ -210,6 +210,7 @@ def worker(impl: str, order: int, data: str, meta_batch: int, iters: int, warmup
         tensor_peak = tensors.bytes / 2**20
     chunk = vars(model).get("auto_chunk_size") if options is not None else None
     return {"impl": impl, "order": order, "setting": setting_name(meta_batch),
+            "meta_batch": meta_batch,
             "device": device, "peak_mb": device_peak if cuda else peak, "auto_chunk_size": chunk,
             "tensor_peak_mb": tensor_peak,
             "grows_with_meta_batch": grows_with_meta_batch(impl),
@@ -233,8 +234,7 @@ def fits_in(budget_mb: float, r: dict) -> str:
     bound); ``any`` where memory does not grow with the meta-batch."""
     if not r["grows_with_meta_batch"]:
         return "any"
-    meta_batch = int(r["setting"].split(":")[1])
-    return f"~{int(budget_mb // (r['tensor_peak_mb'] / meta_batch))}"
+    return f"~{int(budget_mb // (r['tensor_peak_mb'] / r['meta_batch']))}"
 
 
 def rss_mb(field: str) -> float:
@@ -382,7 +382,7 @@ def main() -> None:
                     == (r["impl"], r["order"], r["setting"])), key=lambda x: x["tasks_per_s"])
         if best not in results:
             results.append(best)
-    cuda = "cuda" in args.device
+    cuda = torch.device(args.device).type == "cuda"
     peak = ("peak GPU MB (max_memory_allocated)" if cuda
             else "peak RSS MB | peak tensor MB (PeakMemory)")
     budget = f"meta-batch in {args.fit_gb:g} GiB"
