@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from sharebone.errors import SettingError
+
 __all__ = ["Params", "PerStepBatchNorm", "TransductiveBatchNorm", "accumulate_meta_gradients",
            "adapt", "check_inner_loop", "dict_key", "sgd_step", "use_batch_statistics_"]
 
@@ -48,9 +50,9 @@ def check_inner_loop(inner_steps: int, inner_lr: float, training: bool = True) -
     if isinstance(inner_steps, bool) or int(inner_steps) != inner_steps or inner_steps < low:
         hint = (" Meta-training needs at least one adaptation step; to evaluate without "
                 "adaptation set test_inner_steps=0 instead.") if training else ""
-        raise ValueError(f"inner_steps must be an integer >= {low}, got {inner_steps!r}.{hint}")
+        raise SettingError(f"inner_steps must be an integer >= {low}, got {inner_steps!r}.{hint}")
     if not inner_lr > 0:  # also rejects NaN
-        raise ValueError(
+        raise SettingError(
             f"inner_lr must be > 0, got {inner_lr!r}: it is the step size of gradient descent "
             "on the support loss (for Meta-SGD the initial value of every learned step size). "
             "MAML used 0.4 (Omniglot 5-way) and 0.01 (sinusoid).")
@@ -132,11 +134,11 @@ def adapt(support_loss: SupportLoss, params: Params, steps: int,
         True
     """
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
+        raise SettingError(f"steps must be >= 0, got {steps}.")
     if checkpoint and functional:
-        raise ValueError("checkpoint=True cannot be combined with functional=True: "
-                         "torch.func.grad does not support the saved-tensor hooks that "
-                         "torch.utils.checkpoint runs on.")
+        raise SettingError("checkpoint=True cannot be combined with functional=True: "
+                           "torch.func.grad does not support the saved-tensor hooks that "
+                           "torch.utils.checkpoint runs on.")
     create_graph = not first_order
     grads_of = _grads_func if functional else _grads_autograd
 
@@ -204,7 +206,7 @@ def accumulate_meta_gradients(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]
         outputs.append(part_outputs.detach())
         seen += size
     if seen != num_tasks:
-        raise ValueError(f"The parts held {seen} tasks, but num_tasks={num_tasks}.")
+        raise SettingError(f"The parts held {seen} tasks, but num_tasks={num_tasks}.")
     value = torch.stack(losses).sum() / num_tasks
     carrier = sum(((p * g).sum() for p, g in zip(params, meta_grads, strict=True)
                    if g is not None), value.new_zeros(()))
@@ -299,7 +301,7 @@ def use_batch_statistics_(module: torch.nn.Module) -> torch.nn.Module:
             if type(child).forward is not torch.nn.modules.batchnorm._BatchNorm.forward:
                 # A module given by a user may fuse more into its norm (timm's BatchNormAct2d
                 # adds an activation): replacing it would silently drop that.
-                raise ValueError(
+                raise SettingError(
                     f"{type(child).__name__} ({name!r}) is a batch norm with a forward of its "
                     "own, which MAML's batch-statistics norm would replace, dropping whatever "
                     "else it computes. Split it into nn.BatchNorm2d plus the rest (as "

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sharebone.errors import SettingError
+
 __all__ = ["LayerGroup", "format_layer_table", "layer_activations", "layer_change",
            "layer_groups", "linear_cka", "plot_layer_change"]
 
@@ -138,7 +140,7 @@ def layer_change(before: nn.Module, after: nn.Module,
     """
     groups_before, groups_after = layer_groups(before), layer_groups(after)
     if [g.name for g in groups_before] != [g.name for g in groups_after]:
-        raise ValueError("The two backbones have different layers; compare one architecture.")
+        raise SettingError("The two backbones have different layers; compare one architecture.")
     acts_before = layer_activations(before, inputs, groups_before) if inputs is not None else None
     acts_after = layer_activations(after, inputs, groups_after) if inputs is not None else None
     rows: list[dict[str, float | str | int]] = []

@@ -26,6 +26,7 @@ from sharebone.checks import check_count
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.families import build_family
 from sharebone.data.multitask import TaskBatchDataModule, TaskSet, class_tasks, held_out_split
+from sharebone.errors import SettingError
 from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_episodes
 from sharebone.regimes import REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone
@@ -46,11 +47,14 @@ class RunParts:
 
 @contextmanager
 def setting(key: str) -> Iterator[None]:
-    """Name the config key in any ``ValueError`` raised while building from it."""
+    """Name the config key in any ``ValueError`` raised while building from it (unless the
+    message already names a key below it)."""
     try:
         yield
     except ValueError as err:
-        raise ValueError(f"{key}: {err}") from err
+        if str(err).startswith(f"{key}."):
+            raise
+        raise SettingError(f"{key}: {err}") from err
 
 
 def regime_class(spec: DictConfig) -> type[FewShotRegime]:
@@ -67,14 +71,15 @@ def build_run(cfg: DictConfig) -> RunParts:
     family = build_family(cfg.task.family)
     trains_on = regime_class(cfg.regime).trains_on
     if trains_on not in TRAINING_DATA:
-        raise ValueError(f"Regime {cfg.regime.get('name')} trains on {trains_on!r}, which "
-                         f"sharebone cannot build (known: {sorted(TRAINING_DATA)}).")
+        raise SettingError(f"Regime {cfg.regime.get('name')} trains on {trains_on!r}, which "
+                           f"sharebone cannot build (known: {sorted(TRAINING_DATA)}).")
     datamodule, from_data = TRAINING_DATA[trains_on](cfg, family)
     t = cfg.test
     with setting("test"):
         check_count("episodes", t.episodes)
         batch_size_for(t.batch_size, "cpu")  # "auto" or a count
-        tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed)
+        tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed,
+                             prefix="test.")
     regime = instantiate(cfg.regime, **from_data, _convert_="all")
     regime.optimizer_factory = partial_from(cfg, "optimizer")
     regime.scheduler_factory = partial_from(cfg, "scheduler")
@@ -87,9 +92,9 @@ def partial_from(cfg: DictConfig, key: str) -> Callable[..., Any] | None:
     if not spec:
         return None
     if not spec.get("_partial_"):
-        raise ValueError(f"{key}: set _partial_: true (the regime hands the {key} its "
-                         f"{'parameters' if key == 'optimizer' else 'optimizer'}), e.g. "
-                         f"configs/{key}/*.yaml.")
+        raise SettingError(f"{key}: set _partial_: true (the regime hands the {key} its "
+                           f"{'parameters' if key == 'optimizer' else 'optimizer'}), e.g. "
+                           f"configs/{key}/*.yaml.")
     return instantiate(spec)
 
 
@@ -98,8 +103,8 @@ def check_world_size(datamodule: pl.LightningDataModule, world_size: int) -> Non
     knows its world size, before any process is started."""
     size = getattr(datamodule, "meta_batch_size", 1)
     if world_size > 1 and size % world_size:
-        raise ValueError(f"sampler.meta_batch_size={size} does not split evenly across "
-                         f"{world_size} processes; make it a multiple of {world_size}.")
+        raise SettingError(f"sampler.meta_batch_size={size} does not split evenly across "
+                           f"{world_size} processes; make it a multiple of {world_size}.")
 
 
 # -- training data, by what the regime trains on -------------------------------------------
@@ -131,7 +136,7 @@ def check_meta_batch_memory(datamodule: EpisodicDataModule, family: Any,
     needed = 4 * per_task * datamodule.meta_batch_size
     available = available if available is not None else physical_memory()
     if available and needed > available:
-        raise ValueError(
+        raise SettingError(
             f"sampler.meta_batch_size={datamodule.meta_batch_size}: one meta-batch of "
             f"{setting_['n_way']}-way {setting_['k_shot']}-shot {setting_['q_query']}-query "
             f"episodes is {needed / 2**30:.1f} GiB of float32 inputs alone, more than this "
@@ -164,7 +169,7 @@ def _task_batches(cfg: DictConfig, family: Any, data: TaskSet,
 def tasks(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict[str, Any]]:
     """The family's training tasks, task-balanced batches, one head per task (multitask)."""
     if not hasattr(family, "tasks"):
-        raise ValueError(
+        raise SettingError(
             f"Task family {type(family).__name__} does not split its training data into "
             "tasks (no .tasks()); multitask needs one that does, e.g. task=omniglot_alphabets "
             "or task=synthetic_regression. To train one head on all classes use "
@@ -204,8 +209,8 @@ def new_task(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict
 def _num_classes(cfg: DictConfig, found: int, where: str) -> int:
     configured = cfg.regime.get("num_classes")
     if configured is not None and int(configured) != found:
-        raise ValueError(f"regime.num_classes={configured} but {where} has {found} classes; "
-                         "set regime.num_classes=null to take it from the data.")
+        raise SettingError(f"regime.num_classes={configured} but {where} has {found} classes; "
+                           "set regime.num_classes=null to take it from the data.")
     return found
 
 

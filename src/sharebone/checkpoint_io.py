@@ -22,10 +22,11 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from sharebone.errors import ShareboneError
 from sharebone.files import atomic_write
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ShareboneError, RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from sharebone.errors import SettingError
+
 __all__ = ["HEADROOM", "auto_chunk_size", "chunk_slices", "free_device_bytes"]
 
 #: Share of the free memory the chunks of ``vmap_chunk_size: auto`` may fill.
@@ -40,7 +42,7 @@ def chunk_slices(num_tasks: int, size: int) -> list[slice]:
         [(0, 4), (4, 8), (8, 10)]
     """
     if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}.")
+        raise SettingError(f"chunk size must be >= 1, got {size}.")
     return [slice(start, min(start + size, num_tasks)) for start in range(0, num_tasks, size)]
 
 
@@ -56,7 +58,7 @@ def auto_chunk_size(free_bytes: int, bytes_per_task: int, num_tasks: int,
         (32, 1)
     """
     if num_tasks < 1:
-        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+        raise SettingError(f"num_tasks must be >= 1, got {num_tasks}.")
     if bytes_per_task <= 0:
         return num_tasks
     fit = math.floor(headroom * max(free_bytes, 0) / bytes_per_task)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sharebone import suggest
 from sharebone.config import CONFIG_DIR
+from sharebone.errors import reported
 from sharebone.ranks import handed_config
 from sharebone.run_dir import restore_overrides
 
@@ -25,8 +26,9 @@ def train_app(cfg: DictConfig) -> float | None:
     """One training run; returns what a Hydra sweeper optimises (see ``objective``)."""
     from sharebone.train import check_objective, objective, run
 
-    check_objective(cfg)
-    return objective(cfg, run(cfg))
+    with reported("sharebone-train"):
+        check_objective(cfg)
+        return objective(cfg, run(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
@@ -34,7 +36,8 @@ def eval_app(cfg: DictConfig) -> None:
     """Score one checkpoint (see :mod:`sharebone.eval`)."""
     from sharebone.eval import run
 
-    run(cfg)
+    with reported("sharebone-eval"):
+        run(cfg)
 
 
 def train() -> float | None:
@@ -45,7 +48,8 @@ def train() -> float | None:
         from sharebone.train import run
 
         logging.basicConfig(level=logging.INFO)
-        run(OmegaConf.load(handed))
+        with reported("sharebone-train"):
+            run(OmegaConf.load(handed))
         sys.exit(0)
     sys.argv = restore_overrides(sys.argv)
     with suggest.on_failure(sys.argv[1:], "train"):

@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 
 from sharebone import tracking
 from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,12 @@ def user_tags(cfg: Mapping[str, Any]) -> list[str]:
     if isinstance(tags, str):  # tags=baseline: one tag
         tags = [tags]
     if not isinstance(tags, Sequence):
-        raise ValueError(f"tags must be a list of words, e.g. tags=[baseline,lr_sweep]; "
-                         f"got {tags!r}.")
+        raise SettingError(f"tags must be a list of words, e.g. tags=[baseline,lr_sweep]; "
+                           f"got {tags!r}.")
     for tag in tags:
         if not isinstance(tag, str | int | float) or not str(tag).strip() or len(str(tag)) > 64:
-            raise ValueError(f"tags: {tag!r} is not a tag (a non-empty word of at most 64 "
-                             "characters), e.g. tags=[baseline,lr_sweep].")
+            raise SettingError(f"tags: {tag!r} is not a tag (a non-empty word of at most 64 "
+                               "characters), e.g. tags=[baseline,lr_sweep].")
     return [str(t) for t in tags]
 
 

@@ -24,6 +24,7 @@ from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, registered_families
+from sharebone.errors import SettingError
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
 from sharebone.evaluation.report import write_results
@@ -164,9 +165,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = load_regime(ckpt, backbone=backbone)
     if cfg.get("inner_steps") is not None:
         if "test_inner_steps" not in model.hparams:
-            raise ValueError(f"inner_steps={cfg.inner_steps} applies to gradient-based regimes "
-                             f"(maml, fomaml, anil, metasgd); {model.regime_name} has no inner "
-                             "loop. Drop the override.")
+            raise SettingError(f"inner_steps={cfg.inner_steps} applies to gradient-based regimes "
+                               f"(maml, fomaml, anil, metasgd); {model.regime_name} has no inner "
+                               "loop. Drop the override.")
         check_inner_loop(cfg.inner_steps, model.hparams.inner_lr, training=False)
         model.hparams.test_inner_steps = int(cfg.inner_steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"

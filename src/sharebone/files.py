@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from sharebone.errors import SettingError
+
 #: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in the target's own
 #: suffix, so no search for ``*.ckpt``, ``*.zip`` or ``*.pt`` can mistake a half-written file
 #: for a finished one.
@@ -63,7 +65,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb",
             json.dump(results, f)
     """
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write writes a whole new file: mode 'w' or 'wb', got {mode!r}")
+        raise SettingError(f"atomic_write writes a whole new file: mode 'w' or 'wb', got {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)

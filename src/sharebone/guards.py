@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from sharebone.cadence import logs_this_step, reads_are_free
+from sharebone.errors import SettingError, ShareboneError
 
 #: What to do when the training loss is NaN or infinite.
 ON_NONFINITE = ("stop", "warn", "ignore")
@@ -18,7 +19,7 @@ ON_NONFINITE = ("stop", "warn", "ignore")
 NONFINITE_CHECKS = {"step": False, "logging": True, "auto": None}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ShareboneError, FloatingPointError):
     """The training loss went NaN or infinite; the message says where and what to try."""
 
 
@@ -41,10 +42,10 @@ class NonFiniteLoss(pl.Callback):
 
     def __init__(self, action: str = "stop", check: str = "auto") -> None:
         if action not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite_loss must be one of {ON_NONFINITE}, got {action!r}.")
+            raise SettingError(f"on_nonfinite_loss must be one of {ON_NONFINITE}, got {action!r}.")
         if check not in NONFINITE_CHECKS:
-            raise ValueError(f"nonfinite_check must be one of {tuple(NONFINITE_CHECKS)}, got "
-                             f"{check!r}.")
+            raise SettingError(f"nonfinite_check must be one of {tuple(NONFINITE_CHECKS)}, got "
+                               f"{check!r}.")
         self.action = action
         self.deferred = NONFINITE_CHECKS[check]
         self._warned = False

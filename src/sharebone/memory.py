@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from sharebone.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PeakMemory", "empty_huge", "keep_freed_memory"]
@@ -109,8 +111,8 @@ class PeakMemory:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"PeakMemory measures cpu and cuda devices, got {self.device}: "
-                             "read that device's own allocator statistics instead.")
+            raise SettingError(f"PeakMemory measures cpu and cuda devices, got {self.device}: "
+                               "read that device's own allocator statistics instead.")
         self.base, self.bytes = 0, 0
         self._profiler = None
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from sharebone.errors import SettingError
+
 __all__ = ["check_autocast", "check_bf16_supported", "set_float32_matmul_precision"]
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -66,7 +68,7 @@ def set_float32_matmul_precision(value: str | None, cuda: bool | None = None) ->
             return None
         value = "high"
     if value not in MATMUL_PRECISIONS:
-        raise ValueError(f"float32_matmul_precision must be auto, null or one of "
-                         f"{MATMUL_PRECISIONS}, got {value!r}.")
+        raise SettingError(f"float32_matmul_precision must be auto, null or one of "
+                           f"{MATMUL_PRECISIONS}, got {value!r}.")
     torch.set_float32_matmul_precision(value)
     return value

@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.progress import ProgressBar
 
 from sharebone.cadence import logs_this_step
+from sharebone.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def progress_bar(style: str = "tqdm", refresh_rate: int = 1, every_seconds: floa
     """The ``style`` bar (``rich`` or ``tqdm``) when ``stream`` (stdout) is a terminal, else
     :class:`LineProgressBar` logging a line every ``every_seconds``."""
     if style not in STYLES:
-        raise ValueError(f"progress bar style must be one of {STYLES}, got {style!r}.")
+        raise SettingError(f"progress bar style must be one of {STYLES}, got {style!r}.")
     stream = stream or sys.stdout
     if not stream.isatty():
         return LineProgressBar(every_seconds)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sharebone.errors import ShareboneError
+
 LOCK_NAME = ".sharebone.lock"
 #: What must be equal for a resumed run to be the same run (everything else, e.g. the
 #: trainer's epochs or the test settings, may change on resume).
@@ -21,7 +23,7 @@ SAME_RUN_KEYS = ("task", "backbone", "regime")
 LOCATION_KEYS = ("data_dir", "cache_dir", "download")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(ShareboneError, RuntimeError):
     """A run directory that cannot be used as asked; the message says why and what to do."""
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sharebone.errors import SettingError
+
 __all__ = ["CLASSIFICATION", "LOSSES", "REGRESSION", "TaskKind", "accuracy", "squared_error",
            "task_kind"]
 
@@ -39,9 +41,9 @@ Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _class_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"Classification labels must have the logits' shape without the class "
-                         f"dimension: logits {tuple(logits.shape)} need labels "
-                         f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}.")
+        raise SettingError(f"Classification labels must have the logits' shape without the class "
+                           f"dimension: logits {tuple(logits.shape)} need labels "
+                           f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}.")
     return labels
 
 
@@ -51,10 +53,10 @@ def _targets(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.shape == predictions.shape[:-1] and predictions.shape[-1:] == (1,):
         targets = targets.unsqueeze(-1)
     if targets.shape != predictions.shape:
-        raise ValueError(f"Regression targets must have the predictions' shape (one output per "
-                         f"example: [..., M, 1]), or that shape without its last dimension: "
-                         f"predictions {tuple(predictions.shape)}, targets "
-                         f"{tuple(targets.shape)}.")
+        raise SettingError(f"Regression targets must have the predictions' shape (one output per "
+                           f"example: [..., M, 1]), or that shape without its last dimension: "
+                           f"predictions {tuple(predictions.shape)}, targets "
+                           f"{tuple(targets.shape)}.")
     return targets.to(predictions.dtype)
 
 
@@ -118,6 +120,6 @@ def task_kind(loss: str) -> TaskKind:
     try:
         return _KINDS[loss]
     except (KeyError, TypeError):
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}: 'cross_entropy' for "
-                         "classification (scored by accuracy), 'mse' for regression (scored by "
-                         "mean squared error).") from None
+        raise SettingError(f"loss must be one of {LOSSES}, got {loss!r}: 'cross_entropy' for "
+                           "classification (scored by accuracy), 'mse' for regression (scored by "
+                           "mean squared error).") from None

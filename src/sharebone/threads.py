@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from sharebone.errors import SettingError
+
 #: Below this many parameters a model trains on one thread (``threads: auto``).
 SMALL_MODEL = 100_000
 
@@ -30,6 +32,6 @@ def choose_threads(setting: Any, model: torch.nn.Module) -> int:
             torch.set_num_threads(1)
         return torch.get_num_threads()
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ValueError(f"threads must be 'auto' or an integer >= 1, got {setting!r}.")
+        raise SettingError(f"threads must be 'auto' or an integer >= 1, got {setting!r}.")
     torch.set_num_threads(setting)
     return setting

@@ -33,6 +33,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
+from sharebone.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 
@@ -536,9 +538,9 @@ def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - {"wandb", "csv", "tensorboard"})
     if unknown:
-        raise ValueError(f"logger: unknown logger(s) {unknown}; sharebone knows wandb, csv and "
-                         "tensorboard (logger=wandb|csv|tensorboard|many|none, or a list: "
-                         "logger=[csv,tensorboard]).")
+        raise SettingError(f"logger: unknown logger(s) {unknown}; sharebone knows wandb, csv and "
+                           "tensorboard (logger=wandb|csv|tensorboard|many|none, or a list: "
+                           "logger=[csv,tensorboard]).")
     loggers: list[Logger] = []
     if resume and resume_id is None:
         resume_id = wandb_run_id(output_dir)

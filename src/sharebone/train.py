@@ -40,6 +40,7 @@ from sharebone.checkpoint_io import (
     resume_checkpoint,
 )
 from sharebone.config import escape_interpolations
+from sharebone.errors import SettingError, UnknownNameError
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
@@ -111,12 +112,12 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
         entries.get("model_checkpoint") or OmegaConf.create({}), resolve=True).items()
         if v is not None}
     if set(tuned) - {"monitor", "mode"}:
-        raise ValueError(f"callbacks.model_checkpoint takes monitor and mode only, not "
-                         f"{sorted(set(tuned) - {'monitor', 'mode'})}: sharebone writes "
-                         "checkpoints/best.ckpt and last.ckpt itself (resume, the test and "
-                         "sharebone-eval read them); checkpoint.every_n_train_steps sets how "
-                         "often last.ckpt is written. Another ModelCheckpoint can be added as "
-                         "+callbacks.<name>._target_=pytorch_lightning.callbacks.ModelCheckpoint.")
+        raise SettingError(f"callbacks.model_checkpoint takes monitor and mode only, not "
+                           f"{sorted(set(tuned) - {'monitor', 'mode'})}: sharebone writes "
+                           "checkpoints/best.ckpt and last.ckpt itself (resume, the test and "
+                           "sharebone-eval read them); checkpoint.every_n_train_steps sets how "
+                           "often last.ckpt is written. Another ModelCheckpoint can be added as "
+                           "+callbacks.<name>._target_=pytorch_lightning.callbacks.ModelCheckpoint.")
     score = f"val/{model.metric_name}"
     monitor = tuned.get("monitor", score)
     mode = tuned.get("mode", monitor_mode(model, monitor))
@@ -139,9 +140,9 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
         if spec is None or name == "model_checkpoint":
             continue
         if "_target_" not in spec:
-            raise ValueError(f"callbacks.{name} has no _target_ (the class to make). Add it: "
-                             f"+callbacks.{name}._target_=<module.Class>, or drop the entry: "
-                             f"~callbacks.{name}.")
+            raise SettingError(f"callbacks.{name} has no _target_ (the class to make). Add it: "
+                               f"+callbacks.{name}._target_=<module.Class>, or drop the entry: "
+                               f"~callbacks.{name}.")
         if "monitor" in spec and spec.get("monitor") is None:
             spec = OmegaConf.merge(spec, {"monitor": score, "mode": spec.get("mode")
                                           or monitor_mode(model, score)})
@@ -195,19 +196,19 @@ def check_switches(cfg: DictConfig) -> None:
     """``train``/``test.enabled``/``ckpt_path``/``resume`` make sense together."""
     train, test = cfg.get("train", True), (cfg.get("test") or {}).get("enabled", True)
     if not isinstance(train, bool) or not isinstance(test, bool):
-        raise ValueError(f"train and test.enabled are true or false; got train={train!r}, "
-                         f"test.enabled={test!r}.")
+        raise SettingError(f"train and test.enabled are true or false; got train={train!r}, "
+                           f"test.enabled={test!r}.")
     if train and cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path= names a checkpoint to test without training (train=false "
-                         "ckpt_path=...); to continue training a run, use resume=<run dir>.")
+        raise SettingError("ckpt_path= names a checkpoint to test without training (train=false "
+                           "ckpt_path=...); to continue training a run, use resume=<run dir>.")
     if not train and not test:
-        raise ValueError("train=false test.enabled=false leaves nothing to do: drop one.")
+        raise SettingError("train=false test.enabled=false leaves nothing to do: drop one.")
     if not train and not cfg.get("ckpt_path"):
-        raise ValueError("train=false tests a checkpoint: pass ckpt_path=<file.ckpt or run "
-                         "dir>. (sharebone-eval ckpt=... scores one on its own settings.)")
+        raise SettingError("train=false tests a checkpoint: pass ckpt_path=<file.ckpt or run "
+                           "dir>. (sharebone-eval ckpt=... scores one on its own settings.)")
     if not train and cfg.get("resume"):
-        raise ValueError("resume= continues training; with train=false name the checkpoint to "
-                         "test as ckpt_path=.")
+        raise SettingError("resume= continues training; with train=false name the checkpoint to "
+                           "test as ckpt_path=.")
 
 
 def score_checkpoint(cfg: DictConfig) -> dict[str, float]:
@@ -414,9 +415,9 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     key = cfg.get("objective")
     if key:
         if key not in metrics:
-            raise KeyError(f"objective={key} is not among this run's metrics "
-                           f"({', '.join(sorted(metrics))}); set objective= to one of the "
-                           "val/ ones.")
+            raise UnknownNameError(f"objective={key} is not among this run's metrics "
+                                   f"({', '.join(sorted(metrics))}); set objective= to one of the "
+                                   "val/ ones.")
         return metrics[key]
     return next((v for k, v in metrics.items() if k.startswith("val/")),
                 next((v for k, v in metrics.items()
@@ -427,8 +428,8 @@ def check_objective(cfg: DictConfig) -> None:
     """A sweeper must not tune on the test episodes: they are the final, untouched comparison."""
     key = str(cfg.get("objective") or "")
     if key.startswith("test/"):
-        raise ValueError(f"objective={key} would tune on the test episodes; pick a validation "
-                         "metric (objective=val/acc, or val/mse for regression).")
+        raise SettingError(f"objective={key} would tune on the test episodes; pick a validation "
+                           "metric (objective=val/acc, or val/mse for regression).")
 
 
 if __name__ == "__main__":  # python -m sharebone.train: the console script's app

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharebone.errors import SettingError
 from sharebone.models.registry import Registry
 
 WEIGHTINGS: Registry[type[Weighting]] = Registry("weighting")
@@ -65,7 +66,7 @@ class Weighting(nn.Module):
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         if num_tasks < 1:
-            raise ValueError(f"A weighting needs at least one task, got num_tasks={num_tasks}.")
+            raise SettingError(f"A weighting needs at least one task, got num_tasks={num_tasks}.")
         self.num_tasks = num_tasks
 
     def forward(self, losses: torch.Tensor, gramian: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +151,7 @@ class DynamicWeightAverage(Weighting):
     def __init__(self, num_tasks: int, temperature: float = 2.0, period: int = 0) -> None:
         super().__init__(num_tasks)
         if temperature <= 0:
-            raise ValueError(f"DWA temperature must be > 0, got {temperature}.")
+            raise SettingError(f"DWA temperature must be > 0, got {temperature}.")
         self.temperature, self.period = float(temperature), int(period)
         self.register_buffer("running", torch.zeros(num_tasks))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
@@ -200,7 +201,7 @@ class GradNorm(Weighting):
 
     def forward(self, losses: torch.Tensor, gramian: torch.Tensor | None = None) -> torch.Tensor:
         if gramian is None:
-            raise ValueError("GradNorm needs the task-gradient Gramian.")
+            raise SettingError("GradNorm needs the task-gradient Gramian.")
         losses = losses.detach().to(self.weights)
         if bool(torch.isnan(self.initial_losses).any()):
             self.initial_losses.copy_(losses)
@@ -233,7 +234,7 @@ class GramianAggregation(Weighting):
 
     def forward(self, losses: torch.Tensor, gramian: torch.Tensor | None = None) -> torch.Tensor:
         if gramian is None:
-            raise ValueError(f"{type(self).__name__} needs the task-gradient Gramian.")
+            raise SettingError(f"{type(self).__name__} needs the task-gradient Gramian.")
         return self.gramian_weighting(gramian.detach()).to(losses)
 
 

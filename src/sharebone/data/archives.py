@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from sharebone.errors import ShareboneError
 from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ _CHUNK = 1 << 20
 MAX_MEMBER_BYTES = 64 << 20
 
 
-class DataError(RuntimeError):
+class DataError(ShareboneError, RuntimeError):
     """Base class of sharebone's data errors; each message says how to fix the problem."""
 
 

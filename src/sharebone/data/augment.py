@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from sharebone.data.episodes import AUGMENT_STREAM, Episode, uniform
+from sharebone.errors import SettingError
 
 __all__ = ["AUGMENT_KEYS", "EpisodeTransform", "augment_images", "check_augment",
            "check_normalize"]
@@ -71,14 +72,14 @@ def _pair(value: Any, where: str, low: float, high: float | None = None) -> tupl
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
             or not low <= value[0] <= value[1] or (high is not None and value[1] > high)):
         bound = f" and <= {high}" if high is not None else ""
-        raise ValueError(f"{where} must be [low, high] with {low} <= low <= high{bound}, "
-                         f"got {value!r}.")
+        raise SettingError(f"{where} must be [low, high] with {low} <= low <= high{bound}, "
+                           f"got {value!r}.")
     return float(value[0]), float(value[1])
 
 
 def _number(value: Any, where: str, low: float, high: float) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{where} must be a number in [{low}, {high}], got {value!r}.")
+        raise SettingError(f"{where} must be a number in [{low}, {high}], got {value!r}.")
     return float(value)
 
 
@@ -91,24 +92,23 @@ def check_augment(spec: Mapping[str, Any] | None, where: str = "augment") -> dic
         >>> check_augment({"flip": 0.5})
         Traceback (most recent call last):
         ...
-        ValueError: augment: unknown key(s) ['flip']; valid: ['random_resized_crop', \
-'random_crop', 'horizontal_flip', 'color_jitter'].
+        sharebone.errors.SettingError: augment: unknown key(s) ['flip']; valid: ...
     """
     if not spec:
         return {}
     if not isinstance(spec, Mapping):
-        raise ValueError(f"{where} must be a mapping of {list(AUGMENT_KEYS)}, got {spec!r}.")
+        raise SettingError(f"{where} must be a mapping of {list(AUGMENT_KEYS)}, got {spec!r}.")
     unknown = sorted(set(spec) - set(AUGMENT_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {list(AUGMENT_KEYS)}.")
+        raise SettingError(f"{where}: unknown key(s) {unknown}; valid: {list(AUGMENT_KEYS)}.")
     out: dict[str, Any] = {}
     rrc = spec.get("random_resized_crop")
     if rrc:
         rrc = dict(_RRC_DEFAULTS, **(rrc if isinstance(rrc, Mapping) else {}))
         unknown = sorted(set(rrc) - set(_RRC_DEFAULTS))
         if unknown:
-            raise ValueError(f"{where}.random_resized_crop: unknown key(s) {unknown}; valid: "
-                             "['scale', 'ratio'].")
+            raise SettingError(f"{where}.random_resized_crop: unknown key(s) {unknown}; valid: "
+                               "['scale', 'ratio'].")
         scale = _pair(rrc["scale"], f"{where}.random_resized_crop.scale", 1e-6, 1.0)
         ratio = _pair(rrc["ratio"], f"{where}.random_resized_crop.ratio", 1e-6)
         out["random_resized_crop"] = {"scale": list(scale), "ratio": list(ratio)}
@@ -116,11 +116,11 @@ def check_augment(spec: Mapping[str, Any] | None, where: str = "augment") -> dic
     if crop:
         padding = crop.get("padding") if isinstance(crop, Mapping) else crop
         if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
-            raise ValueError(f"{where}.random_crop.padding must be an int >= 0, got "
-                             f"{padding!r}.")
+            raise SettingError(f"{where}.random_crop.padding must be an int >= 0, got "
+                               f"{padding!r}.")
         if "random_resized_crop" in out:
-            raise ValueError(f"{where}: random_resized_crop and random_crop both crop; choose "
-                             "one.")
+            raise SettingError(f"{where}: random_resized_crop and random_crop both crop; choose "
+                               "one.")
         out["random_crop"] = {"padding": padding}
     flip = spec.get("horizontal_flip")
     if flip:
@@ -129,12 +129,12 @@ def check_augment(spec: Mapping[str, Any] | None, where: str = "augment") -> dic
     jitter = spec.get("color_jitter")
     if jitter:
         if not isinstance(jitter, Mapping):
-            raise ValueError(f"{where}.color_jitter must be a mapping of {list(_JITTER_KEYS)}, "
-                             f"got {jitter!r}.")
+            raise SettingError(f"{where}.color_jitter must be a mapping of {list(_JITTER_KEYS)}, "
+                               f"got {jitter!r}.")
         unknown = sorted(set(jitter) - set(_JITTER_KEYS))
         if unknown:
-            raise ValueError(f"{where}.color_jitter: unknown key(s) {unknown}; valid: "
-                             f"{list(_JITTER_KEYS)}.")
+            raise SettingError(f"{where}.color_jitter: unknown key(s) {unknown}; valid: "
+                               f"{list(_JITTER_KEYS)}.")
         out["color_jitter"] = {
             key: _number(jitter.get(key, 0.0), f"{where}.color_jitter.{key}", 0.0,
                          0.5 if key == "hue" else math.inf) for key in _JITTER_KEYS}
@@ -147,18 +147,18 @@ def check_normalize(spec: Mapping[str, Any] | None, channels: int,
     if not spec:
         return None
     if not isinstance(spec, Mapping) or set(spec) != {"mean", "std"}:
-        raise ValueError(f"{where} must be {{mean: [...], std: [...]}}, got {spec!r}.")
+        raise SettingError(f"{where} must be {{mean: [...], std: [...]}}, got {spec!r}.")
     out = {}
     for key in ("mean", "std"):
         value = spec[key]
         value = [value] if isinstance(value, int | float) else list(value)
         if len(value) not in (1, channels) or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"{where}.{key} must be {channels} numbers (one per channel), got "
-                             f"{spec[key]!r}.")
+            raise SettingError(f"{where}.{key} must be {channels} numbers (one per channel), got "
+                               f"{spec[key]!r}.")
         out[key] = [float(v) for v in value] * (channels if len(value) == 1 else 1)
     if min(out["std"]) <= 0:
-        raise ValueError(f"{where}.std must be > 0, got {spec['std']!r}.")
+        raise SettingError(f"{where}.std must be > 0, got {spec['std']!r}.")
     return out
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sharebone.checks import check_count
+from sharebone.errors import SettingError
 from sharebone.memory import empty_huge
 
 __all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys", "uniform"]
@@ -208,7 +209,7 @@ class EpisodeSampler:
                  transform: Callable[[Episode], Episode] | None = None) -> None:
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
+            raise SettingError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
         # An empty query set would score every episode as NaN: refused like an empty support.
         n_way, k_shot = check_count("n_way", n_way), check_count("k_shot", k_shot)
         q_query = check_count("q_query", q_query)
@@ -222,7 +223,7 @@ class EpisodeSampler:
         present = counts > 0
         n_classes = int(present.sum())
         if n_way > n_classes:
-            raise ValueError(
+            raise SettingError(
                 f"{n_way}-way episodes need {n_way} classes, but split '{split}' has only "
                 f"{n_classes}. Lower n_way to at most {n_classes} or use a split with more classes."
             )
@@ -231,7 +232,7 @@ class EpisodeSampler:
         per_way = k_shot + q_query
         fewest = int(counts.min())
         if per_way > fewest:
-            raise ValueError(
+            raise SettingError(
                 f"k_shot + q_query = {k_shot} + {q_query} = {per_way} images per class, but the "
                 f"smallest class of split '{split}' has only {fewest}. Lower k_shot or q_query so "
                 f"that k_shot + q_query <= {fewest}."
@@ -254,8 +255,8 @@ class EpisodeSampler:
         self.class_group: torch.Tensor | None = None  # position -> group id
         if groups is None:
             if self.group_episodes:
-                raise ValueError(f"group_episodes needs the group of every class of split "
-                                 f"'{self.split}', and none were given.")
+                raise SettingError(f"group_episodes needs the group of every class of split "
+                                   f"'{self.split}', and none were given.")
             return
         if isinstance(groups, torch.Tensor):
             ids = groups.to(torch.int64)
@@ -265,16 +266,16 @@ class EpisodeSampler:
             index = {name: i for i, name in enumerate(self.group_names)}
             ids = torch.tensor([index[g] for g in names], dtype=torch.int64)
         if ids.dim() != 1 or ids.numel() <= int(self.class_ids.max()):
-            raise ValueError(f"groups must give the group of each of the "
-                             f"{int(self.class_ids.max()) + 1} classes of split "
-                             f"'{self.split}', got {tuple(ids.shape)}.")
+            raise SettingError(f"groups must give the group of each of the "
+                               f"{int(self.class_ids.max()) + 1} classes of split "
+                               f"'{self.split}', got {tuple(ids.shape)}.")
         self.class_group = ids[self.class_ids]
         sizes = torch.bincount(self.class_group)
         self.eligible_groups = torch.nonzero(sizes >= self.n_way).squeeze(1)
         if self.group_episodes and self.eligible_groups.numel() == 0:
             largest = int(sizes.argmax())
             name = self.group_names[largest] if self.group_names else str(largest)
-            raise ValueError(
+            raise SettingError(
                 f"{self.n_way}-way episodes within one group need a group of at least "
                 f"{self.n_way} classes, but the largest group of split '{self.split}' "
                 f"('{name}') has only {int(sizes.max())}. Lower n_way to at most "

@@ -17,6 +17,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sharebone.errors import SettingError
 from sharebone.models.registry import Registry
 
 FAMILIES: Registry[Any] = Registry("family")
@@ -30,7 +31,7 @@ BUILTIN_FAMILY_MODULES = ("sharebone.data.tasks", "sharebone.data.sinusoid",
 PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
-class UnsafeConfigError(ValueError):
+class UnsafeConfigError(SettingError):
     """A config read from a file (a checkpoint) asks for something other than plain data."""
 
 
@@ -109,8 +110,8 @@ def build_family(spec: Mapping[str, Any], *, trusted: bool = True) -> Any:
     if target in known:
         return known[target](**arguments)
     if target is None:
-        raise ValueError("A task config's family block needs a _target_ (the family class), e.g. "
-                         "_target_: sharebone.data.tasks.OmniglotTasks.")
+        raise SettingError("A task config's family block needs a _target_ (the family class), e.g. "
+                           "_target_: sharebone.data.tasks.OmniglotTasks.")
     from hydra.utils import instantiate
 
     return instantiate({"_target_": target, **arguments})

@@ -93,6 +93,7 @@ from sharebone.data.tiered_release import (
     read_release,
     release_files,
 )
+from sharebone.errors import SettingError, UnknownNameError
 from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -276,20 +277,20 @@ def parse_split(split: str, value: Any, root: Path) -> _SplitSpec:
     where = f"splits.{split}"
     if isinstance(value, Mapping):
         if len(value) != 1 or next(iter(value)) not in ("classes", "csv", "fraction"):
-            raise ValueError(f"{where} must have exactly one of classes, csv, fraction; got "
-                             f"{dict(value)!r}.")
+            raise SettingError(f"{where} must have exactly one of classes, csv, fraction; got "
+                               f"{dict(value)!r}.")
         kind, value = next(iter(value.items()))
         if kind == "csv" and not isinstance(value, str):
-            raise ValueError(f"{where}.csv must be a file name, got {value!r}.")
+            raise SettingError(f"{where}.csv must be a file name, got {value!r}.")
         if kind == "fraction" and isinstance(value, str):
-            raise ValueError(f"{where}.fraction must be a number, got {value!r}.")
+            raise SettingError(f"{where}.fraction must be a number, got {value!r}.")
     if isinstance(value, bool) or value is None:
-        raise ValueError(f"{where} must be a split file, a list of classes or a fraction, got "
-                         f"{value!r}.")
+        raise SettingError(f"{where} must be a split file, a list of classes or a fraction, got "
+                           f"{value!r}.")
     if isinstance(value, int | float):
         if not 0 < value <= 1:
-            raise ValueError(f"{where}: a fraction of the classes must be in (0, 1], got "
-                             f"{value!r}.")
+            raise SettingError(f"{where}: a fraction of the classes must be in (0, 1], got "
+                               f"{value!r}.")
         return _SplitSpec("fraction", where, fraction=float(value))
     if isinstance(value, str):
         path = find_split_file(value, root)
@@ -301,7 +302,7 @@ def parse_split(split: str, value: Any, root: Path) -> _SplitSpec:
         return _SplitSpec("classes", str(path), entries=entries, path=path)
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value) and value:
         return _SplitSpec("classes", where, entries=[str(v).strip() for v in value])
-    raise ValueError(f"{where} must be a split file, a non-empty list of classes or a fraction, "
+    raise SettingError(f"{where} must be a split file, a non-empty list of classes or a fraction, "
                      f"got {value!r}.")
 
 
@@ -373,7 +374,7 @@ def _fraction_split(pool: list[str], specs: Mapping[str, _SplitSpec],
     """Split ``pool`` at random (``seed``) by the fractions of ``specs``, in split order."""
     total = sum(s.fraction for s in specs.values())
     if total > 1 + 1e-9:
-        raise ValueError(f"The split fractions add up to {total:g} > 1: "
+        raise SettingError(f"The split fractions add up to {total:g} > 1: "
                          f"{ {k: s.fraction for k, s in specs.items()} }.")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
     pool = sorted(pool)
@@ -401,7 +402,7 @@ def _npy_header(shape: Sequence[int], length: int | None = None) -> bytes:
         length = 64 * math.ceil((len(_NPY_MAGIC) + 2 + len(text) + 1) / 64)
     pad = length - len(_NPY_MAGIC) - 2 - len(text) - 1
     if pad < 0:
-        raise ValueError("npy header does not fit")
+        raise SettingError("npy header does not fit")
     body = (text + " " * pad + "\n").encode("latin1")
     return _NPY_MAGIC + struct.pack("<H", len(body)) + body
 
@@ -499,19 +500,19 @@ class ImageFolderTasks:
         from sharebone.data.tasks import default_cache_dir, group_splits
 
         if not root or str(root) == "???":
-            raise ValueError("task.root: the folder of images is not set; pass "
-                             "task.root=/path/to/images.")
+            raise SettingError("task.root: the folder of images is not set; pass "
+                               "task.root=/path/to/images.")
         check_decode_args(image_size, channels, resize, interpolation)
         if source not in SOURCES:
-            raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}.")
+            raise SettingError(f"source must be one of {list(SOURCES)}, got {source!r}.")
         if corrupt not in CORRUPT_POLICIES:
-            raise ValueError(f"corrupt must be one of {list(CORRUPT_POLICIES)}, got "
-                             f"{corrupt!r}.")
+            raise SettingError(f"corrupt must be one of {list(CORRUPT_POLICIES)}, got "
+                               f"{corrupt!r}.")
         self.root = Path(root).expanduser()
         splits = {"train": 0.64, "val": 0.16, "test": 0.2} if splits is None else splits
         self.splits = {str(k): v for k, v in splits.items() if v is not None}  # null: no split
         if not self.splits:
-            raise ValueError("splits: no split is set; give at least one, e.g. {test: 1.0}.")
+            raise SettingError("splits: no split is set; give at least one, e.g. {test: 1.0}.")
         self.image_size, self.channels = image_size, channels
         self.resize, self.interpolation, self.invert = resize, interpolation, bool(invert)
         self.source, self.corrupt, self.download = source, corrupt, download
@@ -527,8 +528,8 @@ class ImageFolderTasks:
         self.normalize = check_normalize(normalize, channels)
         unknown = sorted(set(self.augment) - set(self.splits))
         if unknown:
-            raise ValueError(f"augment names split(s) {unknown}; this task has "
-                             f"{sorted(self.splits)}.")
+            raise SettingError(f"augment names split(s) {unknown}; this task has "
+                               f"{sorted(self.splits)}.")
         self.input_shape = (channels, image_size, image_size)
         self._loaded: dict[str, ImageSet] = {}
         self._where: dict[str, list[str]] = {}
@@ -551,7 +552,7 @@ class ImageFolderTasks:
     def images(self, split: str) -> ImageSet:
         """The split's images (memory-mapped from the cache), decoded once per machine."""
         if split not in self.splits:
-            raise KeyError(f"Unknown split '{split}'. This task family has: "
+            raise UnknownNameError(f"Unknown split '{split}'. This task family has: "
                            f"{sorted(self.splits)}.")
         if split not in self._loaded:
             self._loaded[split], self._where[split] = self._load(split)
@@ -578,7 +579,7 @@ class ImageFolderTasks:
         if split not in self.group_splits:
             return False
         if not any(data.class_groups):
-            raise ValueError(
+            raise SettingError(
                 f"group_episodes: the classes of split '{split}' have no groups; give them a "
                 "<group>/<class> folder level or <group>/<class> lines in the split file.")
         return True
@@ -590,7 +591,7 @@ class ImageFolderTasks:
         if small:
             shown = "; ".join(f"{w} has {n}" for w, n in small[:5])
             more = f" (and {len(small) - 5} more)" if len(small) > 5 else ""
-            raise ValueError(
+            raise SettingError(
                 f"k_shot + q_query = {k_shot} + {q_query} = {per_way} images per class, but "
                 f"{len(small)} class(es) of split '{split}' have fewer: {shown}{more}. Lower "
                 f"k_shot or q_query, add images, or leave those classes out of the split.")
@@ -605,7 +606,7 @@ class ImageFolderTasks:
 
     def _decode_file(self, item: list[Any]) -> np.ndarray:
         array = decode_array(self.root / item[0], self.image_size, self.channels, self.invert,
-                             self.resize, self.interpolation)
+                               self.resize, self.interpolation)
         return to_chw(array)
 
     def _decode_pixels(self, array: np.ndarray) -> np.ndarray:
@@ -821,7 +822,7 @@ class ImageFolderTasks:
         specs = {s: parse_split(s, v, self.root) for s, v in self.splits.items()}
         for split, spec in specs.items():
             if spec.kind == "csv":
-                raise ValueError(f"splits.{split}: CSV splits name image files; source cifar100 "
+                raise SettingError(f"splits.{split}: CSV splits name image files; source cifar100 "
                                  "takes class lists or fractions.")
         return specs
 
@@ -908,18 +909,18 @@ class ImageFolderTasks:
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             if meta.get("format") != FORMAT_VERSION or meta.get("digest") != plan.key["digest"]:
-                raise ValueError("written with other settings")
+                raise SettingError("written with other settings")
             names, groups, counts = meta["class_names"], meta["groups"], meta["counts"]
             shape = tuple(meta["shape"])
             if shape[1:] != self.input_shape or sum(counts) != shape[0] or not (
                     len(names) == len(groups) == len(counts) == len(meta["where"])):
-                raise ValueError("its record does not match its settings")
+                raise SettingError("its record does not match its settings")
             st = npy.stat()
             if [st.st_size, st.st_mtime_ns] != [meta["npy"]["size"], meta["npy"]["mtime_ns"]]:
-                raise ValueError("the file changed after it was written")
+                raise SettingError("the file changed after it was written")
             array = np.load(npy, mmap_mode="r", allow_pickle=False)
             if array.dtype != np.uint8 or array.shape != shape or not array.flags.c_contiguous:
-                raise ValueError(f"it holds {array.dtype} {array.shape}, its record says "
+                raise SettingError(f"it holds {array.dtype} {array.shape}, its record says "
                                  f"uint8 {shape}")
             with warnings.catch_warnings():  # read-only: the sampler only reads rows
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sharebone.data.archives import DataError
+from sharebone.errors import SettingError
 
 #: The most pixels an image may have to be decoded (8192 x 8192). A drawing, or a photo of
 #: one, has far fewer; a small file declaring more is a decompression bomb (Pillow itself only
@@ -58,14 +59,14 @@ def check_decode_args(image_size: int, channels: int, resize: str = "stretch",
                       interpolation: str = "lanczos") -> None:
     """Refuse settings :func:`decode_array` cannot honour, naming the setting."""
     if channels not in (1, 3) or isinstance(channels, bool):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        raise SettingError(f"channels must be 1 or 3, got {channels!r}")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        raise SettingError(f"image_size must be a positive int, got {image_size!r}")
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
+        raise SettingError(f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
-                         f"got {interpolation!r}")
+        raise SettingError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                           f"got {interpolation!r}")
 
 
 def decode_array(source: str | os.PathLike[str] | bytes | np.ndarray, image_size: int,

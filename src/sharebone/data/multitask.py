@@ -32,6 +32,7 @@ from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.episodes import Episode, split_id
 from sharebone.data.families import register_family
 from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, SyntheticImageTasks, TaskFamily
+from sharebone.errors import SettingError, UnknownNameError
 
 __all__ = ["OmniglotAlphabets", "SyntheticImageGroups", "SyntheticRegressionTasks",
            "TaskBatchDataModule",
@@ -67,16 +68,16 @@ class TaskSet:
     def __post_init__(self) -> None:
         n = self.inputs.shape[0]
         if self.targets.shape[0] != n or self.task.shape[0] != n:
-            raise ValueError(f"{n} inputs but {self.targets.shape[0]} targets and "
-                             f"{self.task.shape[0]} task ids.")
+            raise SettingError(f"{n} inputs but {self.targets.shape[0]} targets and "
+                               f"{self.task.shape[0]} task ids.")
         if len(self.names) != len(self.outputs) or len(set(self.names)) != len(self.names):
-            raise ValueError(f"Task names must be unique, one per output size: {self.names}, "
-                             f"{self.outputs}.")
+            raise SettingError(f"Task names must be unique, one per output size: {self.names}, "
+                               f"{self.outputs}.")
         if n and bool((self.task[1:] < self.task[:-1]).any()):
-            raise ValueError("Examples must be sorted by task.")
+            raise SettingError("Examples must be sorted by task.")
         empty = [name for name, c in zip(self.names, self.counts.tolist(), strict=True) if c == 0]
         if empty:
-            raise ValueError(f"Task(s) {empty} have no examples.")
+            raise SettingError(f"Task(s) {empty} have no examples.")
 
     @property
     def heads(self) -> dict[str, int]:
@@ -95,7 +96,7 @@ class TaskSet:
         """Only the tasks ``names`` (in that order), e.g. one task for a single-task baseline."""
         unknown = [n for n in names if n not in self.names]
         if unknown:
-            raise KeyError(f"Unknown task(s) {unknown}; this set has {self.names}.")
+            raise UnknownNameError(f"Unknown task(s) {unknown}; this set has {self.names}.")
         parts, new_task = [], []
         for i, name in enumerate(names):
             t = self.names.index(name)
@@ -142,8 +143,8 @@ def held_out_split(data: TaskSet, train_per_class: int) -> tuple[TaskSet, TaskSe
     key = data.task * (int(data.targets.max()) + 1) + data.targets
     _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     if int(counts.min()) <= train_per_class:
-        raise ValueError(f"train_per_class={train_per_class} leaves no held-out example: the "
-                         f"smallest class has {int(counts.min())} examples.")
+        raise SettingError(f"train_per_class={train_per_class} leaves no held-out example: the "
+                           f"smallest class has {int(counts.min())} examples.")
     rank = torch.zeros_like(key)
     seen: dict[int, int] = {}
     for i, k in enumerate(inverse.tolist()):
@@ -239,7 +240,7 @@ class SyntheticRegressionTasks:
                  relatedness: float = 1.0, samples_per_task: int = 32,
                  eval_samples_per_task: int = 256, noise: float = 0.1, seed: int = 0) -> None:
         if not 0.0 <= relatedness <= 1.0:
-            raise ValueError(f"relatedness must be in [0, 1], got {relatedness}.")
+            raise SettingError(f"relatedness must be in [0, 1], got {relatedness}.")
         self.num_tasks, self.input_dim, self.latent_dim = num_tasks, input_dim, latent_dim
         self.relatedness, self.noise, self.seed = float(relatedness), float(noise), seed
         self.samples = {"train": samples_per_task, "val": eval_samples_per_task,
@@ -256,7 +257,8 @@ class SyntheticRegressionTasks:
 
     def tasks(self, split: str = "train") -> TaskSet:
         if split not in self.samples:
-            raise KeyError(f"Unknown split '{split}'. This family has: {sorted(self.samples)}.")
+            raise UnknownNameError(f"Unknown split '{split}'. This family has: "
+                                   f"{sorted(self.samples)}.")
         g = torch.Generator().manual_seed(self.seed * 7919 + 1 + sorted(self.samples).index(split))
         n = self.samples[split]
         x = torch.randn(self.num_tasks, n, self.input_dim, generator=g)
@@ -268,7 +270,8 @@ class SyntheticRegressionTasks:
     def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
                 seed: int) -> _RegressionEpisodes:
         if split not in self.samples:
-            raise KeyError(f"Unknown split '{split}'. This family has: {sorted(self.samples)}.")
+            raise UnknownNameError(f"Unknown split '{split}'. This family has: "
+                                   f"{sorted(self.samples)}.")
         n_way = check_count("n_way", n_way)
         return _RegressionEpisodes(self, split, n_way * check_count("k_shot", k_shot),
                                    n_way * check_count("q_query", q_query), seed)
@@ -313,7 +316,7 @@ class TaskBatches(torch.utils.data.Dataset):
     def __init__(self, data: TaskSet, per_task: int, length: int, seed: int = 0,
                  with_index: bool = False) -> None:
         if per_task < 1:
-            raise ValueError(f"per_task must be >= 1, got {per_task}.")
+            raise SettingError(f"per_task must be >= 1, got {per_task}.")
         self.data, self.per_task, self.length, self.seed = data, per_task, length, seed
         self.with_index = with_index
 

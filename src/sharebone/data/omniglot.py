@@ -56,6 +56,7 @@ from sharebone.data.images import (  # noqa: F401  (load_image, MAX_IMAGE_PIXELS
     decode_array,
     load_image,
 )
+from sharebone.errors import SettingError
 from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -116,27 +117,27 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
+            raise SettingError(
                 f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
                 f"{tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(
+            raise SettingError(
                 f"labels must be int64 [N] with N={self.images.shape[0]}, got {self.labels.dtype} "
                 f"{tuple(self.labels.shape)}"
             )
         n = len(self.class_names)
         if len(self.labels) and bool((self.labels[1:] < self.labels[:-1]).any()):
-            raise ValueError("images must be sorted by label")
+            raise SettingError("images must be sorted by label")
         if len(self.labels) and (int(self.labels[0]) != 0 or int(self.labels[-1]) != n - 1):
-            raise ValueError(f"labels must span 0..{n - 1} (one per class name)")
+            raise SettingError(f"labels must span 0..{n - 1} (one per class name)")
         if len(self.labels) == 0 and n:
-            raise ValueError("an empty image set has no classes")
+            raise SettingError("an empty image set has no classes")
         if n and not bool((self.class_counts > 0).all()):
-            raise ValueError("every class must have at least one image")
+            raise SettingError("every class must have at least one image")
         if self.groups is not None and len(self.groups) != n:
-            raise ValueError(f"groups must name one group per class ({n}), got "
-                             f"{len(self.groups)}")
+            raise SettingError(f"groups must name one group per class ({n}), got "
+                               f"{len(self.groups)}")
 
     @property
     def class_groups(self) -> list[str]:
@@ -266,24 +267,24 @@ def cache_path(spec: ArchiveSpec, cache_dir: str | os.PathLike[str], image_size:
 
 def _validate_cached(obj: Any, spec: ArchiveSpec, image_size: int) -> DecodedArchive:
     if not isinstance(obj, dict):
-        raise ValueError(f"not a dict but {type(obj).__name__}")
+        raise SettingError(f"not a dict but {type(obj).__name__}")
     if obj.get("format") != _CACHE_FORMAT or obj.get("md5") != spec.md5:
-        raise ValueError("format or md5 mismatch")
+        raise SettingError("format or md5 mismatch")
     if obj.get("image_size") != image_size:
-        raise ValueError("image size mismatch")
+        raise SettingError("image size mismatch")
     images, offsets, characters = obj["images"], obj["offsets"], obj["characters"]
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
-        raise ValueError("images are not a uint8 tensor")
+        raise SettingError("images are not a uint8 tensor")
     if images.dim() != 4 or tuple(images.shape[1:]) != (1, image_size, image_size):
-        raise ValueError(f"images have shape {tuple(images.shape)}")
+        raise SettingError(f"images have shape {tuple(images.shape)}")
     if not (isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64):
-        raise ValueError("offsets are not an int64 tensor")
+        raise SettingError("offsets are not an int64 tensor")
     if not (isinstance(characters, list) and all(isinstance(c, str) for c in characters)):
-        raise ValueError("characters are not a list of str")
+        raise SettingError("characters are not a list of str")
     if offsets.shape != (len(characters) + 1,) or int(offsets[0]) != 0:
-        raise ValueError("offsets do not match characters")
+        raise SettingError("offsets do not match characters")
     if int(offsets[-1]) != images.shape[0] or not bool((offsets[1:] > offsets[:-1]).all()):
-        raise ValueError("offsets do not match images")
+        raise SettingError("offsets do not match images")
     return DecodedArchive(images=images, offsets=offsets, characters=characters)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sharebone.errors import SettingError
+
 #: ``auto`` keeps three quarters of free GPU memory for the model, its meta-batch and vmap.
 AUTO_FRACTION = 0.25
 
@@ -30,8 +32,8 @@ def check_policy(images_on_device: Any) -> str | bool:
     word = str(images_on_device).lower() if isinstance(images_on_device, str) else None
     if word in ("auto", "true", "false"):
         return "auto" if word == "auto" else word == "true"
-    raise ValueError(f"sampler.images_on_device must be auto, true or false, got "
-                     f"{images_on_device!r}.")
+    raise SettingError(f"sampler.images_on_device must be auto, true or false, got "
+                       f"{images_on_device!r}.")
 
 
 def free_memory(device: torch.device) -> int:
@@ -55,7 +57,7 @@ def place_source(source: Any, device: torch.device, images_on_device: str | bool
         return source
     if num_workers > 0:
         if policy is True:
-            raise ValueError(
+            raise SettingError(
                 f"sampler.images_on_device=true and sampler.num_workers={num_workers}: worker "
                 "processes cannot draw episodes from GPU memory. Set sampler.num_workers=0 "
                 "(episodes drawn on the GPU need no workers) or images_on_device=false.")

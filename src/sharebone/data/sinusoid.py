@@ -17,6 +17,7 @@ import torch
 from sharebone.checks import check_count
 from sharebone.data.episodes import Episode, hash_keys
 from sharebone.data.families import register_family
+from sharebone.errors import SettingError
 
 _U53 = (1 << 53) - 1
 
@@ -108,7 +109,7 @@ class SinusoidTasks:
                   ("frequency", frequency))
         for name, (lo, hi) in ranges:
             if not lo <= hi:
-                raise ValueError(f"{name} must be [low, high] with low <= high, got {[lo, hi]}.")
+                raise SettingError(f"{name} must be [low, high] with low <= high, got {[lo, hi]}.")
         self.amplitude = (float(amplitude[0]), float(amplitude[1]))
         self.phase = (float(phase[0]), float(phase[1]))
         self.x_range = (float(x_range[0]), float(x_range[1]))
@@ -117,7 +118,7 @@ class SinusoidTasks:
     def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
                 seed: int) -> SinusoidSampler:
         if n_way != 1:
-            raise ValueError(f"Sinusoid tasks are regression tasks with one output (n_way=1), "
-                             f"got n_way={n_way}. Set n_way: 1 (tasks/sinusoid.yaml does).")
+            raise SettingError(f"Sinusoid tasks are regression tasks with one output (n_way=1), "
+                               f"got n_way={n_way}. Set n_way: 1 (tasks/sinusoid.yaml does).")
         return SinusoidSampler(self, split, check_count("k_shot", k_shot),
                                check_count("q_query", q_query), seed)

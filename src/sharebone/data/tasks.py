@@ -18,6 +18,7 @@ from sharebone.data.episodes import Episode, EpisodeSampler
 from sharebone.data.families import register_family
 from sharebone.data.omniglot import PREPROCESSING as OMNIGLOT_PREPROCESSING
 from sharebone.data.omniglot import load_split
+from sharebone.errors import SettingError, UnknownNameError
 
 
 class EpisodeSource(Protocol):
@@ -88,7 +89,8 @@ class OmniglotTasks:
     def images(self, split: str):
         """The split's :class:`~sharebone.data.omniglot.ImageSet`, decoded once per process."""
         if split not in self.splits:
-            raise KeyError(f"Unknown split '{split}'. This task family has: {sorted(self.splits)}.")
+            raise UnknownNameError(f"Unknown split '{split}'. This task family has: "
+                                   f"{sorted(self.splits)}.")
         if split not in self._loaded:
             self._loaded[split] = load_split(self.splits[split], data_dir=self.data_dir,
                                              cache_dir=self.cache_dir, image_size=self.image_size,
@@ -113,8 +115,8 @@ def group_splits(group_episodes: bool | Sequence[str], splits: Sequence[str]) ->
     chosen = {str(s) for s in group_episodes}
     unknown = sorted(chosen - set(splits))
     if unknown:
-        raise ValueError(f"group_episodes names split(s) {unknown}; this task has "
-                         f"{sorted(splits)}.")
+        raise SettingError(f"group_episodes names split(s) {unknown}; this task has "
+                           f"{sorted(splits)}.")
     return chosen
 
 
@@ -128,8 +130,8 @@ class MetaBatches(torch.utils.data.Dataset):
     def __init__(self, source: EpisodeSource, size: int, length: int, rank: int = 0,
                  world_size: int = 1) -> None:
         if size % world_size:
-            raise ValueError(f"meta_batch_size={size} does not split evenly across {world_size} "
-                             f"processes; make it a multiple of {world_size}.")
+            raise SettingError(f"meta_batch_size={size} does not split evenly across {world_size} "
+                               f"processes; make it a multiple of {world_size}.")
         self.source, self.size, self.length = source, size, length
         self.share = size // world_size
         self.rank = rank
@@ -217,8 +219,8 @@ class SyntheticImageTasks:
 
     def images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self.classes:
-            raise KeyError(f"Unknown split '{split}'. This task family has: "
-                           f"{sorted(self.classes)}.")
+            raise UnknownNameError(f"Unknown split '{split}'. This task family has: "
+                                   f"{sorted(self.classes)}.")
         split_index = sorted(self.classes).index(split)
         generator = torch.Generator().manual_seed(self.seed * 1000 + split_index)
         n, m = self.classes[split], self.images_per_class

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from sharebone.data.archives import DataError, DataNotFoundError, load_data_pickle
+from sharebone.errors import SettingError
 
 __all__ = ["IMAGES_FILE", "LABELS_FILE", "LABEL_KEYS", "Release", "png_bytes", "read_names",
            "read_release", "release_files"]
@@ -157,8 +158,8 @@ def png_bytes(item: Any) -> bytes:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8:
         return item.tobytes()
-    raise ValueError(f"not the bytes of an image file (a {type(item).__name__}"
-                     f"{' of ' + str(item.dtype) if isinstance(item, np.ndarray) else ''})")
+    raise SettingError(f"not the bytes of an image file (a {type(item).__name__}"
+                       f"{' of ' + str(item.dtype) if isinstance(item, np.ndarray) else ''})")
 
 
 def _wnids_by_name(names: dict[str, str]) -> dict[str, list[str]]:

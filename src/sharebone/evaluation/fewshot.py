@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from sharebone.checks import check_count
 from sharebone.data.tasks import EpisodeSource, TaskFamily, prepare_episode
+from sharebone.errors import SettingError
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
 
@@ -32,30 +34,46 @@ class TestEpisodes:
 
 
 def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_query: int = 15,
-                  seed: int = 0, split: str = "test") -> list[TestEpisodes]:
+                  seed: int = 0, split: str = "test", prefix: str = "") -> list[TestEpisodes]:
     """The episode source of every ``{"n_way", "k_shot"[, "q_query"]}`` setting, built (and so
     checked against the split's classes) once, before any training or scoring.
+
+    An error names the keys to change as the config spells them: ``settings[0].k_shot``, and
+    ``q_query`` (or ``settings[0].q_query`` where the setting has its own), each under
+    ``prefix`` (``"test."`` in a training config).
 
     Example:
         >>> from sharebone.data.tasks import SyntheticImageTasks
         >>> family = SyntheticImageTasks({"test": 10})
         >>> [t.name for t in test_episodes(family, [{"n_way": 5, "k_shot": 1}], q_query=5)]
         ['5w1s']
-        >>> test_episodes(family, [{"n_way": 5, "k_shot": 1}], q_query=0)
+        >>> test_episodes(family, [{"n_way": 5, "k_shot": 1}], q_query=0, prefix="test.")
         Traceback (most recent call last):
         ...
-        ValueError: test setting 1 (5w1s): q_query must be an integer >= 1, got 0.
+        sharebone.errors.SettingError: test.q_query: (test.settings[0], 5w1s) test.q_query ...
     """
     tests = []
-    for i, setting in enumerate(settings, start=1):
+    for i, setting in enumerate(settings):
         n_way, k_shot = setting.get("n_way"), setting.get("k_shot")
         q = setting.get("q_query", q_query)
         try:
             source = family.sampler(split, n_way=n_way, k_shot=k_shot, q_query=q, seed=seed)
         except ValueError as err:
-            raise ValueError(f"test setting {i} ({n_way}w{k_shot}s): {err}") from err
+            keys = {name: f"{prefix}settings[{i}].{name}" for name in ("n_way", "k_shot")}
+            keys["q_query"] = (f"{prefix}settings[{i}].q_query" if "q_query" in setting
+                               else f"{prefix}q_query")
+            message = _spell_keys(str(err), keys)
+            first = next((keys[k] for k in ("q_query", "k_shot", "n_way")
+                          if keys[k] in message), f"{prefix}settings[{i}]")
+            raise SettingError(f"{first}: ({prefix}settings[{i}], {n_way}w{k_shot}s) "
+                               f"{message}") from err
         tests.append(TestEpisodes(int(n_way), int(k_shot), int(q), source))
     return tests
+
+
+def _spell_keys(message: str, keys: Mapping[str, str]) -> str:
+    """``message`` with each bare name (``q_query``) spelled as its config key."""
+    return re.sub(r"\b(" + "|".join(keys) + r")\b", lambda m: keys[m.group(1)], message)
 
 
 #: ``test.batch_size: auto``, by device type. On a CPU one episode per forward pass scores
@@ -75,7 +93,7 @@ def batch_size_for(value: int | str, device: torch.device | str) -> int:
         >>> batch_size_for("all", "cpu")
         Traceback (most recent call last):
         ...
-        ValueError: batch_size must be auto or an integer >= 1, got 'all'.
+        sharebone.errors.SettingError: batch_size must be auto or an integer >= 1, got 'all'.
     """
     if value == "auto":
         return AUTO_EPISODES_PER_BATCH.get(torch.device(device).type,
@@ -83,7 +101,7 @@ def batch_size_for(value: int | str, device: torch.device | str) -> int:
     try:
         return check_count("batch_size", value)
     except ValueError:
-        raise ValueError(f"batch_size must be auto or an integer >= 1, got {value!r}.") from None
+        raise SettingError(f"batch_size must be auto or an integer >= 1, got {value!r}.") from None
 
 
 def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,

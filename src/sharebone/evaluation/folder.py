@@ -20,9 +20,10 @@ import torch
 
 from sharebone.data.episodes import Episode
 from sharebone.data.images import IMAGE_SUFFIXES, load_image
+from sharebone.errors import SettingError
 
 
-class EpisodeFolderError(ValueError):
+class EpisodeFolderError(SettingError):
     """The folder does not describe a usable episode; the message says how to fix it."""
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sharebone.errors import SettingError
+
 
 @dataclass(frozen=True)
 class FewShotResult:
@@ -44,7 +46,7 @@ def summarize(scores: torch.Tensor, n_way: int, k_shot: int, q_query: int,
     acc = scores.double().flatten()
     n = acc.numel()
     if n == 0:
-        raise ValueError("No episodes to summarize.")
+        raise SettingError("No episodes to summarize.")
     std = acc.std(unbiased=False).item() if n > 1 else 0.0
     return FewShotResult(n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=n,
                          mean=acc.mean().item(), std=std, ci95=1.96 * std / math.sqrt(n),

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharebone.errors import SettingError
 from sharebone.models.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry(
@@ -24,8 +25,8 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     ``"timm:<model>"`` builds that timm model (:mod:`sharebone.models.timm_backbone`)."""
     if name.startswith(TIMM_PREFIX):
         if "model" in kwargs:
-            raise ValueError(f"Backbone {name!r} names its timm model already; drop "
-                             f"model={kwargs['model']!r} or use name='timm'.")
+            raise SettingError(f"Backbone {name!r} names its timm model already; drop "
+                               f"model={kwargs['model']!r} or use name='timm'.")
         name, kwargs = "timm", {"model": name[len(TIMM_PREFIX):], **kwargs}
     return BACKBONES.create(name, **kwargs)
 
@@ -92,7 +93,7 @@ def feature_width(backbone: nn.Module) -> int:
     if isinstance(width, int) and not isinstance(width, bool) and width > 0:
         return width
     name = type(backbone).__name__
-    raise ValueError(
+    raise SettingError(
         f"This regime puts a head on the backbone's features, so it needs their width, and the "
         f"{name} given has no positive int `num_features` (got {width!r}). Set it on the "
         f"module, e.g. `net.num_features = 64`: the size of the last dimension of net(x), "
@@ -150,7 +151,7 @@ class ConvNet(nn.Module):
         for _ in range(depth):
             side //= 2
         if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for {depth} pooling blocks.")
+            raise SettingError(f"image_size={image_size} is too small for {depth} pooling blocks.")
         self.num_features = hidden * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

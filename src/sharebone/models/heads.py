@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharebone.errors import SettingError
+
 HEAD_INITS = ("learned", "zero", "proto")
 
 
@@ -48,7 +50,7 @@ class LinearHead(nn.Module):
     def __init__(self, in_features: int, out_features: int, init: str = "learned") -> None:
         super().__init__()
         if init not in HEAD_INITS:
-            raise ValueError(f"head init must be one of {HEAD_INITS}, got {init!r}.")
+            raise SettingError(f"head init must be one of {HEAD_INITS}, got {init!r}.")
         self.in_features, self.out_features, self.init = in_features, out_features, init
         if init == "learned":
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -111,6 +113,6 @@ def initial_head(head: LinearHead, n_way: int, support_features: torch.Tensor | 
         return {"weight": torch.zeros(n_way, head.in_features, **kwargs),
                 "bias": torch.zeros(n_way, **kwargs)}
     if support_features is None or support_labels is None:
-        raise ValueError("A 'proto' head is built from the support set: pass support_features "
-                         "and support_labels.")
+        raise SettingError("A 'proto' head is built from the support set: pass support_features "
+                           "and support_labels.")
     return prototype_head(support_features, support_labels, n_way)

@@ -6,6 +6,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from sharebone.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -39,7 +41,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Callable[..., T]:
         """The factory registered as ``name``; a KeyError lists the known names."""
         if name not in self._factories:
-            raise KeyError(
+            raise UnknownNameError(
                 f"Unknown {self.kind} '{name}'. Known: {', '.join(self.names())}. "
                 f"Register a new one with @register_{self.kind}('{name}')."
                 + (f" {self.hint}" if self.hint else "")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharebone.errors import SettingError
 from sharebone.models.backbones import register_backbone
 
 __all__ = ["ResNet12", "WideResNet", "drop_block"]
@@ -105,13 +106,13 @@ class ResNet12(nn.Module):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) != 4 or min(channels) < 1:
-            raise ValueError(f"ResNet-12 has 4 blocks: channels needs 4 widths >= 1, got "
-                             f"{channels}.")
+            raise SettingError(f"ResNet-12 has 4 blocks: channels needs 4 widths >= 1, got "
+                               f"{channels}.")
         if image_size < 16:
-            raise ValueError(f"image_size={image_size} is too small for ResNet-12's 4 "
-                             "max-pools (needs >= 16).")
+            raise SettingError(f"image_size={image_size} is too small for ResNet-12's 4 "
+                               "max-pools (needs >= 16).")
         if not 0 <= drop_rate < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}.")
+            raise SettingError(f"drop_rate must be in [0, 1), got {drop_rate}.")
         drops = ["dropout", "dropout", "block", "block"] if drop_block else [None] * 4
         widths = [in_channels, *channels]
         self.blocks = nn.Sequential(*(
@@ -169,10 +170,10 @@ class WideResNet(nn.Module):
                  drop_rate: float = 0.0) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"A wide ResNet's depth is 6n + 4 with n >= 1 (10, 16, 22, 28, ...), "
-                             f"got {depth}.")
+            raise SettingError(f"A wide ResNet's depth is 6n + 4 with n >= 1 (10, 16, 22, 28, "
+                               f"...), got {depth}.")
         if widen_factor < 1:
-            raise ValueError(f"widen_factor must be >= 1, got {widen_factor}.")
+            raise SettingError(f"widen_factor must be >= 1, got {widen_factor}.")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         groups = []

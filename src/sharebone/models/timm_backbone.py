@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharebone.errors import SettingError
 from sharebone.models.backbones import pretrained_weights_skipped, register_backbone
 
 __all__ = ["BatchNormThenAct", "TimmBackbone", "import_timm", "plain_batch_norms_"]
@@ -118,8 +119,8 @@ class TimmBackbone(nn.Module):
         if not model or not timm.is_model(model):
             close = difflib.get_close_matches(str(model), timm.list_models(), n=5, cutoff=0.6)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ValueError(f"Unknown timm model {model!r}.{hint} List them with "
-                             "timm.list_models('*pattern*').")
+            raise SettingError(f"Unknown timm model {model!r}.{hint} List them with "
+                               "timm.list_models('*pattern*').")
         kwargs = dict(model_kwargs or {})
         pretrained = bool(pretrained) and not pretrained_weights_skipped()
         cfg = timm.get_pretrained_cfg(model)

@@ -13,6 +13,7 @@ import torch
 
 from sharebone.cadence import logs_this_step
 from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, build_backbone
 from sharebone.models.registry import Registry
 from sharebone.task_kind import CLASSIFICATION, TaskKind, accuracy
@@ -125,7 +126,7 @@ class FewShotRegime(pl.LightningModule):
         :class:`~sharebone.data.episodes.EpisodeSampler` can be given as it is. A single
         episode (``sampler[i]``) is refused: regimes take meta-batches."""
         if episode.classes.dim() != 2:
-            raise ValueError(
+            raise SettingError(
                 f"Regimes take a meta-batch of episodes (support [tasks, n_way * k_shot, ...]), "
                 f"got a single episode (classes of shape {tuple(episode.classes.shape)}): use "
                 f"sampler.batch([i]) instead of sampler[i].")

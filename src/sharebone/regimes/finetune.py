@@ -33,6 +33,7 @@ from torch import nn
 from sharebone.analysis import layer_groups
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
 from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
 from sharebone.models import (
     BackboneArg,
     ParameterSharing,
@@ -222,12 +223,12 @@ class FineTune(FewShotRegime):
                  batch_size: int = 64, target_split: str = "val", train_per_class: int = 5,
                  head_fit: dict[str, Any] | None = None) -> None:
         if mode not in FINETUNE_MODES:
-            raise ValueError(f"mode must be one of {sorted(FINETUNE_MODES)}, got {mode!r}.")
+            raise SettingError(f"mode must be one of {sorted(FINETUNE_MODES)}, got {mode!r}.")
         if source is not None:
             source = str(Path(source).expanduser().resolve())
         if backbone is None:
             if source is None:
-                raise ValueError("FineTune needs a source checkpoint or a backbone spec.")
+                raise SettingError("FineTune needs a source checkpoint or a backbone spec.")
             backbone, _ = source_backbone(source)
             if is_module_record(backbone):
                 raise CheckpointError(
@@ -258,7 +259,7 @@ class FineTune(FewShotRegime):
             self.backbone.load_state_dict(weights)
             self._source_loaded = True
         if stage == "fit" and self.head is None:
-            raise ValueError("No head: set regime.num_classes (sharebone-train fills it).")
+            raise SettingError("No head: set regime.num_classes (sharebone-train fills it).")
 
     def configure_callbacks(self) -> list[BaseFinetuning]:
         return FINETUNE_MODES[self.hparams.mode](self)

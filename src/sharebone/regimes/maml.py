@@ -41,6 +41,7 @@ from sharebone.adaptation import (
     use_batch_statistics_,
 )
 from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
 from sharebone.memory import PeakMemory
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
@@ -361,7 +362,7 @@ class MAML(FewShotRegime):
         if n_way != trained and self.options.learns_per_way:
             learned = ("head is" if self.options.head == "learned"
                        else "head's step sizes (Meta-SGD) are")
-            raise ValueError(
+            raise SettingError(
                 f"Meta-training on {n_way}-way episodes, but this model's {learned} learned "
                 f"for n_way={trained}: their rows would all start from their mean at every "
                 f"step. Set the regime's n_way to {n_way} (regime.n_way; the configs take it "

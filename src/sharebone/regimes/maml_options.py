@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sharebone.adaptation import check_inner_loop
+from sharebone.errors import SettingError
 from sharebone.models.heads import HEAD_INITS
 from sharebone.regimes.maml_l2l import learn2learn_available
 from sharebone.task_kind import CLASSIFICATION, LOSSES, TaskKind, task_kind
@@ -95,7 +96,7 @@ class MAMLOptions:
         >>> MAMLOptions(head="proto", loss="mse")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: head='proto' (Proto-MAML) builds a classifier from class means; it needs ...
+        sharebone.errors.SettingError: head='proto' (Proto-MAML) builds a classifier ...
     """
 
     n_way: int = 5
@@ -122,35 +123,35 @@ class MAMLOptions:
         for name, allowed in (("adapt", ADAPT), ("head", HEADS), ("batch_norm", BATCH_NORM),
                               ("loss", LOSSES), ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+                raise SettingError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         self._check_combinations()
         self._check_memory_options()
         if self.backend == "learn2learn":
             self._check_learn2learn()
         if self.n_way < 1:
-            raise ValueError(f"n_way must be >= 1, got {self.n_way}.")
+            raise SettingError(f"n_way must be >= 1, got {self.n_way}.")
 
     def _check_combinations(self) -> None:
         if self.adapt == "head" and self.head == "none":
-            raise ValueError(
+            raise SettingError(
                 "adapt='head' (ANIL) adapts only the head, but this model has none (head='none'): "
                 "there would be nothing to adapt. Give it a head (head='learned', 'zero' or "
                 "'proto') or adapt all parameters (adapt='all', MAML).")
         if self.head == "proto" and self.kind is not CLASSIFICATION:
-            raise ValueError("head='proto' (Proto-MAML) builds a classifier from class means; it "
-                             "needs loss='cross_entropy'. Use head='learned' for regression.")
+            raise SettingError("head='proto' (Proto-MAML) builds a classifier from class means; it "
+                               "needs loss='cross_entropy'. Use head='learned' for regression.")
         if self.vmap and self.batch_norm == "per_step":
-            raise ValueError(
+            raise SettingError(
                 "vmap=True cannot be combined with batch_norm='per_step': per-step running "
                 "statistics are updated in place, which torch.vmap cannot batch across tasks. "
                 "Use vmap=False (loop over tasks) or batch_norm='transductive'.")
         if self.vmap and self.per_task_backward:
-            raise ValueError(
+            raise SettingError(
                 "per_task_backward=True needs the tasks looped (vmap=False or null): torch.vmap "
                 "computes the whole meta-batch in one pass, so there is no task to free early.")
         if self.compile and (self.vmap or self.batch_norm == "per_step"
                              or self.backend == "learn2learn"):
-            raise ValueError(
+            raise SettingError(
                 "compile=True runs sharebone's own looped inner loop through torch.compile; it "
                 "cannot be combined with vmap=True, batch_norm='per_step' (running statistics "
                 "updated in place) or backend='learn2learn'. Drop one of them.")
@@ -160,8 +161,8 @@ class MAMLOptions:
         if chunk is not None:
             if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int)
                                     or chunk < 1):
-                raise ValueError(f"vmap_chunk_size must be an integer >= 1, 'auto' or null (no "
-                                 f"chunking), got {chunk!r}.")
+                raise SettingError(f"vmap_chunk_size must be an integer >= 1, 'auto' or null (no "
+                                   f"chunking), got {chunk!r}.")
             clash = [text for cond, text in (
                 (self.vmap is False, "vmap=False (chunks are vmapped; the loop already takes "
                                      "each task's meta-gradient alone, per_task_backward)"),
@@ -174,9 +175,9 @@ class MAMLOptions:
                                               "looped)"),
             ) if cond]
             if clash:
-                raise ValueError(f"vmap_chunk_size={chunk!r} runs the meta-batch as vmapped "
-                                 f"chunks; it cannot be combined with {clash[0]}. Drop one of "
-                                 "them.")
+                raise SettingError(f"vmap_chunk_size={chunk!r} runs the meta-batch as vmapped "
+                                   f"chunks; it cannot be combined with {clash[0]}. Drop one of "
+                                   "them.")
         if self.checkpoint_inner_steps:
             clash = [text for cond, text in (
                 (self.vmap, "vmap=True (torch.func.grad under vmap refuses the saved-tensor "
@@ -187,18 +188,18 @@ class MAMLOptions:
                 (self.backend == "learn2learn", "backend='learn2learn' (its own inner loop)"),
             ) if cond]
             if clash:
-                raise ValueError("checkpoint_inner_steps=True recomputes each inner step of "
-                                 "sharebone's looped inner loop; it cannot be combined with "
-                                 f"{clash[0]}. Drop one of them.")
+                raise SettingError("checkpoint_inner_steps=True recomputes each inner step of "
+                                   "sharebone's looped inner loop; it cannot be combined with "
+                                   f"{clash[0]}. Drop one of them.")
 
     def _check_learn2learn(self) -> None:
         if not learn2learn_available():
             raise ImportError("backend='learn2learn' needs learn2learn: run "
                               "scripts/install_learn2learn.sh, or use backend='torch_func'.")
         if self.vmap:
-            raise ValueError("vmap=True needs backend='torch_func'; learn2learn loops.")
+            raise SettingError("vmap=True needs backend='torch_func'; learn2learn loops.")
         if self.batch_norm != "transductive":
-            raise ValueError("backend='learn2learn' supports batch_norm='transductive' only.")
+            raise SettingError("backend='learn2learn' supports batch_norm='transductive' only.")
 
     @classmethod
     def of(cls, hparams: dict[str, Any]) -> MAMLOptions:

@@ -23,6 +23,7 @@ from torch import nn
 
 from sharebone.cadence import checks_this_step
 from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.task_kind import REGRESSION, task_kind
@@ -77,7 +78,7 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: i
         tensor([[0, 1]])
     """
     if method not in HEAD_FITS:
-        raise ValueError(f"head_fit.method must be one of {HEAD_FITS}, got {method!r}.")
+        raise SettingError(f"head_fit.method must be one of {HEAD_FITS}, got {method!r}.")
     features = features.detach()
     if normalize:
         features = F.normalize(features, dim=-1)
@@ -187,7 +188,7 @@ class SharedBackboneRegime(FewShotRegime):
         heads = dict(heads or {})
         bad = {name: n for name, n in heads.items() if not isinstance(n, int) or n < 1}
         if bad:
-            raise ValueError(f"Every head needs a positive int output size; got {bad}.")
+            raise SettingError(f"Every head needs a positive int output size; got {bad}.")
         width = feature_width(self.backbone)
         self.heads = nn.ModuleDict({_key(name): nn.Linear(width, n) for name, n in heads.items()})
         self.head_names = list(heads)
@@ -198,7 +199,8 @@ class SharedBackboneRegime(FewShotRegime):
             create_weighting(spec.pop("name", "equal"), num_tasks=1, **spec)
         fit = {**DEFAULT_HEAD_FIT, **dict(head_fit or {})}
         if fit["method"] not in HEAD_FITS:
-            raise ValueError(f"head_fit.method must be one of {HEAD_FITS}, got {fit['method']!r}.")
+            raise SettingError(f"head_fit.method must be one of {HEAD_FITS}, got "
+                               f"{fit['method']!r}.")
         self.head_fit = fit
         self.task_names = list(heads)  # order of task ids in batches; set from the data at fit
         # Read by the shared machinery; subclasses (pre-training) may not expose them as hparams.
@@ -214,8 +216,8 @@ class SharedBackboneRegime(FewShotRegime):
             check_heads(configured, data.heads)
             self.task_names = list(data.names)
         if self.weighting is None:
-            raise ValueError("This model has no task heads; set regime.heads (task -> outputs) "
-                             "or leave it null for sharebone-train to fill it from the data.")
+            raise SettingError("This model has no task heads; set regime.heads (task -> outputs) "
+                               "or leave it null for sharebone-train to fill it from the data.")
 
     # -- the multitask step ---------------------------------------------------------------------
     def task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -247,13 +249,13 @@ class SharedBackboneRegime(FewShotRegime):
         # Each task's rows, with one read of the counts (a GPU sync) for all tasks.
         counts = torch.bincount(task, minlength=len(names)).tolist()
         if len(counts) > len(names):
-            raise ValueError(f"Training batch {batch_idx} has task ids up to {len(counts) - 1}, "
-                             f"but the model has {len(names)} heads ({names}).")
+            raise SettingError(f"Training batch {batch_idx} has task ids up to {len(counts) - 1}, "
+                               f"but the model has {len(names)} heads ({names}).")
         rows = list(torch.argsort(task, stable=True).split(counts))
         missing = [names[t] for t, n in enumerate(counts) if n == 0]
         if missing:
-            raise ValueError(f"Training batch {batch_idx} has no example of task(s) {missing}; "
-                             "task-balanced batches (TaskBatches) always hold every task.")
+            raise SettingError(f"Training batch {batch_idx} has no example of task(s) {missing}; "
+                               "task-balanced batches (TaskBatches) always hold every task.")
         heads = [self.heads[_key(name)] for name in names]
         outputs = [head(features[r]) for head, r in zip(heads, rows, strict=True)]
         losses = torch.stack([self.task_loss(o, targets[r])
@@ -346,13 +348,13 @@ def check_heads(heads: dict[str, int], data: dict[str, int]) -> None:
     """Every task of the data has a head of the right size; raises naming the task."""
     missing = [name for name in data if name not in heads]
     if missing:
-        raise ValueError(f"Task(s) {missing} have no head configured (regime.heads has "
-                         f"{sorted(heads)}). Add them, or set regime.heads=null to get one head "
-                         "per task of the data.")
+        raise SettingError(f"Task(s) {missing} have no head configured (regime.heads has "
+                           f"{sorted(heads)}). Add them, or set regime.heads=null to get one head "
+                           "per task of the data.")
     wrong = {n: (heads[n], data[n]) for n in data if heads[n] != data[n]}
     if wrong:
-        raise ValueError("Head sizes do not fit the data (task: configured, needed): "
-                         + ", ".join(f"{n}: {a}, {b}" for n, (a, b) in wrong.items()))
+        raise SettingError("Head sizes do not fit the data (task: configured, needed): "
+                           + ", ".join(f"{n}: {a}, {b}" for n, (a, b) in wrong.items()))
 
 
 @register_regime("multitask")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters
 from sharebone.regimes.base import FewShotRegime, register_regime
 
@@ -54,7 +55,7 @@ class ProtoNet(FewShotRegime):
                  lr_gamma: float = 0.5, distance: str = "sqeuclidean") -> None:
         super().__init__(backbone)
         if distance not in ("sqeuclidean", "cosine"):
-            raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
+            raise SettingError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
         self.save_hyperparameters()
 
     def predict_episode(self, episode: Episode) -> torch.Tensor:
