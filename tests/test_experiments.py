@@ -13,7 +13,7 @@ from sharebone.train import run
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 #: A few steps of any preset: its regime, task, backbone and optimiser, a sliver of its budget.
-SHORT = ["logger=csv", "+trainer.max_steps=2", "sampler.batches_per_epoch=2",
+SHORT = ["logger=csv", "trainer.max_steps=2", "sampler.batches_per_epoch=2",
          "sampler.val_episodes=2", "sampler.meta_batch_size=2", "test.episodes=2"]
 
 

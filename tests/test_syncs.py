@@ -53,7 +53,7 @@ def test_the_counter_names_the_line_of_each_read_and_skips_host_step_counts():
 STEPS, LOGGED = 12, {4, 9, 11}
 LOOP = ["task=synthetic_images", "logger=csv", f"sampler.batches_per_epoch={STEPS}",
         "sampler.val_episodes=4", "trainer.max_epochs=1", "trainer.log_every_n_steps=5",
-        "test.enabled=false", "figures.enabled=false", "+trainer.gradient_clip_val=1.0",
+        "test.enabled=false", "figures.enabled=false", "trainer.gradient_clip_val=1.0",
         "nonfinite_check=logging",  # what a GPU run does (auto)
         "callbacks=[default,host_syncs]", "callbacks.progress_bar.every_seconds=0",
         f"callbacks.host_syncs._target_={__name__}.Counted"]

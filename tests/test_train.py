@@ -148,7 +148,7 @@ def test_a_tiny_model_trains_on_one_thread_and_the_setting_is_given_back(threads
     RecordThreads.seen = []
     before = torch.get_num_threads()
     cfg = compose_train(tmp_path, ["experiment=sinusoid_maml", "logger=none", f"threads={threads}",
-                                   "+trainer.max_steps=2", "sampler.batches_per_epoch=2",
+                                   "trainer.max_steps=2", "sampler.batches_per_epoch=2",
                                    "sampler.val_episodes=2", "test.episodes=2",
                                    f"+callbacks.threads._target_={__name__}.RecordThreads"])
     run(cfg)

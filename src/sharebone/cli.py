@@ -34,8 +34,12 @@ def train_app(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def eval_app(cfg: DictConfig) -> None:
     """Score one checkpoint (see :mod:`sharebone.eval`)."""
-    from sharebone.eval import run
+    from hydra.core.hydra_config import HydraConfig
 
+    from sharebone.eval import run
+    from sharebone.run_dir import write_record
+
+    write_record(HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg))
     with reported("sharebone-eval"):
         run(cfg)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,44 @@ class RunLock:
             self._fd = None
 
 
+#: Where a run's record (config, Hydra's config, the command-line overrides) is kept.
+RECORD_DIR = ".hydra"
+
+
+def write_record(folder: str | Path, config_yaml: str) -> None:
+    """The run's record in ``folder``/.hydra, as Hydra would write it (``config.yaml``,
+    ``hydra.yaml``, ``overrides.yaml``), written by sharebone once the run has been accepted:
+    a run refused from a directory (it is busy, or holds another run) leaves that
+    directory's record as it was (``hydra.output_subdir`` is null, so Hydra writes none)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from sharebone.files import atomic_write
+
+    files = {"config.yaml": config_yaml}
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        files["hydra.yaml"] = OmegaConf.to_yaml({"hydra": hydra})
+        files["overrides.yaml"] = OmegaConf.to_yaml(hydra.overrides.task)
+    for name, text in files.items():
+        with atomic_write(Path(folder) / RECORD_DIR / name, "w") as f:
+            f.write(text)
+
+
+def remove_if_empty(folder: str | Path) -> None:
+    """Remove ``folder`` if it is empty, and its empty parents inside the working directory
+    (a refused run leaves no ``outputs/<date>/<time>/`` behind)."""
+    folder, cwd = Path(folder).resolve(), Path.cwd().resolve()
+    while folder != cwd:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, not ours to remove, or gone
+            return
+        if cwd not in folder.parents:
+            return
+        folder = folder.parent
+
+
 def check_fresh(folder: str | Path) -> None:
     """A new (not resumed) run refuses a directory that already holds a run's checkpoints."""
     found = sorted((Path(folder) / "checkpoints").glob("*.ckpt"))
@@ -82,10 +122,20 @@ def run_dir_of(checkpoint: str | Path) -> Path:
         else checkpoint.parent
 
 
-#: Overrides never carried over from a run directory's record: where the new process runs
-#: and logs (Hydra's own keys), what it resumes, and anything that names code to call.
-_NOT_RESTORED = ("hydra.", "hydra/", "resume=", "+resume=")
+#: What a run directory's record may bring back on resume: plain values of these keys and
+#: the keys below them ...
+RESTORED_KEYS = ("task", "backbone", "regime", "optimizer", "scheduler", "sampler", "trainer",
+                 "test", "checkpoint", "figures", "seed", "tags", "keep_freed_memory",
+                 "float32_matmul_precision", "threads", "on_nonfinite_loss", "nonfinite_check",
+                 "sweep_name", "objective", "data_dir")
+#: ... and choices of these config groups, by name (sharebone's own config files). Nothing
+#: that instantiates (the keys of callbacks and logger), says where the process writes
+#: (hydra, paths, cache_dir) or what it loads (ckpt_path) comes from a file.
+RESTORED_GROUPS = ("task", "backbone", "regime", "optimizer", "scheduler", "sampler",
+                   "trainer", "experiment", "logger", "callbacks", "debug")
 _CODE_KEYS = ("_target_", "_partial_", "_args_", "_call_", "_recursive_", "_convert_")
+#: A config group option's name: a file of the group (no path, nothing hidden).
+_OPTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def restore_overrides(argv: list[str]) -> list[str]:
@@ -93,8 +143,10 @@ def restore_overrides(argv: list[str]) -> list[str]:
     overrides (its ``.hydra/overrides.yaml``) followed by the ones given now (which win), so a
     resumed run is composed as the run was without the user retyping it.
 
-    The record is a file in a folder, so it is read as data: overrides that name code
-    (``_target_`` and the like) are not carried over but reported, to be passed again by hand.
+    The record is a file in a folder someone may have handed over, so it is read as data:
+    only plain settings come back (:func:`restorable`: an allow-list of keys, group choices
+    by name, values without interpolations or resolvers, no new keys). The rest is reported,
+    to be passed again by hand if the run needs it.
     """
     given = [a for a in argv if not a.startswith("-")]
     resume = next((a.split("=", 1)[1] for a in given if a.split("=", 1)[0] in
@@ -105,37 +157,79 @@ def restore_overrides(argv: list[str]) -> list[str]:
     record = (path if path.is_dir() else run_dir_of(path)) / ".hydra" / "overrides.yaml"
     if not record.is_file():
         return argv
-    saved = [o for o in _read_overrides(record) if not o.startswith(_NOT_RESTORED)]
     keys_given = {_key(a) for a in given}
-    # A node that names code is left out whole: its other keys would be a callback (say)
-    # without its class.
-    code_nodes = {_key(o).rpartition(".")[0] for o in saved if any(k in o for k in _CODE_KEYS)}
-    restored, skipped = [], []
-    for override in saved:
-        key = _key(override)
-        if key in keys_given:
-            continue
-        names_code = any(key == n or key.startswith(n + ".") for n in code_nodes if n)
-        (skipped if names_code or any(k in override for k in _CODE_KEYS)
-         else restored).append(override)
-    if skipped:
-        print(f"[sharebone] resume: not restoring {skipped} from {record} (they name code to "
-              "call); pass them again if the run needs them.")
+    restored, dropped = [], []
+    for override in read_overrides(record):
+        reason = restorable(override)
+        if reason is None and _key(override) not in keys_given:
+            restored.append(override)
+        elif reason is not None and _root(_key(override)) not in ("hydra", "resume"):
+            dropped.append(f"{override} ({reason})")  # where this process runs: not news
+    if dropped:
+        print(f"[sharebone] resume: not restoring from {record}: {'; '.join(dropped)}. A run "
+              "record is data: pass them again on the command line if the run needs them.")
     if restored:
         print(f"[sharebone] resume: the run's own overrides {restored}")
     return [argv[0], *restored, *argv[1:]]
+
+
+def restorable(override: str) -> str | None:
+    """None if a recorded ``override`` may be restored, else why not.
+
+    Example:
+        >>> restorable("regime.lr=0.01"), restorable("task=omniglot_small")
+        (None, None)
+        >>> restorable("tags=['${oc.env:SECRET,none}']")
+        'an interpolation or resolver (${...}) in the value'
+        >>> restorable("+callbacks.x._target_=builtins.print")
+        'names code to call'
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "${" in override:
+        return "an interpolation or resolver (${...}) in the value"
+    if any(k in override for k in _CODE_KEYS):
+        return "names code to call"
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except Exception:  # noqa: BLE001 - Hydra's grammar refused it; the reason is not ours
+        return "not a valid override"
+    key = parsed.key_or_group
+    if parsed.package is not None or parsed.is_add() or parsed.is_force_add() \
+            or parsed.is_delete():
+        return "adds, deletes or repackages a key"
+    if parsed.is_sweep_override() or parsed.value_type is not None and \
+            parsed.value_type.name not in ("ELEMENT",):
+        return "a sweep"
+    if key in RESTORED_GROUPS:
+        return None if _names_options(parsed.value()) else "a group choice that is not a name"
+    if _root(key) not in RESTORED_KEYS or "/" in key:
+        return f"{_root(key)} is not a setting restored on resume"
+    return None
+
+
+def _names_options(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(v is None or isinstance(v, str) and _OPTION_NAME.fullmatch(v) for v in values)
 
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _read_overrides(record: Path) -> list[str]:
+def _root(key: str) -> str:
+    """The top-level key or group of ``key`` (``hydra.run.dir``, ``hydra/launcher``: hydra)."""
+    return re.split(r"[./@]", key, maxsplit=1)[0]
+
+
+def read_overrides(record: Path) -> list[str]:
+    """A run's ``.hydra/overrides.yaml`` as the strings it holds, read as YAML data: never as
+    config (OmegaConf would resolve a ``${oc.env:...}`` in it), [] if it is unreadable."""
     import yaml
 
     try:
         saved = yaml.safe_load(record.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return []
     return [o for o in saved if isinstance(o, str)] if isinstance(saved, list) else []
 
@@ -160,8 +254,10 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source
                if k in saved and _comparable(k, saved[k]) != _comparable(k, current.get(k))]
     if not changed:
         return
-    lines = [f"  {k}: the run has {_brief(saved[k])}, this command has {_brief(current.get(k))}"
-             for k in changed]
+    lines = [f"  {key}: the run has {was}, this command has {now}"
+             for k in changed
+             for key, was, now in _differences(_comparable(k, saved[k]),
+                                               _comparable(k, current.get(k)), k)]
     fix = ("sharebone-train restores the run's own overrides (its .hydra/overrides.yaml); drop "
            "the ones that change these, and change only what may change on resume, e.g. "
            "trainer.max_epochs or test settings." if key == "resume" else
@@ -172,8 +268,19 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source
         "composes:\n" + "\n".join(lines) + "\n" + fix)
 
 
+def _differences(saved: Any, current: Any, key: str) -> Iterator[tuple[str, str, str]]:
+    """``(key, saved, current)`` for each leaf where two configs differ (at most 10)."""
+    found = 0
+    stack = [(key, saved, current)]
+    while stack and found < 10:
+        k, a, b = stack.pop(0)
+        if isinstance(a, dict) and isinstance(b, dict):
+            stack.extend((f"{k}.{sub}", a.get(sub, "(unset)"), b.get(sub, "(unset)"))
+                         for sub in sorted(set(a) | set(b), key=str) if a.get(sub) != b.get(sub))
+        elif a != b:
+            found += 1
+            yield k, _brief(a), _brief(b)
+
+
 def _brief(value: Any) -> str:
-    if isinstance(value, dict) and "name" in value:
-        others = {k: v for k, v in value.items() if k not in ("name", "_target_", "family")}
-        return f"{value['name']} {json.dumps(others, default=str)[:300]}"
-    return json.dumps(value, default=str)[:300]
+    return value if value == "(unset)" else json.dumps(value, default=str)[:200]

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from sharebone.run_dir import read_overrides
 
 #: A command-line override that sweeps: ``key=a,b``, ``key=range(...)``, ``choice(...)``...
 _SWEEP_VALUE = re.compile(r"^(?:[^\[\]{}()]*,|(?:range|choice|interval|tag|glob)\()")
@@ -47,7 +49,7 @@ def job_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+        overrides = read_overrides(overrides_file)  # data, never resolved as config
         row: dict[str, Any] = {"job": str(job_dir.relative_to(sweep_dir)),
                                "overrides": dict(o.partition("=")[::2] for o in overrides)}
         metrics_file = job_dir / "metrics.json"

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.progress import ProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from sharebone import dashboard, tracking
 from sharebone.build import RunParts, build_run, check_world_size, resolved
@@ -51,10 +53,13 @@ from sharebone.precision import set_float32_matmul_precision
 from sharebone.ranks import RUN_CONFIG_ENV, launch_rank
 from sharebone.regimes import load_regime
 from sharebone.run_dir import (
+    RunDirError,
     RunLock,
     check_fresh,
     check_same_run,
+    remove_if_empty,
     run_dir_of,
+    write_record,
 )
 from sharebone.steptime import StepTimes
 from sharebone.sweep import swept_keys
@@ -173,18 +178,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
     composed config. One training at a time per run directory; a new run never writes over
     another's checkpoints; ``resume=`` continues a run in its own directory.
     """
+    record = OmegaConf.to_yaml(cfg)  # as composed, before a resume moves its directory
+    job_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() \
+        else Path(cfg.paths.output_dir)
+    try:
+        return accepted_run(cfg, record, job_dir)
+    except RunDirError:
+        remove_if_empty(job_dir)  # a refused run leaves nothing behind
+        raise
+
+
+def accepted_run(cfg: DictConfig, record: str, job_dir: Path) -> dict[str, float]:
+    """:func:`run` once its directory is checked: nothing is written before that."""
     quiet_known_noise()
     check_switches(cfg)
     dashboard.user_tags(cfg)  # bad tags are refused now, whichever loggers run
     if not cfg.get("train", True):
-        return score_checkpoint(cfg)
+        return score_checkpoint(cfg, record, job_dir)
     ckpt_path = resume_checkpoint(cfg.get("resume"))
     wandb_id = continue_in_run_dir(cfg, ckpt_path) if ckpt_path else None
     output_dir = Path(cfg.paths.output_dir)
     first = launch_rank() == 0  # ranks a launcher started share rank 0's directory and lock
+    if first and not ckpt_path:
+        check_fresh(output_dir)  # before the lock: a refused run writes not even its lock file
     with RunLock(output_dir) if first else contextlib.nullcontext():
         if first and not ckpt_path:
-            check_fresh(output_dir)
+            check_fresh(output_dir)  # again: a run may have finished there in between
+        if first:
+            write_record(job_dir, record)
         threads = torch.get_num_threads()
         try:
             return train_and_test(cfg, output_dir, ckpt_path, wandb_id)
@@ -211,7 +232,7 @@ def check_switches(cfg: DictConfig) -> None:
                            "test as ckpt_path=.")
 
 
-def score_checkpoint(cfg: DictConfig) -> dict[str, float]:
+def score_checkpoint(cfg: DictConfig, record: str, job_dir: Path) -> dict[str, float]:
     """``train=false``: score ``ckpt_path`` on this config's test episodes, as a run scores its
     best checkpoint after training (same evaluator, results, loggers, figures), in a new run
     directory. The checkpoint must have this config's task, backbone and regime."""
@@ -220,9 +241,10 @@ def score_checkpoint(cfg: DictConfig) -> dict[str, float]:
     check_same_run(saved, OmegaConf.to_container(cfg, resolve=True), str(cfg.ckpt_path),
                    key="ckpt_path")
     output_dir = Path(cfg.paths.output_dir)
+    check_fresh(output_dir)
     with RunLock(output_dir):
         check_fresh(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        write_record(job_dir, record)
         pl.seed_everything(cfg.seed, workers=True)
         set_float32_matmul_precision(cfg.get("float32_matmul_precision", "auto"))
         parts = build_run(cfg)
@@ -292,7 +314,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
     if ckpt_path:
         print(f"[sharebone] resuming from {ckpt_path}")
     started = time.perf_counter()
-    with ddp_job(cfg, output_dir):
+    with ddp_job(cfg, output_dir), stopped_by_sigterm(trainer, output_dir):
         trainer.fit(model, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, float] = {"train_seconds": time.perf_counter() - started}
     if trainer.global_rank != 0:
@@ -311,6 +333,27 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
         print("[sharebone] test.enabled=false: the test episodes were not scored")
     finish_run(cfg, model, output_dir, loggers, metrics, best)
     return metrics
+
+
+#: A process ended by SIGTERM exits 128 + 15, as the shell reports a terminated process: a
+#: scheduler or a sweep must not record a stopped run as a success.
+SIGTERM_EXIT = 143
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path) -> Iterator[None]:
+    """Lightning ends ``fit`` on SIGTERM with a ``SystemExit`` without a code (status 0): say
+    that the run was stopped and how to continue it, and exit :data:`SIGTERM_EXIT`."""
+    try:
+        yield
+    except SIGTERMException:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        saved = (f"its last checkpoint is {last}" if last.is_file()
+                 else "it had written no checkpoint yet")
+        print(f"[sharebone] the run was stopped (SIGTERM) at step {trainer.global_step}; "
+              f"{saved}. Continue it with: sharebone-train resume={output_dir}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(SIGTERM_EXIT) from None
 
 
 def best_checkpoint(checkpoint: ModelCheckpoint, output_dir: Path) -> str:

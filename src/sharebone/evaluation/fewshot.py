@@ -63,8 +63,11 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
             keys["q_query"] = (f"{prefix}settings[{i}].q_query" if "q_query" in setting
                                else f"{prefix}q_query")
             message = _spell_keys(str(err), keys)
-            first = next((keys[k] for k in ("q_query", "k_shot", "n_way")
-                          if keys[k] in message), f"{prefix}settings[{i}]")
+            # The key to change first: of those the message names, the one set highest.
+            values = {"n_way": n_way, "k_shot": k_shot, "q_query": q}
+            named = [k for k in keys if keys[k] in message and isinstance(values[k], int)]
+            first = (keys[max(named, key=values.__getitem__)] if named
+                     else f"{prefix}settings[{i}]")
             raise SettingError(f"{first}: ({prefix}settings[{i}], {n_way}w{k_shot}s) "
                                f"{message}") from err
         tests.append(TestEpisodes(int(n_way), int(k_shot), int(q), source))
