@@ -258,3 +258,22 @@ def test_trainer_precision_and_steps_are_keys_of_every_trainer(tmp_path, trainer
     assert out.returncode == 0, out.stderr[-2000:]
     trainer_cfg = yaml.safe_load(out.stdout)["trainer"]
     assert trainer_cfg["precision"] == "bf16-mixed" and trainer_cfg["max_steps"] == 5
+
+
+# -- hostile cases of this sweep's own (each gave a raw traceback, or passed silently) ---------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["seed=-1"], "sharebone-train: error: seed must be an integer >= 0, got -1."),
+    (["seed=abc"], "sharebone-train: error: seed must be an integer >= 0, got 'abc'."),
+    (["seed=4294967296"], "sharebone-train: error: seed must be an integer from 0 to"),
+    (["trainer.max_epochs=-5"], "sharebone-train: error: trainer: `max_epochs` must be"),
+    (["trainer.precision=banana"], "sharebone-train: error: trainer: Precision 'banana'"),
+    (["checkpoint.every_n_train_steps=-3"],  # was: silently no step checkpoints
+     "sharebone-train: error: checkpoint.every_n_train_steps must be an integer >= 0"),
+])
+def test_settings_lightning_or_numpy_would_refuse_are_refused_first(tmp_path, args, message):
+    out = sharebone("train", *FAST, *args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -25,12 +25,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.progress import ProgressBar
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from sharebone import dashboard, tracking
 from sharebone.build import RunParts, build_run, check_world_size, resolved
@@ -41,6 +42,7 @@ from sharebone.checkpoint_io import (
     read_checkpoint,
     resume_checkpoint,
 )
+from sharebone.checks import check_count
 from sharebone.config import escape_interpolations
 from sharebone.errors import SettingError, UnknownNameError
 from sharebone.evaluation.fewshot import evaluate
@@ -163,6 +165,21 @@ def build_callbacks(cfg: DictConfig, model: Any, output_dir: Path,
     return callbacks
 
 
+def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[pl.Callback],
+                  ) -> pl.Trainer:
+    """The ``trainer`` config's Lightning trainer, checkpoints written atomically (a kill never
+    leaves half a file); a value Lightning refuses is a ``trainer.`` setting's error."""
+    try:
+        return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                           plugins=[AtomicCheckpointIO()])
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MisconfigurationException | ValueError | TypeError):
+            raise SettingError(f"trainer: {cause} (a setting of configs/trainer/, passed to "
+                               "pytorch_lightning.Trainer)") from err
+        raise
+
+
 def monitor_mode(model: Any, monitor: str) -> str:
     """``max`` or ``min`` for a monitored metric: the regime's own score goes its way
     (accuracy up, MSE down); a loss or error goes down; any other score up."""
@@ -213,6 +230,10 @@ def accepted_run(cfg: DictConfig, record: str, job_dir: Path) -> dict[str, float
             torch.set_num_threads(threads)
 
 
+#: The largest seed numpy (and so Lightning's seed_everything) takes.
+MAX_SEED = 2**32 - 1
+
+
 def check_switches(cfg: DictConfig) -> None:
     """``train``/``test.enabled``/``ckpt_path``/``resume`` make sense together."""
     train, test = cfg.get("train", True), (cfg.get("test") or {}).get("enabled", True)
@@ -227,6 +248,12 @@ def check_switches(cfg: DictConfig) -> None:
     if not train and not cfg.get("ckpt_path"):
         raise SettingError("train=false tests a checkpoint: pass ckpt_path=<file.ckpt or run "
                            "dir>. (sharebone-eval ckpt=... scores one on its own settings.)")
+    seed = check_count("seed", cfg.get("seed", 0), low=0)
+    if seed > MAX_SEED:
+        raise SettingError(f"seed must be an integer from 0 to {MAX_SEED} (numpy's range), got "
+                           f"{seed}.")
+    check_count("checkpoint.every_n_train_steps",
+                (cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0, low=0)
     if not train and cfg.get("resume"):
         raise SettingError("resume= continues training; with train=false name the checkpoint to "
                            "test as ckpt_path=.")
@@ -307,9 +334,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
 
     callbacks = build_callbacks(cfg, model, output_dir, loggers)
     callbacks += dashboard.callbacks(cfg, model, output_dir, loggers)
-    # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                      plugins=[AtomicCheckpointIO()])
+    trainer = build_trainer(cfg, loggers, callbacks)
     check_world_size(parts.datamodule, trainer.world_size)
     if ckpt_path:
         print(f"[sharebone] resuming from {ckpt_path}")
