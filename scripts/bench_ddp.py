@@ -58,7 +58,7 @@ def bench(regime: str, processes: int, steps: int, warmup: int, meta_batch: int,
     out = workdir / f"{regime}_{processes}_{threads}.json"
     trainer = ["trainer=cpu"] if processes == 1 else ["trainer=ddp_cpu",
                                                       f"trainer.devices={processes}"]
-    cmd = [sys.executable, "-m", "sharebone.train", "task=synthetic_images", "logger=none",
+    cmd = [sys.executable, "-m", "sharebone", "train", "task=synthetic_images", "logger=none",
            f"regime={regime}", *trainer, "trainer.max_epochs=1", "trainer.limit_val_batches=0",
            "trainer.enable_progress_bar=false",
            f"sampler.meta_batch_size={meta_batch}", f"sampler.batches_per_epoch={steps + warmup}",

@@ -3,7 +3,7 @@
 The bare step is what a hand-written loop does with the very same parts (the regime, its
 optimizer, the run's sampler and data placement): draw a meta-batch, move and prepare it,
 ``episode_loss``, ``backward``, the run's gradient clipping, ``optimizer.step``. The loop is
-``sharebone.train.run`` on the same composed config, as ``sharebone-train`` runs it: a real
+``sharebone.run.train.run`` on the same composed config, as ``sharebone-train`` runs it: a real
 Lightning Trainer with the run's callbacks (checkpoints, progress, LR monitor, the NaN guard,
 step times), its loggers and its validation.
 
@@ -16,7 +16,8 @@ each repeat's own ratio):
 - ``loop_fit_s``: the whole ``trainer.fit`` (sanity check, validation, checkpoints included),
   and ``val_s``, the epoch-end validation alone;
 - ``host_syncs_per_step``: host reads of device values per training step (an untimed pass
-  with :class:`sharebone.syncs.HostSyncs`), with the lines that make them. On a GPU each one
+  with :class:`sharebone.callbacks.syncs.HostSyncs`), with the lines that make them. On a GPU each
+  one
   makes the host wait until the device has caught up.
 
 Timed regions are bracketed by ``torch.cuda.synchronize`` on CUDA (twice per run, never per
@@ -43,15 +44,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
 
-from sharebone.build import build_run
+from sharebone.callbacks.syncs import HostSyncs, synchronize
 from sharebone.config import compose_config
 from sharebone.data.placement import place_source
 from sharebone.data.tasks import prepare_episode
 from sharebone.memory import keep_freed_memory
-from sharebone.precision import set_float32_matmul_precision
-from sharebone.syncs import HostSyncs, synchronize
-from sharebone.threads import choose_threads
-from sharebone.train import run
+from sharebone.run.build import build_run
+from sharebone.run.environment import choose_threads, set_float32_matmul_precision
+from sharebone.run.train import run
 
 #: What the clock callback measured in the last ``run``, and the sync counter it made.
 CLOCK: dict[str, float] = {}
@@ -142,7 +142,8 @@ def bare_steps_per_second(cfg: DictConfig, args: argparse.Namespace) -> float:
 
 
 def loop_run(cfg: DictConfig, warmup: int) -> dict[str, float]:
-    """``sharebone.train.run`` with :class:`StepClock` added: steps/s, fit and validation time."""
+    """``sharebone.run.train.run`` with :class:`StepClock` added: steps/s, fit and validation
+    time."""
     with open_dict(cfg):
         cfg.callbacks["bench_clock"] = {"_target_": "__main__.StepClock", "warmup": warmup}
     started = time.perf_counter()

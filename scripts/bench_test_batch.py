@@ -45,10 +45,10 @@ def measure(regime: str, batch_size: int, episodes: int, n_way: int, k_shot: int
     if threads > 0:
         torch.set_num_threads(threads)
 
-    from sharebone.build import build_run
     from sharebone.config import compose_config
     from sharebone.evaluation.fewshot import evaluate
     from sharebone.memory import keep_freed_memory
+    from sharebone.run.build import build_run
 
     keep_freed_memory()  # as sharebone-eval and sharebone-train do
     cfg = compose_config(

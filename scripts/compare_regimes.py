@@ -6,7 +6,7 @@
 
 Regimes: protonet, maml/fomaml/anil/metasgd (those registered at run time), pretrain, multitask
 (multitask trains on the same training classes split into tasks: one per alphabet on Omniglot).
-Each is trained by ``sharebone.train.run`` for ``--steps`` optimizer steps and/or
+Each is trained by ``sharebone.run.train.run`` for ``--steps`` optimizer steps and/or
 ``--budget-seconds`` of wall time, then scored on 5w1s, 5w5s, 20w1s and 20w5s test episodes fixed
 by ``--test-seed``: every row sees identical support and query images (checked, and the
 fingerprint is written into the table). Writes ``comparison.md``, ``comparison.csv`` and
@@ -125,7 +125,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def train_one(regime: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from sharebone.train import run
+    from sharebone.run.train import run
 
     overrides = (base_overrides(args) + logger_overrides(args, regime) + [f"regime={regime}"]
                  + REGIME_OVERRIDES.get(regime, []))

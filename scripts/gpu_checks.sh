@@ -50,7 +50,7 @@ $PY scripts/bench_maml.py --data random --repeats 1 "${BENCH[@]}" --out "$OUT/ma
 # 3. sharebone-train's steps with the split's images on the host vs on the GPU: it/s and the
 #    step's time in the loader (perf/data_ms), from the runs' CSV logs.
 for on in false true; do
-  $PY -m sharebone.train experiment=omniglot_maml_5w1s task=synthetic_images trainer=$TRAINER \
+  $PY -m sharebone.run.train experiment=omniglot_maml_5w1s task=synthetic_images trainer=$TRAINER \
     logger=csv figures.enabled=false sampler.images_on_device=$on trainer.max_epochs=1 \
     sampler.batches_per_epoch=$STEPS test.episodes=20 "test.settings=[{n_way: 5, k_shot: 1}]" \
     hydra.run.dir="$OUT/train_on_device_$on" > "$OUT/train_on_device_$on.txt" 2>&1
@@ -74,7 +74,7 @@ $PY scripts/bench_loop.py --device $DEVICE --logger wandb "${LOOP[@]}" --out "$O
 TASK=(task=synthetic_images)
 [ -d .data/omniglot ] && TASK=(task=omniglot_small "data_dir=$PWD/.data")
 for p in $PRECISIONS; do
-  $PY -m sharebone.train experiment=omniglot_maml_5w1s "${TASK[@]}" trainer=$TRAINER \
+  $PY -m sharebone.run.train experiment=omniglot_maml_5w1s "${TASK[@]}" trainer=$TRAINER \
     ++trainer.precision=$p logger=csv figures.enabled=false trainer.max_epochs=$EPOCHS \
     test.episodes=$EPISODES "test.settings=[{n_way: 5, k_shot: 1}]" "${SHORT[@]}" \
     hydra.run.dir="$OUT/precision_$p" > "$OUT/precision_$p.txt" 2>&1

@@ -8,7 +8,7 @@
     python scripts/layer_change.py --checkpoint outputs/<pretrain run> \
         --compare outputs/<finetune probe run> outputs/<finetune gradual run>
 
-Per layer (:func:`sharebone.analysis.layer_groups`: conv4's blocks, an MLP's linear layers):
+Per layer (:func:`sharebone.models.analysis.layer_groups`: conv4's blocks, an MLP's linear layers):
 relative weight change and linear CKA of the activations before vs after, on the episodes'
 query images (mean over ``--episodes`` episodes). Writes ``layer_change.md``, ``.csv`` and
 ``.png`` into ``--out``.
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from sharebone.analysis import format_layer_table, layer_change, plot_layer_change
 from sharebone.config import CONFIG_DIR
 from sharebone.data.families import build_family
+from sharebone.models.analysis import format_layer_table, layer_change, plot_layer_change
 from sharebone.regimes import load_regime
 
 

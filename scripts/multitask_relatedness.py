@@ -36,7 +36,7 @@ import torch
 
 from sharebone.data.multitask import SyntheticRegressionTasks, TaskBatches, TaskSet
 from sharebone.regimes.multitask import MultiTask
-from sharebone.weighting import cosine_matrix
+from sharebone.regimes.weighting import cosine_matrix
 
 
 def train(data: TaskSet, weighting: str, args: argparse.Namespace, seed: int,

@@ -43,7 +43,7 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """One finished training run (ProtoNet, generated images, seconds), read-only for tests."""
-    from sharebone.train import run
+    from sharebone.run.train import run
 
     out = tmp_path_factory.mktemp("tiny_run")
     run(compose_train(out, FAST + ["sampler.batches_per_epoch=2", "test.episodes=2",

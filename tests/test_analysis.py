@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharebone.analysis import (
+from sharebone.models import create_backbone
+from sharebone.models.analysis import (
     format_layer_table,
     layer_activations,
     layer_change,
@@ -13,7 +14,6 @@ from sharebone.analysis import (
     linear_cka,
     plot_layer_change,
 )
-from sharebone.models import create_backbone
 
 
 def test_linear_cka_is_one_for_rotations_and_scalings_and_low_for_unrelated():

@@ -14,12 +14,12 @@ from helpers.configs import FAST, compose_train
 from hydra.utils import instantiate
 from torch import nn
 
-from sharebone.adaptation import TransductiveBatchNorm
-from sharebone.analysis import layer_groups
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.models import BACKBONES, count_parameters, create_backbone
+from sharebone.models.analysis import layer_groups
 from sharebone.models.resnet import drop_block
 from sharebone.regimes import FineTune, MultiTask, Pretrain, ProtoNet, create_regime
+from sharebone.regimes.maml.adaptation import TransductiveBatchNorm
 
 #: A tiny version of every registered backbone on 3x16x16 images; a new backbone adds itself.
 TINY = {
@@ -367,7 +367,7 @@ def test_backbone_configs_build_from_the_task(config, tmp_path):
 
 def test_maml_run_on_resnet12_trains_checkpoints_and_reloads(tmp_path):
     from sharebone.regimes import load_regime
-    from sharebone.train import run
+    from sharebone.run.train import run
 
     cfg = compose_train(tmp_path, FAST + [
         "regime=maml", "backbone=resnet12", "backbone.channels=[4,4,6,8]",

@@ -28,7 +28,7 @@ def test_the_loop_is_timed_against_the_bare_step(tmp_path):
     # the default sharebone-train loop on a CPU: the NaN check reads every step (free there),
     # the bar on the logging step (the epoch's last); nothing else reads
     lines = report["host_sync_lines"]
-    assert {line.split(":")[0] for line in lines} == {"sharebone/guards.py",
-                                                      "sharebone/progress.py"}, lines
+    assert {line.split(":")[0] for line in lines} == {"sharebone/callbacks/guards.py",
+                                                      "sharebone/callbacks/progress.py"}, lines
     assert [n for line, n in lines.items() if "guards.py" in line] == [1.0]
     assert "sharebone-train" in out.stdout and "ratio" in out.stdout

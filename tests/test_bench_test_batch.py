@@ -36,8 +36,8 @@ def test_auto_is_one_episode_per_pass_on_a_cpu_and_a_bad_size_is_refused(tmp_pat
     import torch
     from helpers.configs import FAST, compose_train
 
-    from sharebone.build import build_run
     from sharebone.evaluation.fewshot import batch_size_for, evaluate
+    from sharebone.run.build import build_run
 
     cfg = compose_train(tmp_path, FAST + ["test.settings=[{n_way: 5, k_shot: 1}]"])
     assert cfg.test.batch_size == "auto"

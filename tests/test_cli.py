@@ -32,7 +32,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def test_python_dash_m_equivalent(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sharebone.train", "--cfg", "job",
+    out = subprocess.run([sys.executable, "-m", "sharebone", "train", "--cfg", "job",
                           "task=omniglot_lake"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "name: omniglot_lake" in out.stdout

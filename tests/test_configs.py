@@ -8,9 +8,9 @@ from helpers.configs import compose_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sharebone.build import build_run
 from sharebone.config import CONFIG_DIR
 from sharebone.data.families import build_family
+from sharebone.run.build import build_run
 
 
 def options(group: str) -> list[str]:

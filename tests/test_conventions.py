@@ -28,13 +28,13 @@ from pytorch_lightning.callbacks import (
 )
 from pytorch_lightning.callbacks.progress import ProgressBar
 
-import sharebone.cli
-import sharebone.train
-from sharebone.build import build_run
-from sharebone.progress import LineProgressBar, TrainMetricsShown, progress_bar
-from sharebone.run_dir import RunDirError
-from sharebone.suggest import hints
-from sharebone.train import build_callbacks, check_objective, run
+import sharebone.run.cli
+import sharebone.run.train
+from sharebone.callbacks.progress import LineProgressBar, TrainMetricsShown, progress_bar
+from sharebone.run.build import build_run
+from sharebone.run.run_dir import RunDirError
+from sharebone.run.suggest import hints
+from sharebone.run.train import build_callbacks, check_objective, run
 
 BIN = Path(sys.executable).parent
 ONE_SETTING = ["test.episodes=2", "test.settings=[{n_way: 5, k_shot: 1}]"]
@@ -133,9 +133,9 @@ def test_progress_lines_in_a_real_run_without_a_terminal(tmp_path, capsys, caplo
     cfg = compose_train(tmp_path, FAST + ONE_SETTING + [
         "callbacks=[default,rich_progress]", "trainer.enable_progress_bar=true",
         "callbacks.progress_bar.every_seconds=0"])
-    with caplog.at_level(logging.INFO, logger="sharebone.progress"):
+    with caplog.at_level(logging.INFO, logger="sharebone.callbacks.progress"):
         run(cfg)
-    lines = [r.getMessage() for r in caplog.records if r.name == "sharebone.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sharebone.callbacks.progress"]
     steps = [line for line in lines if line.startswith("epoch")]
     assert [line.split(",")[0] for line in steps] == [
         "epoch 1/1: 1/3 steps", "epoch 1/1: 2/3 steps", "epoch 1/1: 3/3 steps"]
@@ -161,7 +161,7 @@ def test_the_optuna_preset_searches_on_a_validation_metric():
     assert cfg.regime.name == "protonet"
     assert set(sweeper.params) == {"regime.lr", "regime.distance", "sampler.train.n_way"}
     Plugins.instance().instantiate_sweeper(
-        hydra_context=context, task_function=sharebone.cli.train_app.__wrapped__, config=cfg)
+        hydra_context=context, task_function=sharebone.run.cli.train_app.__wrapped__, config=cfg)
     old, _ = hydra_context(["hydra/sweeper=lr_search"])  # the older preset still composes
     assert old.hydra.sweeper.params["regime.lr"] == "tag(log, interval(1e-4, 1e-2))"
 
@@ -171,7 +171,7 @@ def test_an_objective_on_the_test_episodes_is_refused(tmp_path):
         check_objective(compose_train(tmp_path, FAST + ["objective=test/5w1s/acc"]))
     check_objective(compose_train(tmp_path, FAST + ["objective=val/acc"]))
     with pytest.raises(KeyError, match=r"objective=val/mse is not among .*val/acc"):
-        sharebone.train.objective(compose_train(tmp_path, FAST + ["objective=val/mse"]),
+        sharebone.run.train.objective(compose_train(tmp_path, FAST + ["objective=val/mse"]),
                                   {"val/acc": 0.5, "test/5w1s/acc": 0.6})
 
 

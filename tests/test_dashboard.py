@@ -13,9 +13,9 @@ from helpers.data import draw_shape
 from helpers.wandb_service import leet_inspect as inspect
 from PIL import Image
 
-import sharebone.eval as sb_eval
-from sharebone.dashboard import name_and_tags
-from sharebone.train import run
+import sharebone.run.eval as sb_eval
+from sharebone.run.train import run
+from sharebone.tracking.dashboard import name_and_tags
 
 FIGURES = ("val_episode.png", "learning_curves.png", "acc_vs_shots.png")
 

@@ -17,7 +17,7 @@ import torch
 from helpers.configs import FAST, compose_train
 from hydra.utils import instantiate
 
-from sharebone.train import launch_rank, run
+from sharebone.run.train import launch_rank, run
 
 META_BATCH, BATCHES, EPOCHS = 4, 8, 2
 

@@ -11,8 +11,8 @@ from helpers.configs import FAST, compose_train
 from helpers.wandb_service import leet_inspect as inspect
 from PIL import Image
 
-import sharebone.eval as sb_eval
-from sharebone.train import run
+import sharebone.run.eval as sb_eval
+from sharebone.run.train import run
 
 SETTINGS = "settings=[{n_way: 5, k_shot: 1}, {n_way: 5, k_shot: 2}, {n_way: 3, k_shot: 1}]"
 

@@ -9,7 +9,7 @@ from helpers.configs import compose_train
 from helpers.data import SHARED_DATA
 
 from sharebone.config import CONFIG_DIR
-from sharebone.train import run
+from sharebone.run.train import run
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 #: A few steps of any preset: its regime, task, backbone and optimiser, a sliver of its budget.

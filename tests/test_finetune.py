@@ -9,11 +9,11 @@ import torch
 from helpers.configs import FAST, compose_train
 from pytorch_lightning.callbacks import BackboneFinetuning
 
-from sharebone.analysis import layer_change
 from sharebone.checkpoint_io import CheckpointError
+from sharebone.models.analysis import layer_change
 from sharebone.regimes import load_regime
 from sharebone.regimes.finetune import FineTune, GradualUnfreezing, Pretrain
-from sharebone.train import run
+from sharebone.run.train import run
 
 ONE_SETTING = ["test.settings=[{n_way: 5, k_shot: 1}]"]
 #: An MLP backbone: same code paths as conv4, a fraction of the CPU time.

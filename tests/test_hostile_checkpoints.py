@@ -12,10 +12,10 @@ import torch
 from helpers.configs import FAST, compose_train
 from helpers.crafted import pickle_bomb
 
-from sharebone import eval as sb_eval
 from sharebone.checkpoint_io import AtomicCheckpointIO, CheckpointError
 from sharebone.data.families import UnsafeConfigError, build_family
-from sharebone.train import run
+from sharebone.run import eval as sb_eval
+from sharebone.run.train import run
 
 
 def crafted_family(victim) -> dict:

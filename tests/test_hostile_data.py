@@ -203,7 +203,7 @@ def test_archive_that_is_a_device_or_fifo_is_refused_without_reading(tmp_path, k
 
 def test_data_dir_from_the_environment_with_interpolation_syntax_is_taken_literally(
         tmp_path, monkeypatch):
-    from sharebone.train import ddp_job
+    from sharebone.run.train import ddp_job
 
     monkeypatch.setenv("SHAREBONE_DATA_DIR", "/tmp/a${b}")
     monkeypatch.setenv("SHAREBONE_CACHE_DIR", "/tmp/c${oc.env:HOME}\\${d}")
@@ -435,8 +435,8 @@ def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path, fake_omniglot_mirror
 
 
 def test_non_utf8_file_names_in_an_episode_folder_are_scored_and_printed(tmp_path, capsys):
-    from sharebone.eval import score_folder
     from sharebone.regimes import ProtoNet
+    from sharebone.run.eval import score_folder
 
     root = make_episode(tmp_path)
     weird = os.fsencode(root / "support") + b"/caf\xe9"

@@ -19,8 +19,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from sharebone.run_dir import restorable, restore_overrides
-from sharebone.sweep import job_rows
+from sharebone.run.run_dir import restorable, restore_overrides
+from sharebone.run.sweep import job_rows
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).resolve().parent

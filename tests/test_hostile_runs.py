@@ -18,14 +18,14 @@ import torch
 from helpers.configs import FAST, compose_train
 from omegaconf import open_dict
 
-from sharebone import eval as sb_eval
-from sharebone.build import build_run, check_meta_batch_memory
+from sharebone.callbacks.guards import NonFiniteLossError
 from sharebone.checkpoint_io import CheckpointError
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import FewShotResult
-from sharebone.guards import NonFiniteLossError
-from sharebone.run_dir import RunDirError, RunLock, restore_overrides
-from sharebone.train import run
+from sharebone.run import eval as sb_eval
+from sharebone.run.build import build_run, check_meta_batch_memory
+from sharebone.run.run_dir import RunDirError, RunLock, restore_overrides
+from sharebone.run.train import run
 
 ONE = ["test.settings=[{n_way: 5, k_shot: 1}]", "test.episodes=2"]
 
@@ -86,7 +86,7 @@ def test_a_new_run_never_overwrites_a_finished_runs_checkpoints(tiny_run):
 
 
 def test_the_lock_of_a_killed_run_is_released(tmp_path):
-    code = ("import sys, time; from sharebone.run_dir import RunLock\n"
+    code = ("import sys, time; from sharebone.run.run_dir import RunLock\n"
             f"with RunLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

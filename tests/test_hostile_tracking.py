@@ -22,7 +22,7 @@ from helpers.wandb_service import kill_wandb_service, leet_inspect
 from pytorch_lightning.loggers import WandbLogger
 
 from sharebone import tracking
-from sharebone.train import run
+from sharebone.run.train import run
 
 TESTS = Path(__file__).resolve().parent
 ONE_SETTING = ["test.episodes=2", "test.settings=[{n_way: 5, k_shot: 1}]"]
@@ -99,7 +99,7 @@ def test_wandb_service_killed_after_training_the_test_results_are_still_logged(t
 def test_the_cli_exits_0_without_tracebacks_when_wandb_dies(tmp_path):
     """``sharebone-train`` with the service killed: exit status 0, no traceback (neither from
     training nor from W&B's exit hook trying the dead service again)."""
-    cmd = [sys.executable, "-m", "sharebone.train", *fast("logger=wandb", *ONE_SETTING, *KILL),
+    cmd = [sys.executable, "-m", "sharebone", "train", *fast("logger=wandb", *ONE_SETTING, *KILL),
            "+callbacks.kill.step=1", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS),
                                                          os.environ.get("PYTHONPATH", "")])}

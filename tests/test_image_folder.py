@@ -469,8 +469,8 @@ def test_cache_written_with_other_settings_under_this_name_is_rebuilt(folder, tm
 def test_train_and_eval_on_a_generated_folder_from_the_config(folder, tmp_path):
     from helpers.configs import compose_train
 
-    from sharebone import eval as sb_eval
-    from sharebone.train import run
+    from sharebone.run import eval as sb_eval
+    from sharebone.run.train import run
 
     overrides = ["task=image_folder", f"task.root={folder}", "task.image_size=12",
                  "task.n_way=2", "task.k_shot=1", "task.q_query=2", "debug=fast",
@@ -497,7 +497,7 @@ def test_train_and_eval_on_a_generated_folder_from_the_config(folder, tmp_path):
 def test_pretraining_batches_are_augmented_and_normalised_on_the_device(folder, tmp_path):
     from helpers.configs import compose_train
 
-    from sharebone.build import build_run
+    from sharebone.run.build import build_run
 
     cfg = compose_train(tmp_path, [
         "task=image_folder", f"task.root={folder}", "task.image_size=12", "task.n_way=2",

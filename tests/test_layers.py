@@ -1,5 +1,9 @@
-"""The package's import graph: no import runs back up (no cycles, none dodged by importing
-inside a function), so every module can be read, tested and replaced from the bottom up."""
+"""The package's import graph: layers, bottom to top, and no import that runs back up.
+
+Every import counts: at module level, inside a function (lazy), under ``TYPE_CHECKING`` and in
+a ``__main__`` block. A lazy import still ties two modules together, so a cycle dodged by
+importing late is still a cycle. The layers are written once, in :data:`LAYERS`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,22 @@ from pathlib import Path
 import sharebone
 
 SRC = Path(sharebone.__file__).resolve().parent
+ROOT = "sharebone"
+
+#: Bottom to top: a module may import its own layer and the layers below it, never above.
+#: (``sharebone/__init__.py`` is a lazy facade over the layers; ``__main__`` sits on top.)
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "files", "config", "registry", "memory", "task_kind"),
+    ("checkpoint_io",),
+    ("callbacks",),
+    ("data",),
+    ("models",),
+    ("regimes",),
+    ("evaluation",),
+    ("tracking",),
+    ("run",),
+    ("__main__",),
+]
 
 
 def module_name(path: Path) -> str:
@@ -17,19 +37,11 @@ def module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the sharebone modules it imports, at any depth (functions included)."""
+    """Module -> the sharebone modules it imports, anywhere in its file."""
     modules = {module_name(p): p for p in SRC.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
-        tree = ast.parse(path.read_text())
-        # Annotations only, or the block a module runs as a program (`python -m`): neither
-        # runs when the module is imported, so neither can close an import cycle.
-        typing_only = {id(n) for block in ast.walk(tree)
-                       if _is_type_checking(block) or _is_main_block(block)
-                       for n in ast.walk(block)}
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
@@ -38,22 +50,15 @@ def import_graph() -> dict[str, set[str]]:
             for target in targets:
                 if target in modules and target != name:
                     graph[name].add(target)
-                    # Importing a.b.c first runs package a.b's __init__ (unless we are in it).
+                    # Importing a.b.c first runs package a.b's __init__ (unless we are in it;
+                    # the root's __init__ imports nothing when it runs).
                     parent = target.rpartition(".")[0]
-                    while parent in modules and not (name + ".").startswith(parent + "."):
+                    while parent in modules and parent != ROOT \
+                            and not (name + ".").startswith(parent + "."):
                         graph[name].add(parent)
                         parent = parent.rpartition(".")[0]
                     break
     return graph
-
-
-def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
-def _is_main_block(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test) in (
-        "__name__ == '__main__'", '__name__ == "__main__"')
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -78,14 +83,49 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_runs_back_up():
+def layer(module: str) -> int:
+    """The index in :data:`LAYERS` of a module's top-level module or package."""
+    top = module.split(".")[1] if "." in module else module
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() if m != ROOT
+                  for t in targets if layer(t) > layer(m))
+
+
+def test_no_import_cycle_lazy_and_type_checking_imports_included():
     assert cycles(import_graph()) == []
+
+
+def test_no_package_imports_a_layer_above_it():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_root_facade_imports_nothing_when_it_runs():
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    runtime = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+               and any(a.name.startswith(ROOT) for a in n.names)
+               or isinstance(n, ast.ImportFrom) and (n.module or "").startswith(ROOT)]
+    assert runtime == []
+
+
+def test_every_module_has_a_layer():
+    assert all(layer(m) >= 0 for m in import_graph() if m != ROOT)
 
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-def test_checkpoint_files_sit_below_the_regimes():
-    graph = import_graph()
-    assert not any(m.startswith("sharebone.regimes") for m in graph["sharebone.checkpoint_io"])
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_imports({"sharebone.data.tasks": {"sharebone.run.train"}}) == [
+        "sharebone.data.tasks -> sharebone.run.train"]
+
+
+def test_at_most_eight_modules_at_the_top():
+    top = sorted(p.stem for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert len(top) <= 8, top

@@ -396,7 +396,7 @@ def test_learn2learn_is_imported_only_by_its_backend():
     import subprocess
     import sys
 
-    code = ("import sys, sharebone.regimes, sharebone.train; "
+    code = ("import sys, sharebone.regimes, sharebone.run.train; "
             "print('learn2learn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -8,17 +8,17 @@ import torch.nn.functional as F
 from helpers.saved_tensors import max_live_saved
 from helpers.training import RandomImages
 
-from sharebone import chunking
-from sharebone.chunking import auto_chunk_size, chunk_slices
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.memory import PeakMemory
-from sharebone.precision import (
+from sharebone.regimes import ANIL, FOMAML, MAML, MetaSGD
+from sharebone.regimes import maml as maml_module
+from sharebone.regimes.maml import chunking
+from sharebone.regimes.maml.chunking import auto_chunk_size, chunk_slices
+from sharebone.regimes.maml.precision import (
     check_autocast,
     check_bf16_supported,
     set_float32_matmul_precision,
 )
-from sharebone.regimes import ANIL, FOMAML, MAML, MetaSGD
-from sharebone.regimes import maml as maml_module
 
 PRESETS = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "metasgd": MetaSGD}
 TINY_CONV = {"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}

@@ -9,7 +9,6 @@ import torch
 from helpers.configs import compose_train
 from omegaconf import OmegaConf, open_dict
 
-from sharebone.build import build_run
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.multitask import (
     OmniglotAlphabets,
@@ -22,8 +21,9 @@ from sharebone.data.multitask import (
 from sharebone.data.tasks import SyntheticImageTasks
 from sharebone.regimes import load_regime
 from sharebone.regimes.multitask import MultiTask, NonFiniteWeightError, fit_linear_classifier
-from sharebone.train import run
-from sharebone.weighting import WEIGHTINGS
+from sharebone.regimes.weighting import WEIGHTINGS
+from sharebone.run.build import build_run
+from sharebone.run.train import run
 
 MLP = {"name": "mlp", "in_features": 4, "hidden": [8]}
 

@@ -88,7 +88,7 @@ def test_a_bad_setting_names_the_key_and_the_choices(bad):
 
 
 def test_a_run_logs_where_its_step_time_goes(tmp_path):
-    from sharebone.train import run
+    from sharebone.run.train import run
 
     run(compose_train(tmp_path, [*FAST, "logger=csv", "test.episodes=2",
                                  "test.settings=[{n_way: 5, k_shot: 1}]"]))

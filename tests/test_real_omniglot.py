@@ -7,7 +7,7 @@ import torch
 from helpers.configs import compose_train
 from hydra.utils import instantiate
 
-from sharebone.train import run
+from sharebone.run.train import run
 
 pytestmark = pytest.mark.shared_data
 

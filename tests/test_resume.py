@@ -52,7 +52,7 @@ class StallAt(pl.Callback):
 
 
 def train(cwd: Path, run_dir: str, *args: str, wait: bool = True) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "sharebone.train", "task=synthetic_images", "debug=fast",
+    cmd = [sys.executable, "-m", "sharebone", "train", "task=synthetic_images", "debug=fast",
            "logger=none", f"sampler.batches_per_epoch={BATCHES}", f"trainer.max_epochs={EPOCHS}",
            "sampler.meta_batch_size=2", f"checkpoint.every_n_train_steps={EVERY}",
            "test.episodes=4", "test.settings=[{n_way: 5, k_shot: 1}]",

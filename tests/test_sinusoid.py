@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from sharebone.data.sinusoid import SinusoidTasks, uniforms
 from sharebone.regimes import MAML, MetaSGD, load_regime
-from sharebone.train import run
+from sharebone.run.train import run
 
 MLP = {"name": "mlp", "in_features": 1, "hidden": [40, 40]}
 

@@ -16,8 +16,8 @@ from helpers.configs import FAST, hydra_context
 from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 
-import sharebone.cli
-from sharebone.sweep import swept_keys, write_summary
+import sharebone.run.cli
+from sharebone.run.sweep import swept_keys, write_summary
 
 BIN = Path(sys.executable).parent
 WANDB = BIN / "wandb"
@@ -132,7 +132,7 @@ def test_slurm_launcher_composes_and_the_submitted_job_pickles(tmp_path):
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.tasks_per_node == 4
     assert cfg.hydra.launcher.submitit_folder == f"{tmp_path}/.submitit/%j"
     # The task function Hydra hands the launcher is the undecorated app.
-    task_function = sharebone.cli.train_app.__wrapped__
+    task_function = sharebone.run.cli.train_app.__wrapped__
     launcher = Plugins.instance().instantiate_launcher(
         hydra_context=context, task_function=task_function, config=cfg)
     # submitit pickles the launcher with the job's arguments (cloudpickle) for each array job.
@@ -152,5 +152,5 @@ def test_optuna_sweeper_composes_and_searches_the_learning_rate(tmp_path):
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.params["regime.lr"] == "tag(log, interval(1e-4, 1e-2))"
     Plugins.instance().instantiate_sweeper(hydra_context=context,
-                                           task_function=sharebone.cli.train_app.__wrapped__,
+                                           task_function=sharebone.run.cli.train_app.__wrapped__,
                                            config=cfg)

@@ -2,7 +2,8 @@
 
 On a GPU every host read of a device value (``.item()``, ``bool(t)``, a progress-bar metric)
 makes the host wait for the device; one per step stops the host from queueing the next step
-while the device works. :class:`sharebone.syncs.HostSyncs` counts those reads on any device,
+while the device works. :class:`sharebone.callbacks.syncs.HostSyncs` counts those reads on any
+device,
 so these tests hold the training loop to it on a CPU.
 """
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 from helpers.configs import compose_train
 
-from sharebone.syncs import HostSyncs, SyncCounter
-from sharebone.train import run
+from sharebone.callbacks.syncs import HostSyncs, SyncCounter
+from sharebone.run.train import run
 
 MADE: list[HostSyncs] = []
 
@@ -65,7 +66,7 @@ LOOP = ["task=synthetic_images", "logger=csv", f"sampler.batches_per_epoch={STEP
     ["regime=finetune"],
 ], ids=lambda o: "-".join(v.split("=")[1] for v in o))
 def test_only_logging_steps_read_values_from_the_device(tmp_path, overrides, caplog):
-    with caplog.at_level(logging.INFO, logger="sharebone.syncs"):
+    with caplog.at_level(logging.INFO, logger="sharebone.callbacks.syncs"):
         run(compose_train(tmp_path, LOOP + overrides + ["sampler.meta_batch_size=4"]))
     counter = MADE.pop()
     assert len(counter.per_step) == STEPS
@@ -76,5 +77,7 @@ def test_only_logging_steps_read_values_from_the_device(tmp_path, overrides, cap
     assert all(n > 0 for n in logged), counter.per_step
     assert any("guards.py" in where for where in counter.counts)
     assert any("progress.py" in where for where in counter.counts)
-    report = "\n".join(r.getMessage() for r in caplog.records if r.name == "sharebone.syncs")
-    assert f"per training step ({STEPS} steps)" in report and "sharebone/guards.py" in report
+    report = "\n".join(r.getMessage() for r in caplog.records
+                       if r.name == "sharebone.callbacks.syncs")
+    assert f"per training step ({STEPS} steps)" in report
+    assert "sharebone/callbacks/guards.py" in report

@@ -12,10 +12,10 @@ import torch
 from helpers.configs import FAST, compose_train
 from helpers.wandb_service import leet_inspect as inspect
 
-from sharebone.evaluation.wandb_log import training_run
 from sharebone.regimes.loading import load_regime
+from sharebone.run.train import run
 from sharebone.tracking import build_loggers, finish, wandb_mode, wandb_run_id
-from sharebone.train import run
+from sharebone.tracking.eval_run import training_run
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from helpers.configs import FAST, compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from sharebone import eval as sb_eval
 from sharebone.checkpoint_io import CheckpointError
 from sharebone.regimes import load_regime
-from sharebone.train import run
+from sharebone.run import eval as sb_eval
+from sharebone.run.train import run
 
 
 @pytest.fixture(scope="module")

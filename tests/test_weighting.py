@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharebone.weighting import (
+from sharebone.regimes.weighting import (
     WEIGHTINGS,
     NonFiniteWeightError,
     check_finite,

@@ -54,6 +54,13 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/last.ckpt`` -> ``<run>``)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+        else checkpoint.parent
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = find_checkpoint(path)
     try:

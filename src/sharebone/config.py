@@ -69,7 +69,8 @@ def compose_config(overrides: list[str], output_dir: str | Path, config_name: st
                    root_dir: str | Path | None = None) -> DictConfig:
     """The config a Hydra app would receive for ``overrides``, its outputs in ``output_dir``.
 
-    For calling ``sharebone.train.run`` / ``sharebone.eval.run`` from Python (scripts, tests,
+    For calling ``sharebone.run.train.run`` / ``sharebone.run.eval.run`` from Python (scripts,
+    tests,
     notebooks) without the command line: the same composition, the same groups and overrides.
     """
     root = Path(root_dir) if root_dir is not None else CONFIG_DIR.parent

@@ -1,4 +1,5 @@
-"""The errors sharebone raises on purpose, and how the console scripts report them.
+"""The errors sharebone raises on purpose, the checks on plain settings that raise them, and
+how the console scripts report them.
 
 Every check that refuses a setting, a data file, a checkpoint or a run directory raises a
 :class:`ShareboneError` whose message names the key to change, says what was wrong and how to
@@ -17,6 +18,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 #: The exit status of a run refused for a user's mistake (argparse's, for a usage error).
 USAGE_EXIT = 2
@@ -68,3 +70,20 @@ def reported(prog: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {found}", file=sys.stderr, flush=True)
         raise SystemExit(USAGE_EXIT) from None
+
+
+def check_count(name: str, value: Any, low: int = 1) -> int:
+    """``value`` as an int, refusing anything that is not a whole number ``>= low``.
+
+    Example:
+        >>> check_count("k_shot", 5)
+        5
+        >>> check_count("n_way", "abc")
+        Traceback (most recent call last):
+        ...
+        sharebone.errors.SettingError: n_way must be an integer >= 1, got 'abc'.
+    """
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not (whole or (isinstance(value, float) and value.is_integer())) or value < low:
+        raise SettingError(f"{name} must be an integer >= {low}, got {value!r}.")
+    return int(value)

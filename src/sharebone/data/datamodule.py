@@ -7,7 +7,6 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from sharebone.checks import check_count
 from sharebone.data.episodes import Episode
 from sharebone.data.placement import check_policy, place_source
 from sharebone.data.tasks import (
@@ -17,6 +16,7 @@ from sharebone.data.tasks import (
     TaskFamily,
     prepare_episode,
 )
+from sharebone.errors import check_count
 
 
 class EpisodeLoader(DataLoader):

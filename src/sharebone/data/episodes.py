@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sharebone.checks import check_count
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, check_count
 from sharebone.memory import empty_huge
 
 __all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys", "uniform"]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sharebone.errors import SettingError
-from sharebone.models.registry import Registry
+from sharebone.registry import Registry
 
 FAMILIES: Registry[Any] = Registry("family")
 

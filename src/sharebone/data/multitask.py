@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from sharebone.checks import check_count
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.episodes import Episode, split_id
 from sharebone.data.families import register_family
 from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, SyntheticImageTasks, TaskFamily
-from sharebone.errors import SettingError, UnknownNameError
+from sharebone.errors import SettingError, UnknownNameError, check_count
 
 __all__ = ["OmniglotAlphabets", "SyntheticImageGroups", "SyntheticRegressionTasks",
            "TaskBatchDataModule",

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from sharebone.checks import check_count
 from sharebone.data.episodes import Episode, hash_keys
 from sharebone.data.families import register_family
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, check_count
 
 _U53 = (1 << 53) - 1
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sharebone.checks import check_count
 from sharebone.data.tasks import EpisodeSource, TaskFamily, prepare_episode
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, check_count
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sharebone.callbacks.guards import finite_or_none
 from sharebone.evaluation.stats import FewShotResult
 from sharebone.files import atomic_write
-from sharebone.guards import finite_or_none
 
 
 def _atomic_write(path: Path, text: str) -> None:

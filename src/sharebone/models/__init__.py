@@ -11,10 +11,10 @@ from sharebone.models.backbones import (
     is_module_record,
     register_backbone,
 )
-from sharebone.models.registry import Registry
 from sharebone.models.resnet import ResNet12, WideResNet
 from sharebone.models.sharing import ParameterSharing, count_parameters
 from sharebone.models.timm_backbone import TimmBackbone
+from sharebone.registry import Registry
 
 __all__ = ["BACKBONES", "BackboneArg", "ConvNet", "MLP", "ParameterSharing", "Registry",
            "ResNet12", "TimmBackbone", "WideResNet", "build_backbone", "count_parameters",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sharebone.errors import SettingError
-from sharebone.models.registry import Registry
+from sharebone.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry(
     "backbone", hint="Any timm model is a backbone too: 'timm:<model name>' (needs timm).")

@@ -154,13 +154,13 @@ class TimmBackbone(nn.Module):
         return self.model(x)
 
     def layer_groups(self) -> list[Any]:
-        """Layers for gradual unfreezing and layer analysis (:func:`sharebone.analysis.
+        """Layers for gradual unfreezing and layer analysis (:func:`sharebone.models.analysis.
         layer_groups`), input to output: the timm model's parameterised children, a block
         container (``blocks``, ``layer1``, ``stages``...) split into its blocks, a norm joining
         the layer before it (ResNet-18: stem, 8 blocks; ViT: patch embedding, each block).
         Parameters the model holds itself (a ViT's ``cls_token``, ``pos_embed``) are in no
         layer."""
-        from sharebone.analysis import LayerGroup
+        from sharebone.models.analysis import LayerGroup
 
         norms = (nn.modules.batchnorm._BatchNorm, BatchNormThenAct, nn.LayerNorm, nn.GroupNorm)
         groups: list[tuple[str, list[nn.Module]]] = []

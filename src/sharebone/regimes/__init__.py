@@ -9,7 +9,7 @@ from sharebone.regimes.base import (
 )
 from sharebone.regimes.finetune import FineTune, Pretrain
 from sharebone.regimes.loading import load_regime
-from sharebone.regimes.maml import ANIL, FOMAML, MAML, MetaSGD
+from sharebone.regimes.maml.regime import ANIL, FOMAML, MAML, MetaSGD
 from sharebone.regimes.multitask import MultiTask
 from sharebone.regimes.protonet import ProtoNet
 

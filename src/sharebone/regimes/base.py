@@ -11,11 +11,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from sharebone.cadence import logs_this_step
+from sharebone.callbacks.cadence import logs_this_step
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, build_backbone
-from sharebone.models.registry import Registry
+from sharebone.registry import Registry
 from sharebone.task_kind import CLASSIFICATION, TaskKind, accuracy
 
 __all__ = ["REGIMES", "FewShotRegime", "accuracy", "register_regime"]
@@ -77,7 +77,7 @@ class FewShotRegime(pl.LightningModule):
     task_kind: TaskKind = CLASSIFICATION
     #: False when predicting needs gradients (MAML adapts on the support set).
     predicts_without_grad: bool = True
-    #: What the regime trains on; :mod:`sharebone.build` makes the data for it:
+    #: What the regime trains on; :mod:`sharebone.run.build` makes the data for it:
     #: ``episodes`` (meta-batches of few-shot episodes), ``tasks`` (task-balanced batches of
     #: the family's training tasks, a head each), ``classes`` (batches over every training
     #: class as one task), ``new_task`` (a split's classes as a new task, images held out).
@@ -179,7 +179,8 @@ class FewShotRegime(pl.LightningModule):
 
     def logs_this_step(self, batch_idx: int) -> bool:
         """Whether this training step's metrics reach the loggers; only then are they logged
-        (see :mod:`sharebone.cadence`). Off the progress bar: Lightning reads a bar metric on
+        (see :mod:`sharebone.callbacks.cadence`). Off the progress bar: Lightning reads a bar
+        metric on
         the host at every step, a GPU sync; the bars show what the loggers got instead."""
         return self._trainer is not None and logs_this_step(self._trainer, batch_idx)
 

@@ -30,7 +30,6 @@ import torch
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning
 from torch import nn
 
-from sharebone.analysis import layer_groups
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
@@ -41,6 +40,7 @@ from sharebone.models import (
     feature_width,
     is_module_record,
 )
+from sharebone.models.analysis import layer_groups
 from sharebone.models.backbones import skip_pretrained_weights
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.multitask import (
@@ -126,7 +126,7 @@ class GradualUnfreezing(BaseFinetuning):
     """ULMFiT gradual unfreezing with discriminative learning rates (Howard & Ruder 2018).
 
     The backbone starts frozen. At epoch ``start + k * every`` layer ``k`` from the top
-    (:func:`sharebone.analysis.layer_groups`) is unfrozen into its own optimizer group with
+    (:func:`sharebone.models.analysis.layer_groups`) is unfrozen into its own optimizer group with
     learning rate ``head_lr * decay^(k + 1)``: lower layers, more general, move less.
     """
 

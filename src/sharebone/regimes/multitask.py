@@ -2,7 +2,7 @@
 
 Two axes are kept apart, as in LibMTL: *sharing* is this regime's (the backbone is shared, each
 task has its own head in an ``nn.ModuleDict``); *weighting*, how the task losses combine, is a
-strategy from :mod:`sharebone.weighting`, chosen by name in config. The training step reads
+strategy from :mod:`sharebone.regimes.weighting`, chosen by name in config. The training step reads
 like the method: embed a task-balanced batch once, each head scores its task's examples, the
 weighting turns the task losses (and, when it asks, the task-gradient Gramian) into weights,
 and the weighted update trains backbone and heads.
@@ -21,19 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharebone.cadence import checks_this_step
+from sharebone.callbacks.cadence import checks_this_step
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.regimes.base import FewShotRegime, register_regime
-from sharebone.task_kind import REGRESSION, task_kind
-from sharebone.weighting import (
+from sharebone.regimes.weighting import (
     NonFiniteWeightError,
     Weighting,
     check_finite,
     cosine_matrix,
     create_weighting,
 )
+from sharebone.task_kind import REGRESSION, task_kind
 
 HEAD_FITS = ("logistic", "sgd")
 DEFAULT_HEAD_FIT: dict[str, Any] = {"method": "logistic", "steps": 100, "lr": 0.5, "l2": 0.01,
@@ -361,7 +361,8 @@ def check_heads(heads: dict[str, int], data: dict[str, int]) -> None:
 class MultiTask(SharedBackboneRegime):
     """Multitask learning, hard parameter sharing (Caruana 1997; survey: Ruder 2017,
     arXiv:1706.05098): a shared backbone, one linear head per task, task losses combined by a
-    weighting strategy (:mod:`sharebone.weighting`: equal, uncertainty, dwa, gradnorm, pcgrad,
+    weighting strategy (:mod:`sharebone.regimes.weighting`: equal, uncertainty, dwa, gradnorm,
+    pcgrad,
     mgda, imtl).
 
     Per task it logs ``train/<task>/loss``, ``/acc`` (``/mse``), ``/weight`` and ``/conflict``,

@@ -26,9 +26,10 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 
-from sharebone import dashboard, tracking
+from sharebone import tracking
+from sharebone.checkpoint_io import run_dir_of
 from sharebone.evaluation.stats import FewShotResult
-from sharebone.run_dir import run_dir_of
+from sharebone.tracking import dashboard
 
 
 def training_run(checkpoint: str | Path, run_config: Mapping[str, Any] | None,
@@ -105,7 +106,7 @@ def log_evaluation(loggers: Sequence[Any], config: Mapping[str, Any],
     tracking.log_table(loggers, "test/results", [r.as_dict() for r in results])
     if results and (figure is not None or loggers):
         try:
-            from sharebone.figures import accuracy_vs_shots
+            from sharebone.tracking.figures import accuracy_vs_shots
 
             fig = accuracy_vs_shots(results, title=title)
             if fig is not None:

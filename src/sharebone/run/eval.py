@@ -5,7 +5,7 @@
     sharebone-eval ckpt=run episode_dir=my_episode               # your own support/query
 
 Scores are also a W&B run (``logger=wandb``, the default; ``logger=none`` turns it off), in
-the training run's project and grouped by its id: :mod:`sharebone.evaluation.wandb_log`.
+the training run's project and grouped by its id: :mod:`sharebone.tracking.eval_run`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sharebone.adaptation import check_inner_loop
-from sharebone.checkpoint_io import CheckpointError, find_checkpoint
+from sharebone.checkpoint_io import CheckpointError, find_checkpoint, run_dir_of
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, registered_families
 from sharebone.errors import SettingError
@@ -29,13 +28,13 @@ from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
-from sharebone.evaluation.wandb_log import log_evaluation, start, training_run, wandb_options
 from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
-from sharebone.noise import quiet_known_noise
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
-from sharebone.run_dir import run_dir_of
+from sharebone.regimes.maml.adaptation import check_inner_loop
+from sharebone.run.environment import quiet_known_noise
+from sharebone.tracking.eval_run import log_evaluation, start, training_run, wandb_options
 
 
 def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -103,7 +102,7 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
 def draw_folder_episode(loaded: Any, predicted: torch.Tensor, path: Path, title: str) -> None:
     """The episode grid of a folder episode, as a PNG (a failure is a warning, not an error:
     the predictions are printed and written already)."""
-    from sharebone.figures import episode_figure, save_png
+    from sharebone.tracking.figures import episode_figure, save_png
 
     e = loaded.episode
     try:
@@ -139,7 +138,7 @@ def check_writable(folder: Path) -> None:
 
 def track(cfg: DictConfig, model: FewShotRegime, ckpt: Path, task: dict[str, Any],
           results: list[Any], link: dict[str, Any], written: Path) -> None:
-    """The evaluation as a W&B run (:mod:`sharebone.evaluation.wandb_log`) and its
+    """The evaluation as a W&B run (:mod:`sharebone.tracking.eval_run`) and its
     score-vs-shots figure as a PNG beside the results file ``written``."""
     logger = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
     loggers = start(wandb_options(logger, link, model.regime_name, task["name"], cfg.split),
@@ -203,9 +202,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     track(cfg, model, ckpt, task, results, link, paths["json"])
     return {"results": [r.as_dict() for r in results],
             "paths": {k: str(v) for k, v in paths.items()}}
-
-
-if __name__ == "__main__":  # python -m sharebone.eval: the console script's app
-    from sharebone.cli import evaluate
-
-    evaluate()

@@ -115,13 +115,6 @@ def check_fresh(folder: str | Path) -> None:
             "(hydra.run.dir=...).")
 
 
-def run_dir_of(checkpoint: str | Path) -> Path:
-    """The run directory a checkpoint belongs to (``<run>/checkpoints/last.ckpt`` -> ``<run>``)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
-        else checkpoint.parent
-
-
 #: What a run directory's record may bring back on resume: plain values of these keys and
 #: the keys below them ...
 RESTORED_KEYS = ("task", "backbone", "regime", "optimizer", "scheduler", "sampler", "trainer",
@@ -153,6 +146,8 @@ def restore_overrides(argv: list[str]) -> list[str]:
                    ("resume", "+resume")), None)
     if not resume or "-m" in argv or "--multirun" in argv:
         return argv
+    from sharebone.checkpoint_io import run_dir_of  # torch: only once there is a resume
+
     path = Path(resume).expanduser()
     record = (path if path.is_dir() else run_dir_of(path)) / ".hydra" / "overrides.yaml"
     if not record.is_file():

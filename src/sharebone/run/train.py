@@ -33,39 +33,41 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.progress import ProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from sharebone import dashboard, tracking
-from sharebone.build import RunParts, build_run, check_world_size, resolved
+from sharebone import tracking
+from sharebone.callbacks.guards import NonFiniteLoss, finite_or_none
+from sharebone.callbacks.steptime import StepTimes
 from sharebone.checkpoint_io import (
     AtomicCheckpointIO,
     RNGState,
     find_checkpoint,
     read_checkpoint,
     resume_checkpoint,
+    run_dir_of,
 )
-from sharebone.checks import check_count
 from sharebone.config import escape_interpolations
-from sharebone.errors import SettingError, UnknownNameError
+from sharebone.errors import SettingError, UnknownNameError, check_count
 from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
-from sharebone.guards import NonFiniteLoss, finite_or_none
 from sharebone.memory import keep_freed_memory
-from sharebone.noise import quiet_known_noise
-from sharebone.precision import set_float32_matmul_precision
-from sharebone.ranks import RUN_CONFIG_ENV, launch_rank
 from sharebone.regimes import load_regime
-from sharebone.run_dir import (
+from sharebone.run.build import RunParts, build_run, check_world_size, resolved
+from sharebone.run.distributed import RUN_CONFIG_ENV, launch_rank
+from sharebone.run.environment import (
+    choose_threads,
+    quiet_known_noise,
+    set_float32_matmul_precision,
+)
+from sharebone.run.run_dir import (
     RunDirError,
     RunLock,
     check_fresh,
     check_same_run,
     remove_if_empty,
-    run_dir_of,
     write_record,
 )
-from sharebone.steptime import StepTimes
-from sharebone.sweep import swept_keys
-from sharebone.threads import choose_threads
+from sharebone.run.sweep import swept_keys
+from sharebone.tracking import dashboard
 
 log = logging.getLogger(__name__)
 
@@ -498,9 +500,3 @@ def check_objective(cfg: DictConfig) -> None:
     if key.startswith("test/"):
         raise SettingError(f"objective={key} would tune on the test episodes; pick a validation "
                            "metric (objective=val/acc, or val/mse for regression).")
-
-
-if __name__ == "__main__":  # python -m sharebone.train: the console script's app
-    from sharebone.cli import train
-
-    train()

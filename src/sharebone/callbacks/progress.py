@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.progress import ProgressBar
 
-from sharebone.cadence import logs_this_step
+from sharebone.callbacks.cadence import logs_this_step
 from sharebone.errors import SettingError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def scalars(metrics: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, f
 
 class TrainMetricsShown(ProgressBar):
     """A progress bar showing the training metrics as the loggers last got them: read once
-    per logging step (:func:`sharebone.cadence.logs_this_step`), when the regime logs them."""
+    per logging step (:func:`sharebone.callbacks.cadence.logs_this_step`), when the regime logs
+    them."""
 
     _train_shown: dict[str, float] | None = None
 

@@ -2,7 +2,8 @@
 
 Per meta-batch, as in Finn et al. (2017), Algorithm 2::
 
-    for each task i:   theta_i = adapt(theta, support_i)          # sharebone.adaptation.adapt
+    for each task i:   theta_i = adapt(theta, support_i)          #
+    sharebone.regimes.maml.adaptation.adapt
                        L_i     = loss(f(query_i; theta_i))
     theta <- theta - beta * grad_theta mean_i L_i                   # Lightning's optimizer step
 
@@ -31,8 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sharebone import chunking
-from sharebone.adaptation import (
+from sharebone.data.episodes import Episode
+from sharebone.errors import SettingError
+from sharebone.memory import PeakMemory
+from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
+from sharebone.models.heads import LinearHead, initial_head, resize_ways
+from sharebone.models.timm_backbone import plain_batch_norms_
+from sharebone.regimes.base import FewShotRegime, register_regime
+from sharebone.regimes.maml import chunking
+from sharebone.regimes.maml.adaptation import (
     Params,
     PerStepBatchNorm,
     accumulate_meta_gradients,
@@ -40,15 +48,8 @@ from sharebone.adaptation import (
     dict_key,
     use_batch_statistics_,
 )
-from sharebone.data.episodes import Episode
-from sharebone.errors import SettingError
-from sharebone.memory import PeakMemory
-from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
-from sharebone.models.heads import LinearHead, initial_head, resize_ways
-from sharebone.models.timm_backbone import plain_batch_norms_
-from sharebone.precision import check_autocast, check_bf16_supported
-from sharebone.regimes.base import FewShotRegime, register_regime
-from sharebone.regimes.maml_options import OPTION_NAMES, MAMLOptions
+from sharebone.regimes.maml.options import OPTION_NAMES, MAMLOptions
+from sharebone.regimes.maml.precision import check_autocast, check_bf16_supported
 from sharebone.task_kind import TaskKind
 
 
@@ -59,7 +60,7 @@ class MAML(FewShotRegime):
 
     Shared: the initialisation of every parameter (backbone and head). Task-specific: all of
     them after ``inner_steps`` SGD steps on the task's support loss
-    (:func:`~sharebone.adaptation.adapt`).
+    (:func:`~sharebone.regimes.maml.adaptation.adapt`).
     Outer objective: the adapted model's query loss, averaged over the meta-batch and
     differentiated through the inner loop (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400).
 
@@ -72,7 +73,7 @@ class MAML(FewShotRegime):
         head, batch_norm, loss, vmap, backend, per_task_backward, compile, vmap_chunk_size,
         checkpoint_inner_steps: the inner loop's
             options, documented and validated by
-            :class:`~sharebone.regimes.maml_options.MAMLOptions` (read back from ``hparams``
+            :class:`~sharebone.regimes.maml.options.MAMLOptions` (read back from ``hparams``
             as :attr:`options`). ``first_order``, ``adapt`` and ``learn_step_sizes`` left
             ``None`` take the preset's values (FOMAML, ANIL, Meta-SGD), else MAML's.
 
@@ -187,7 +188,7 @@ class MAML(FewShotRegime):
         """The chunks a vmapped meta-batch runs in (``vmap_chunk_size``), lazily: with
         ``"auto"`` on CUDA the first chunk of the first meta-batch of a shape is one task,
         measured, and the memory it peaked at sizes the rest and every later meta-batch of
-        that shape (:mod:`sharebone.chunking`). The last size chosen is kept as
+        that shape (:mod:`sharebone.regimes.maml.chunking`). The last size chosen is kept as
         ``auto_chunk_size`` (in ``vars(self)``) for logs and benchmarks."""
         num_tasks = episode.num_tasks
         size = self.options.vmap_chunk_size
@@ -347,7 +348,7 @@ class MAML(FewShotRegime):
         check_autocast(self.device.type)
         steps = options.inner_steps if self.training else options.test_steps
         if options.backend == "learn2learn":
-            from sharebone.regimes.maml_l2l import task_predictions
+            from sharebone.regimes.maml.l2l import task_predictions
 
             task = functools.partial(task_predictions, self)
         else:
@@ -396,7 +397,7 @@ class MAML(FewShotRegime):
         """The meta-batch's query loss and predictions. Looped meta-training takes each task's
         meta-gradient as soon as the task is done (``per_task_backward``), chunked vmapped
         meta-training each chunk's (``vmap_chunk_size``), both with
-        :func:`~sharebone.adaptation.accumulate_meta_gradients`."""
+        :func:`~sharebone.regimes.maml.adaptation.accumulate_meta_gradients`."""
         episode = self.model_input(episode)
         params = [p for p in self.parameters() if p.requires_grad]
         if self._use_chunked_meta_gradients():

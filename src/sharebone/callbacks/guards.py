@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from sharebone.cadence import logs_this_step, reads_are_free
+from sharebone.callbacks.cadence import logs_this_step, reads_are_free
 from sharebone.errors import SettingError, ShareboneError
 
 #: What to do when the training loss is NaN or infinite.
@@ -35,7 +35,8 @@ class NonFiniteLoss(pl.Callback):
     backward pass (``step``) and a NaN never reaches the weights. On a GPU, that read would
     make the host wait for the device at every step; with ``logging`` the check is kept on
     the device (the first bad step and its loss) and read on logging steps
-    (:func:`sharebone.cadence.logs_this_step`, where the loggers read values anyway), before
+    (:func:`sharebone.callbacks.cadence.logs_this_step`, where the loggers read values anyway),
+    before
     every checkpoint is written and at each epoch's end. A NaN then reaches the weights for
     at most ``log_every_n_steps`` steps, and never a checkpoint.
     """

@@ -1,5 +1,7 @@
 """Experiment tracking: W&B first (offline without credentials), CSV as the fallback;
-TensorBoard on request.
+TensorBoard on request. The loggers live here; :mod:`sharebone.tracking.dashboard` names, tags
+and summarises runs, :mod:`sharebone.tracking.figures` draws the run's figures and
+:mod:`sharebone.tracking.eval_run` makes an evaluation a W&B run of its own.
 
 A tracking failure must never lose a training run. W&B runs through :class:`SafeWandbLogger`:
 the first W&B call that fails (the ``wandb-core`` service killed, a full disk, a bad value)

@@ -115,7 +115,7 @@ def log_figure(loggers: Sequence[Any], key: str, fig: Any, png: Path | None,
                step: int | None = None, caption: str | None = None) -> None:
     """``fig`` written to ``png`` (when given) and logged as an image under ``key`` by each
     W&B logger that still runs."""
-    from sharebone.figures import png_bytes, save_png
+    from sharebone.tracking.figures import png_bytes, save_png
 
     if png is not None:
         save_png(fig, png)
@@ -222,7 +222,7 @@ class Dashboard(pl.Callback):
             _warn("val/episode", err)
 
     def _draw(self, trainer: pl.Trainer, model: Any, episode: Episode) -> None:
-        from sharebone.figures import episode_figure
+        from sharebone.tracking.figures import episode_figure
 
         with model.prediction_context():
             predicted = model.predict_episode(episode).detach().argmax(-1)[0]
@@ -287,7 +287,7 @@ def _heading(cfg: Mapping[str, Any], model: Any, title: str) -> str:
 
 
 def _learning_curves(cfg, model, tests, results, loggers, folder, title, options):
-    from sharebone.figures import learning_curves, read_csv_log, save_png
+    from sharebone.tracking.figures import learning_curves, read_csv_log, save_png
 
     path = folder.parent / "csv" / "metrics.csv"
     if not path.is_file():
@@ -304,7 +304,7 @@ def _learning_curves(cfg, model, tests, results, loggers, folder, title, options
 
 
 def _vs_shots(cfg, model, tests, results, loggers, folder, title, options):
-    from sharebone.figures import accuracy_vs_shots
+    from sharebone.tracking.figures import accuracy_vs_shots
 
     fig = accuracy_vs_shots(results, title=_heading(cfg, model, title))
     if fig is None:
@@ -319,7 +319,7 @@ def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options)
     ``inner_steps_episodes`` episodes (the same episodes for every step count)."""
     from sharebone.evaluation.fewshot import batch_size_for, episode_scores
     from sharebone.evaluation.stats import summarize
-    from sharebone.figures import score_vs_inner_steps
+    from sharebone.tracking.figures import score_vs_inner_steps
 
     episodes = int(options["inner_steps_episodes"] or 0)
     hparams = getattr(model, "hparams", {})

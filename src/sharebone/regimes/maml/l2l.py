@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from sharebone.regimes.maml import MAML
 
 __all__ = ["learn2learn_available", "task_predictions"]
 
 
 def learn2learn_available() -> bool:
     return importlib.util.find_spec("learn2learn") is not None
+
+
+class AdaptsTasks(Protocol):
+    """What this backend uses of a MAML-family regime (:class:`~sharebone.regimes.maml.regime.
+    MAML`), named here so the backend does not import the regime that imports it."""
+
+    options: Any
+    backbone: nn.Module
+    head: nn.Module | None
+
+    def features(self, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 step: int) -> torch.Tensor: ...
+    def initial_params(self, *args: Any) -> dict[str, torch.Tensor]: ...
+    def inner_step_sizes(self, *args: Any) -> Any: ...
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
 
 class _FixedLinear(nn.Module):
@@ -38,7 +50,7 @@ class _FixedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def task_predictions(model: MAML, support: torch.Tensor, support_labels: torch.Tensor,
+def task_predictions(model: AdaptsTasks, support: torch.Tensor, support_labels: torch.Tensor,
                      query: torch.Tensor, n_way: int, steps: int, first_order: bool,
                      meta_gradient: bool = True) -> torch.Tensor:
     """One task's query predictions, adapted by learn2learn: what

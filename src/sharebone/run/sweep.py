@@ -7,7 +7,7 @@ writes ``summary.md`` and ``summary.csv`` there. A job that failed or has not fi
 listed with its status instead of numbers. The same table for any sweep directory, e.g.
 while SLURM jobs are still running::
 
-    python -m sharebone.sweep multirun/2026-11-25/13-00-00
+    python -m sharebone.run.sweep multirun/2026-11-25/13-00-00
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sharebone.run_dir import read_overrides
+from sharebone.run.run_dir import read_overrides
 
 #: A command-line override that sweeps: ``key=a,b``, ``key=range(...)``, ``choice(...)``...
 _SWEEP_VALUE = re.compile(r"^(?:[^\[\]{}()]*,|(?:range|choice|interval|tag|glob)\()")
@@ -144,7 +144,8 @@ class SweepSummary(Callback):
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: python -m sharebone.sweep <sweep dir (multirun/<date>/<time>)>")
+        raise SystemExit("usage: python -m sharebone.run.sweep <sweep dir "
+                         "(multirun/<date>/<time>)>")
     paths = write_summary(args[0])
     print(paths["md"].read_text())
 

@@ -1,11 +1,12 @@
-"""Numerical precision of meta-training: mixed precision and float32 matmuls.
+"""Numerical precision of the inner loop: mixed precision checks.
 
 ``trainer.precision=bf16-mixed`` runs Lightning's ``training_step`` under
 :func:`torch.autocast` with bfloat16. For the MAML family that means: the support and query
 passes run in bf16 (convolutions and matmuls), while parameters stay float32, their support
 gradients come back in float32, the inner SGD step is taken with autocast off
-(:func:`sharebone.adaptation.adapt`), and the meta-gradient accumulation
-(:func:`sharebone.adaptation.accumulate_meta_gradients`) adds float32 gradients. bf16 has
+(:func:`sharebone.regimes.maml.adaptation.adapt`), and the meta-gradient accumulation
+(:func:`sharebone.regimes.maml.adaptation.accumulate_meta_gradients`) adds float32 gradients. bf16
+has
 float32's exponent range, so no loss scaling is needed.
 
 float16 (``16-mixed``) is refused for the inner loop (:func:`check_autocast`): Lightning's
@@ -18,11 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from sharebone.errors import SettingError
-
-__all__ = ["check_autocast", "check_bf16_supported", "set_float32_matmul_precision"]
-
-MATMUL_PRECISIONS = ("highest", "high", "medium")
+__all__ = ["check_autocast", "check_bf16_supported"]
 
 
 def check_autocast(device_type: str) -> None:
@@ -52,23 +49,3 @@ def check_bf16_supported(precision: str | None, device: torch.device,
             f"({torch.cuda.get_device_name(device) if torch.cuda.is_available() else device}) "
             "does not support. Use trainer.precision=32-true (with float32_matmul_precision="
             "high for TF32 on Ampere or newer).")
-
-
-def set_float32_matmul_precision(value: str | None, cuda: bool | None = None) -> str | None:
-    """Apply the ``float32_matmul_precision`` config key; returns what was set, or ``None``.
-
-    ``auto``: ``high`` (TF32 matmuls) when CUDA is available, the CPU left untouched; ``null``:
-    untouched; else one of ``highest``, ``high``, ``medium``
-    (:func:`torch.set_float32_matmul_precision`).
-    """
-    if value is None:
-        return None
-    if value == "auto":
-        if not (torch.cuda.is_available() if cuda is None else cuda):
-            return None
-        value = "high"
-    if value not in MATMUL_PRECISIONS:
-        raise SettingError(f"float32_matmul_precision must be auto, null or one of "
-                           f"{MATMUL_PRECISIONS}, got {value!r}.")
-    torch.set_float32_matmul_precision(value)
-    return value

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sharebone.errors import SettingError
-from sharebone.models.registry import Registry
+from sharebone.registry import Registry
 
 WEIGHTINGS: Registry[type[Weighting]] = Registry("weighting")
 register_weighting = WEIGHTINGS.register

@@ -22,11 +22,10 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sharebone.checkpoint_io import CheckpointError, describe_backbone
-from sharebone.checks import check_count
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.families import build_family
 from sharebone.data.multitask import TaskBatchDataModule, TaskSet, class_tasks, held_out_split
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, check_count
 from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_episodes
 from sharebone.regimes import REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone

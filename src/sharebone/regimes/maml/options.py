@@ -1,6 +1,7 @@
 """The options of the MAML family's inner loop, and which of their combinations can run.
 
-:class:`~sharebone.regimes.maml.MAML` takes these as keyword arguments (the names Hydra configs
+:class:`~sharebone.regimes.maml.regime.MAML` takes these as keyword arguments (the names Hydra
+configs
 and saved checkpoints use) and keeps them in its ``hparams``; :class:`MAMLOptions` reads them
 from there, typed, and refuses, with the reason and the fix, every setting that cannot run.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sharebone.adaptation import check_inner_loop
 from sharebone.errors import SettingError
 from sharebone.models.heads import HEAD_INITS
-from sharebone.regimes.maml_l2l import learn2learn_available
+from sharebone.regimes.maml.adaptation import check_inner_loop
+from sharebone.regimes.maml.l2l import learn2learn_available
 from sharebone.task_kind import CLASSIFICATION, LOSSES, TaskKind, task_kind
 
 __all__ = ["ADAPT", "BACKENDS", "BATCH_NORM", "HEADS", "OPTION_NAMES", "MAMLOptions"]
@@ -61,7 +62,7 @@ class MAMLOptions:
         per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
             its query loss is known and free its graph (as learn2learn's examples do), so that
             meta-training holds one task's activations instead of the whole meta-batch's
-            (:func:`sharebone.adaptation.accumulate_meta_gradients`; same value, same
+            (:func:`sharebone.regimes.maml.adaptation.accumulate_meta_gradients`; same value, same
             gradient). ``None``: on whenever tasks are looped. Gradients are taken at the loss's
             own scale, so with float16 mixed precision prefer bf16 or turn this off.
         compile: run the backbone through :func:`torch.compile` wherever it is differentiated at
@@ -73,11 +74,13 @@ class MAMLOptions:
             learn2learn backend.
         vmap_chunk_size: meta-train a vmapped meta-batch as chunks of this many tasks, each
             chunk's meta-gradient taken as soon as the chunk is done
-            (:func:`sharebone.adaptation.accumulate_meta_gradients`, as ``per_task_backward``
+            (:func:`sharebone.regimes.maml.adaptation.accumulate_meta_gradients`, as
+            ``per_task_backward``
             does per task), so memory holds one chunk's graph, not the meta-batch's; same loss,
             same meta-gradient. A size that does not divide the meta-batch leaves a short last
             chunk. ``"auto"``: on CUDA, the first chunk is one task, whose peak memory sets the
-            size of the others (:func:`sharebone.chunking.auto_chunk_size`); on CPU the whole
+            size of the others (:func:`sharebone.regimes.maml.chunking.auto_chunk_size`); on CPU
+            the whole
             meta-batch is one chunk (CPU memory is not the limit vmap hits there). ``None``: no
             chunking. Setting it turns vmap on (``vmap=None``); not with ``vmap=False``,
             ``batch_norm="per_step"``, ``compile`` or the learn2learn backend.
