@@ -54,7 +54,7 @@ REGIME_OVERRIDES: dict[str, list[str]] = {
 #: How multitask sees each task family: the same training classes, split into tasks.
 MULTITASK_VIEW: dict[str, list[str]] = {
     "omniglot_small": ["task=omniglot_alphabets"],
-    "synthetic_images": ["task.family._target_=sharebone.data.multitask.SyntheticImageGroups",
+    "synthetic_images": ["task.family.name=synthetic_image_groups",
                          "+task.family.num_tasks=4"],
 }
 

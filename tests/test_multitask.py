@@ -192,7 +192,7 @@ def test_class_tasks_and_held_out_split():
 def test_omniglot_alphabets_are_tasks(real_data_dir, tmp_path):
     cfg = compose_train(tmp_path, ["task=omniglot_alphabets", f"data_dir={real_data_dir}"])
     family = OmegaConf.to_container(cfg.task.family, resolve=True)
-    family.pop("_target_")
+    family.pop("name")
     data = OmniglotAlphabets(**family).tasks("train")
     assert data.heads == {"Balinese": 96, "Greek": 96, "Latin": 104, "Japanese_(katakana)": 188}
     for t, n in enumerate(data.outputs):

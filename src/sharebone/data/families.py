@@ -1,7 +1,10 @@
 """Task families by name: the one way a task config becomes a family object.
 
-A task config's ``family`` block names a family class (``_target_``, as Hydra writes it) and
-gives it plain values (split specs, sizes, seeds). :func:`build_family` builds it.
+A task config's ``family`` block names a registered family (``name: omniglot``), as backbones
+and regimes are named, and gives it plain values (split specs, sizes, seeds);
+:func:`build_family` builds it. A name does not move when a module does, so a saved run keeps
+loading; the class paths configs used before (``_target_: sharebone.data.tasks.OmniglotTasks``)
+are still accepted as aliases of their names (:data:`ALIASES`).
 
 Where the block comes from matters. A config the user composed (``tasks/*.yaml`` plus
 overrides) is trusted like any code the user runs: its ``_target_`` may name a family class of
@@ -17,7 +20,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, UnknownNameError
 from sharebone.registry import Registry
 
 FAMILIES: Registry[Any] = Registry("family")
@@ -46,16 +49,47 @@ def register_family(name: str) -> Callable[[type], type]:
     return decorator
 
 
-def target_of(cls: type) -> str:
-    """The dotted path a task config's ``_target_`` uses for ``cls``."""
-    return f"{cls.__module__}.{cls.__qualname__}"
+#: Class paths that task configs and checkpoints used before families had names -> the name.
+ALIASES = {
+    "sharebone.data.tasks.OmniglotTasks": "omniglot",
+    "sharebone.data.tasks.SyntheticImageTasks": "synthetic_images",
+    "sharebone.data.sinusoid.SinusoidTasks": "sinusoid",
+    "sharebone.data.multitask.OmniglotAlphabets": "omniglot_alphabets",
+    "sharebone.data.multitask.SyntheticImageGroups": "synthetic_image_groups",
+    "sharebone.data.multitask.SyntheticRegressionTasks": "synthetic_regression",
+    "sharebone.data.image_folder.ImageFolderTasks": "image_folder",
+}
 
 
 def registered_families() -> dict[str, type]:
-    """``_target_`` path -> class, for every registered family."""
+    """Name -> class, for every registered family."""
     for module in BUILTIN_FAMILY_MODULES:
         importlib.import_module(module)
-    return {target_of(FAMILIES.get(name)): FAMILIES.get(name) for name in FAMILIES.names()}
+    return {name: FAMILIES.get(name) for name in FAMILIES.names()}
+
+
+def family_name(spec: Mapping[str, Any]) -> str | None:
+    """The registered name a ``family`` block asks for (its ``name``, or a ``_target_`` that is
+    a registered family's class path, today's or an alias); None for any other class."""
+    target = spec.get("_target_")
+    known = {f"{cls.__module__}.{cls.__qualname__}": name
+             for name, cls in registered_families().items()}
+    by_target = known.get(target) or ALIASES.get(target)
+    name = spec.get("name")
+    if name is not None and target is not None and by_target != name:
+        raise SettingError(f"task.family has name={name!r} and _target_={target!r}: give one. "
+                           "For a family class of your own, drop the name "
+                           "(~task.family.name task.family._target_=...).")
+    return str(name) if name is not None else by_target
+
+
+def named_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with a registered family's class path replaced by its name: the form saved
+    configs are compared in (a checkpoint from before names matches today's config)."""
+    name = family_name(spec)
+    if name is None:
+        return dict(spec)
+    return {"name": name, **{k: v for k, v in spec.items() if k not in ("name", "_target_")}}
 
 
 def check_plain(value: Any, where: str) -> None:
@@ -79,13 +113,14 @@ def build_family(spec: Mapping[str, Any], *, trusted: bool = True) -> Any:
     """The task family a config's ``family`` block describes.
 
     Args:
-        spec: ``{"_target_": "<family class>", **arguments}`` (an OmegaConf node or a dict).
+        spec: ``{"name": "<registered family>", **arguments}``, or ``{"_target_": "<family
+            class>", **arguments}`` (an OmegaConf node or a dict).
         trusted: True for a config the user composed; False for one read from a file such as
             a checkpoint, which may then only name a registered family with plain arguments.
 
     Example:
-        >>> family = build_family({"_target_": "sharebone.data.tasks.SyntheticImageTasks",
-        ...                        "classes": {"train": 8}}, trusted=False)
+        >>> family = build_family({"name": "synthetic_images", "classes": {"train": 8}},
+        ...                       trusted=False)
         >>> family.family_name, family.input_shape
         ('synthetic_images', (1, 28, 28))
         >>> build_family({"_target_": "builtins.print"}, trusted=False)  # doctest: +ELLIPSIS
@@ -97,21 +132,25 @@ def build_family(spec: Mapping[str, Any], *, trusted: bool = True) -> Any:
 
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
-    arguments = dict(spec)
-    target = arguments.pop("_target_", None)
+    name = family_name(spec)
+    arguments = {k: v for k, v in spec.items() if k not in ("name", "_target_")}
     known = registered_families()
     if not trusted:
-        if target not in known:
+        if name not in known:
             raise UnsafeConfigError(
-                f"The saved task family {target!r} is not a registered sharebone family "
-                f"(known: {', '.join(sorted(known))}); it is not built from a file. Pass "
-                "task=<name from tasks/> to choose the task explicitly.")
+                f"The saved task family {spec.get('name') or spec.get('_target_')!r} is not a "
+                f"registered sharebone family (known: {', '.join(sorted(known))}); it is not "
+                "built from a file. Pass task=<name from tasks/> to choose the task explicitly.")
         check_plain(arguments, "task.family")
-    if target in known:
-        return known[target](**arguments)
-    if target is None:
-        raise SettingError("A task config's family block needs a _target_ (the family class), e.g. "
-                           "_target_: sharebone.data.tasks.OmniglotTasks.")
+    if name is not None:
+        if name not in known:
+            raise UnknownNameError(f"task.family.name: no family is registered as {name!r} "
+                                   f"(known: {', '.join(sorted(known))}).")
+        return known[name](**arguments)
+    if spec.get("_target_") is None:
+        raise SettingError("task.family needs a name (a registered family: "
+                           f"{', '.join(sorted(known))}) or a _target_ (a family class of your "
+                           "own).")
     from hydra.utils import instantiate
 
-    return instantiate({"_target_": target, **arguments})
+    return instantiate({"_target_": spec["_target_"], **arguments})

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint, run_dir_of
 from sharebone.data.augment import EpisodeTransform
-from sharebone.data.families import build_family, check_plain, registered_families
+from sharebone.data.families import build_family, check_plain, family_name, registered_families
 from sharebone.errors import SettingError
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
@@ -64,7 +64,7 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
     The images are read as the task's own are (its family's ``preprocessing``, where it has
     one: Omniglot's drawings are inverted, an image-folder task's photos are not, nor is
     anything by default) and normalised as its test episodes are."""
-    family = registered_families().get(task.get("family", {}).get("_target_"))
+    family = registered_families().get(family_name(task.get("family", {})))
     preprocessing = getattr(family, "preprocessing", None)
     settings = preprocessing(task["family"]) if preprocessing is not None else {}
     normalize = settings.pop("normalize", None)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sharebone.data.families import named_spec
 from sharebone.errors import ShareboneError
 
 LOCK_NAME = ".sharebone.lock"
@@ -234,7 +235,8 @@ def _comparable(key: str, value: Any) -> Any:
         return value
     value = {k: v for k, v in value.items() if k not in ("_target_",)}
     if key == "task" and isinstance(value.get("family"), dict):
-        value["family"] = {k: v for k, v in value["family"].items() if k not in LOCATION_KEYS}
+        family = named_spec(value["family"])  # a class path saved before names: its name
+        value["family"] = {k: v for k, v in family.items() if k not in LOCATION_KEYS}
     return value
 
 
