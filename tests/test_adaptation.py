@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sharebone.regimes.maml.adaptation import adapt, check_inner_loop
+from sharebone.adaptation import adapt, check_inner_loop
 
 
 def linear_problem(seed: int = 0, dtype=torch.float64):
@@ -119,7 +119,7 @@ def test_zero_steps_are_fine_at_test_time():
 def test_meta_gradients_accumulated_part_by_part_equal_one_backward_whatever_the_parts():
     """One task per part (the loop) or several (a vmapped chunk): the same loss value and the
     same gradient as one backward through the mean loss of the whole meta-batch."""
-    from sharebone.regimes.maml.adaptation import accumulate_meta_gradients
+    from sharebone.adaptation import accumulate_meta_gradients
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -57,11 +57,10 @@ def test_import_sharebone_loads_lightning_only_when_a_regime_is_touched():
 
 
 def test_every_public_name_is_the_object_its_module_defines():
-    from sharebone import task_kind
+    from sharebone import adaptation, task_kind
     from sharebone.data import episodes
     from sharebone.models import backbones
     from sharebone.regimes import base, loading
-    from sharebone.regimes.maml import adaptation
 
     homes = {"Episode": episodes, "EpisodeSampler": episodes, "FewShotRegime": base,
              "accuracy": task_kind, "adapt": adaptation, "create_backbone": backbones,

@@ -14,12 +14,12 @@ from helpers.configs import FAST, compose_train
 from hydra.utils import instantiate
 from torch import nn
 
+from sharebone.adaptation import TransductiveBatchNorm
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.models import BACKBONES, count_parameters, create_backbone
 from sharebone.models.analysis import layer_groups
 from sharebone.models.resnet import drop_block
 from sharebone.regimes import FineTune, MultiTask, Pretrain, ProtoNet, create_regime
-from sharebone.regimes.maml.adaptation import TransductiveBatchNorm
 
 #: A tiny version of every registered backbone on 3x16x16 images; a new backbone adds itself.
 TINY = {

@@ -18,7 +18,7 @@ ROOT = "sharebone"
 #: Bottom to top: a module may import its own layer and the layers below it, never above.
 #: (``sharebone/__init__.py`` is a lazy facade over the layers; ``__main__`` sits on top.)
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "files", "config", "registry", "memory", "task_kind"),
+    ("errors", "files", "config", "registry", "memory", "task_kind", "adaptation"),
     ("checkpoint_io",),
     ("callbacks",),
     ("data",),

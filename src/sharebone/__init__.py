@@ -29,7 +29,7 @@ _EXPORTS = {
     "EpisodeSampler": "sharebone.data.episodes",
     "FewShotRegime": "sharebone.regimes.base",
     "accuracy": "sharebone.task_kind",
-    "adapt": "sharebone.regimes.maml.adaptation",
+    "adapt": "sharebone.adaptation",
     "create_backbone": "sharebone.models.backbones",
     "create_regime": "sharebone.regimes.base",
     "load_regime": "sharebone.regimes.loading",
@@ -39,11 +39,11 @@ __all__ = ["Episode", "EpisodeSampler", "FewShotRegime", "accuracy", "adapt", "c
            "create_regime", "load_regime"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on use
+    from sharebone.adaptation import adapt
     from sharebone.data.episodes import Episode, EpisodeSampler
     from sharebone.models.backbones import create_backbone
     from sharebone.regimes.base import FewShotRegime, create_regime
     from sharebone.regimes.loading import load_regime
-    from sharebone.regimes.maml.adaptation import adapt
     from sharebone.task_kind import accuracy
 
 

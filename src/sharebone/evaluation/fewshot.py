@@ -129,6 +129,25 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
     return torch.cat(scores)
 
 
+def scores_by_inner_steps(model: FewShotRegime, test: TestEpisodes, steps: Sequence[int],
+                          episodes: int, episodes_per_batch: int | str = "auto",
+                          ) -> list[FewShotResult]:
+    """``test``'s first ``episodes`` episodes scored after each count of inner steps in
+    ``steps`` (the same episodes for every count), for a regime that adapts by gradient steps
+    (:meth:`~sharebone.regimes.maml.regime.MAML.scoring_with`); its hyperparameters are left
+    as they were."""
+    if not hasattr(model, "scoring_with"):
+        raise SettingError(f"{model.regime_name} has no inner loop to score at several step "
+                           "counts (the MAML family has: maml, fomaml, anil, metasgd).")
+    results = []
+    for count in steps:
+        with model.scoring_with(count):
+            per_episode = episode_scores(model, test, episodes, episodes_per_batch)
+        results.append(summarize(per_episode, test.n_way, test.k_shot, test.q_query,
+                                 metric=model.metric_name))
+    return results
+
+
 class Progress:
     """A log line every ``every`` seconds and at the end (done, rate, ETA): plain lines, so
     they show in ``train.log``, under nohup and in a SLURM ``.out`` file, not only on a TTY."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -189,3 +190,31 @@ def conv4(in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> ConvN
 def mlp(in_features: int = 784, hidden: Sequence[int] = (256, 128, 64),
         batch_norm: bool = False) -> MLP:
     return MLP(in_features=in_features, hidden=list(hidden), batch_norm=batch_norm)
+
+
+def backbone_differences(requested: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``requested`` whose values differ from the trained backbone's, the factory's
+    defaults standing in for keys the checkpoint does not record: ``{name: conv4}`` asks for
+    a conv4, not for a conv4 spelled out the same way.
+
+    The one rule for "the same backbone?": loading a checkpoint, resuming a run, fine-tuning
+    from a source checkpoint. An empty dict means the same.
+
+    Example:
+        >>> backbone_differences({"name": "conv4"}, {"name": "conv4", "in_channels": 1})
+        {}
+        >>> backbone_differences({"name": "conv4", "hidden": 32}, {"name": "conv4"})
+        {'hidden': (32, 64)}
+    """
+    name = trained.get("name")
+    known = {}
+    if name in BACKBONES:
+        parameters = inspect.signature(BACKBONES.get(name)).parameters.values()
+        known = {p.name: p.default for p in parameters if p.default is not p.empty}
+    known.update(trained)
+    return {k: (v, known.get(k)) for k, v in requested.items()
+            if _plain(v) != _plain(known.get(k))}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

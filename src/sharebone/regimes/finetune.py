@@ -22,6 +22,7 @@ callback rather than hand-rolled freezing:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,12 @@ import torch
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning
 from torch import nn
 
-from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
+from sharebone.checkpoint_io import (
+    CheckpointError,
+    describe_backbone,
+    find_checkpoint,
+    read_checkpoint,
+)
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import (
@@ -41,7 +47,7 @@ from sharebone.models import (
     is_module_record,
 )
 from sharebone.models.analysis import layer_groups
-from sharebone.models.backbones import skip_pretrained_weights
+from sharebone.models.backbones import backbone_differences, skip_pretrained_weights
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.multitask import (
     DEFAULT_HEAD_FIT,
@@ -95,7 +101,19 @@ class Pretrain(SharedBackboneRegime):
 
 def source_backbone(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The backbone spec and weights (``backbone.*`` keys, prefix removed) of a sharebone
-    checkpoint; :class:`~sharebone.checkpoint_io.CheckpointError` when it has none."""
+    checkpoint; :class:`~sharebone.checkpoint_io.CheckpointError` when it has none.
+
+    A run asks for its source several times (checked before any data is read, loaded in
+    ``setup``): the file is read once, and again only if it changed in between."""
+    resolved = find_checkpoint(path).resolve()
+    stat = resolved.stat()
+    spec, weights = _read_source(str(resolved), stat.st_size, stat.st_mtime_ns)
+    return dict(spec), dict(weights)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_source(path: str, size: int, mtime_ns: int,
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     checkpoint = read_checkpoint(path)
     spec = checkpoint["sharebone"].get("hparams", {}).get("backbone")
     weights = {k[len("backbone."):]: v for k, v in checkpoint.get("state_dict", {}).items()
@@ -252,7 +270,7 @@ class FineTune(FewShotRegime):
             spec, weights = source_backbone(self.hparams.source)
             # A module given as the backbone has no spec to compare: its weights must fit.
             given = is_module_record(self.hparams.backbone)
-            if not given and spec != dict(self.hparams.backbone):
+            if not given and backbone_differences(dict(self.hparams.backbone), spec):
                 raise CheckpointError(
                     f"{self.hparams.source} has backbone ({describe_backbone(spec)}), this model "
                     f"({describe_backbone(dict(self.hparams.backbone))}).")

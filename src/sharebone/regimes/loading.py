@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from sharebone.checkpoint_io import CheckpointError, describe_backbone, read_checkpoint
-from sharebone.models import BACKBONES, BackboneArg, is_module_record
-from sharebone.models.backbones import skip_pretrained_weights
+from sharebone.models import BackboneArg, is_module_record
+from sharebone.models.backbones import backbone_differences, skip_pretrained_weights
 from sharebone.regimes.base import REGIMES, FewShotRegime, create_regime
-
-
-def backbone_differences(requested: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
-    """The keys of ``requested`` whose values differ from the trained backbone's, the factory's
-    defaults standing in for keys the checkpoint does not record: ``{name: conv4}`` asks for
-    a conv4, not for a conv4 spelled out the same way.
-
-    Example:
-        >>> backbone_differences({"name": "conv4"}, {"name": "conv4", "in_channels": 1})
-        {}
-        >>> backbone_differences({"name": "conv4", "hidden": 32}, {"name": "conv4"})
-        {'hidden': (32, 64)}
-    """
-    name = trained.get("name")
-    known = {}
-    if name in BACKBONES:
-        parameters = inspect.signature(BACKBONES.get(name)).parameters.values()
-        known = {p.name: p.default for p in parameters if p.default is not p.empty}
-    known.update(trained)
-    return {k: (v, known.get(k)) for k, v in requested.items()
-            if _plain(v) != _plain(known.get(k))}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def load_regime(path: str | Path, backbone: BackboneArg | None = None) -> FewShotRegime:

@@ -27,6 +27,7 @@ from sharebone.data.families import build_family
 from sharebone.data.multitask import TaskBatchDataModule, TaskSet, class_tasks, held_out_split
 from sharebone.errors import SettingError, check_count
 from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_episodes
+from sharebone.models.backbones import backbone_differences
 from sharebone.regimes import REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone
 from sharebone.regimes.multitask import check_heads
@@ -193,7 +194,7 @@ def new_task(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict
     r = cfg.regime
     if r.get("source"):
         spec, _ = source_backbone(r.source)
-        if r.get("backbone") is not None and dict(r.backbone) != spec:
+        if r.get("backbone") is not None and backbone_differences(dict(r.backbone), spec):
             raise CheckpointError(
                 f"{r.source} has backbone ({describe_backbone(spec)}) but "
                 f"({describe_backbone(dict(r.backbone))}) is configured; pass the same "

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint, run_dir_of
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, family_name, registered_families
@@ -32,7 +33,6 @@ from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
-from sharebone.regimes.maml.adaptation import check_inner_loop
 from sharebone.run.environment import quiet_known_noise
 from sharebone.tracking.eval_run import log_evaluation, start, training_run, wandb_options
 

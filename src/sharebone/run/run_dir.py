@@ -230,6 +230,16 @@ def read_overrides(record: Path) -> list[str]:
     return [o for o in saved if isinstance(o, str)] if isinstance(saved, list) else []
 
 
+def _differs(key: str, saved: Any, current: Any) -> bool:
+    """Whether a run's ``key`` changed: a backbone by the one rule for "the same backbone"
+    (:func:`~sharebone.models.backbones.backbone_differences`), the rest as plain values."""
+    if key == "backbone" and isinstance(saved, dict) and isinstance(current, dict):
+        from sharebone.models.backbones import backbone_differences  # torch: only on resume
+
+        return bool(backbone_differences(_comparable(key, current), _comparable(key, saved)))
+    return _comparable(key, saved) != _comparable(key, current)
+
+
 def _comparable(key: str, value: Any) -> Any:
     if not isinstance(value, dict):
         return value
@@ -247,8 +257,7 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], source
     silently train or test something else)."""
     if not saved:
         return
-    changed = [k for k in SAME_RUN_KEYS
-               if k in saved and _comparable(k, saved[k]) != _comparable(k, current.get(k))]
+    changed = [k for k in SAME_RUN_KEYS if k in saved and _differs(k, saved[k], current.get(k))]
     if not changed:
         return
     lines = [f"  {key}: the run has {was}, this command has {now}"

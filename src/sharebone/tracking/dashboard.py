@@ -317,28 +317,18 @@ def _vs_shots(cfg, model, tests, results, loggers, folder, title, options):
 def _vs_inner_steps(cfg, model, tests, results, loggers, folder, title, options):
     """The first test setting scored with 0..test_inner_steps+extra inner steps, on its first
     ``inner_steps_episodes`` episodes (the same episodes for every step count)."""
-    from sharebone.evaluation.fewshot import batch_size_for, episode_scores
-    from sharebone.evaluation.stats import summarize
+    from sharebone.evaluation.fewshot import batch_size_for, scores_by_inner_steps
     from sharebone.tracking.figures import score_vs_inner_steps
 
     episodes = int(options["inner_steps_episodes"] or 0)
     hparams = getattr(model, "hparams", {})
-    if episodes <= 0 or not tests or "test_inner_steps" not in hparams:
+    if episodes <= 0 or not tests or not hasattr(model, "scoring_with"):
         return None
     test = tests[0]
     configured = int(model.test_inner_steps)
     steps = list(range(configured + int(options["inner_steps_extra"]) + 1))
-    scores = []
-    saved = hparams["test_inner_steps"]
-    try:
-        for s in steps:
-            hparams["test_inner_steps"] = s
-            per_batch = batch_size_for(cfg["test"]["batch_size"], model.device)
-            per_episode = episode_scores(model, test, episodes, min(episodes, per_batch))
-            scores.append(summarize(per_episode, test.n_way, test.k_shot, test.q_query,
-                                    metric=model.metric_name))
-    finally:
-        hparams["test_inner_steps"] = saved
+    per_batch = batch_size_for(cfg["test"]["batch_size"], model.device)
+    scores = scores_by_inner_steps(model, test, steps, episodes, min(episodes, per_batch))
     tracking.log_table(loggers, "test/inner_steps",
                        [{"inner_steps": s, **r.as_dict()} for s, r in zip(steps, scores,
                                                                           strict=True)])

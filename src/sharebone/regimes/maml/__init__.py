@@ -1,3 +1,3 @@
 """The MAML family (MAML, first-order MAML, ANIL, Meta-SGD): the regime, its options, the
-inner loop over parameter dicts (``adaptation``), meta-batch chunking, precision checks, and
+meta-batch chunking, precision checks, and
 learn2learn as an optional backend (``l2l``)."""

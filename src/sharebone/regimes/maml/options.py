@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from sharebone.adaptation import check_inner_loop
 from sharebone.errors import SettingError
 from sharebone.models.heads import HEAD_INITS
-from sharebone.regimes.maml.adaptation import check_inner_loop
 from sharebone.regimes.maml.l2l import learn2learn_available
 from sharebone.task_kind import CLASSIFICATION, LOSSES, TaskKind, task_kind
 
@@ -62,7 +62,7 @@ class MAMLOptions:
         per_task_backward: while looping over tasks, take each task's meta-gradient as soon as
             its query loss is known and free its graph (as learn2learn's examples do), so that
             meta-training holds one task's activations instead of the whole meta-batch's
-            (:func:`sharebone.regimes.maml.adaptation.accumulate_meta_gradients`; same value, same
+            (:func:`sharebone.adaptation.accumulate_meta_gradients`; same value, same
             gradient). ``None``: on whenever tasks are looped. Gradients are taken at the loss's
             own scale, so with float16 mixed precision prefer bf16 or turn this off.
         compile: run the backbone through :func:`torch.compile` wherever it is differentiated at
@@ -74,7 +74,7 @@ class MAMLOptions:
             learn2learn backend.
         vmap_chunk_size: meta-train a vmapped meta-batch as chunks of this many tasks, each
             chunk's meta-gradient taken as soon as the chunk is done
-            (:func:`sharebone.regimes.maml.adaptation.accumulate_meta_gradients`, as
+            (:func:`sharebone.adaptation.accumulate_meta_gradients`, as
             ``per_task_backward``
             does per task), so memory holds one chunk's graph, not the meta-batch's; same loss,
             same meta-gradient. A size that does not divide the meta-batch leaves a short last

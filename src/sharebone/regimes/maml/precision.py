@@ -4,8 +4,8 @@
 :func:`torch.autocast` with bfloat16. For the MAML family that means: the support and query
 passes run in bf16 (convolutions and matmuls), while parameters stay float32, their support
 gradients come back in float32, the inner SGD step is taken with autocast off
-(:func:`sharebone.regimes.maml.adaptation.adapt`), and the meta-gradient accumulation
-(:func:`sharebone.regimes.maml.adaptation.accumulate_meta_gradients`) adds float32 gradients. bf16
+(:func:`sharebone.adaptation.adapt`), and the meta-gradient accumulation
+(:func:`sharebone.adaptation.accumulate_meta_gradients`) adds float32 gradients. bf16
 has
 float32's exponent range, so no loss scaling is needed.
 

@@ -3,7 +3,7 @@
 Per meta-batch, as in Finn et al. (2017), Algorithm 2::
 
     for each task i:   theta_i = adapt(theta, support_i)          #
-    sharebone.regimes.maml.adaptation.adapt
+    sharebone.adaptation.adapt
                        L_i     = loss(f(query_i; theta_i))
     theta <- theta - beta * grad_theta mean_i L_i                   # Lightning's optimizer step
 
@@ -32,6 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sharebone.adaptation import (
+    Params,
+    PerStepBatchNorm,
+    accumulate_meta_gradients,
+    adapt,
+    check_inner_loop,
+    dict_key,
+    use_batch_statistics_,
+)
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.memory import PeakMemory
@@ -40,14 +49,6 @@ from sharebone.models.heads import LinearHead, initial_head, resize_ways
 from sharebone.models.timm_backbone import plain_batch_norms_
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml import chunking
-from sharebone.regimes.maml.adaptation import (
-    Params,
-    PerStepBatchNorm,
-    accumulate_meta_gradients,
-    adapt,
-    dict_key,
-    use_batch_statistics_,
-)
 from sharebone.regimes.maml.options import OPTION_NAMES, MAMLOptions
 from sharebone.regimes.maml.precision import check_autocast, check_bf16_supported
 from sharebone.task_kind import TaskKind
@@ -60,7 +61,7 @@ class MAML(FewShotRegime):
 
     Shared: the initialisation of every parameter (backbone and head). Task-specific: all of
     them after ``inner_steps`` SGD steps on the task's support loss
-    (:func:`~sharebone.regimes.maml.adaptation.adapt`).
+    (:func:`~sharebone.adaptation.adapt`).
     Outer objective: the adapted model's query loss, averaged over the meta-batch and
     differentiated through the inner loop (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400).
 
@@ -153,7 +154,22 @@ class MAML(FewShotRegime):
 
     @property
     def test_inner_steps(self) -> int:
-        return self.options.test_steps
+        """Inner steps when not training: ``test_inner_steps`` (``inner_steps`` if unset), or
+        the count an evaluation asked for inside :meth:`scoring_with`."""
+        asked = self.__dict__.get("_scoring_steps")
+        return self.options.test_steps if asked is None else asked
+
+    @contextlib.contextmanager
+    def scoring_with(self, inner_steps: int) -> Iterator[None]:
+        """Adapt with ``inner_steps`` steps when not training, inside the block. An evaluation's
+        setting, not a hyperparameter: nothing a checkpoint saves or a logger logs changes."""
+        check_inner_loop(inner_steps, self.options.inner_lr, training=False)
+        previous = self.__dict__.get("_scoring_steps")
+        self.__dict__["_scoring_steps"] = int(inner_steps)
+        try:
+            yield
+        finally:
+            self.__dict__["_scoring_steps"] = previous
 
     def adapted_shapes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
         """Which parameters adapt to a task, by name, and their shapes at ``n_way`` ways (the
@@ -346,7 +362,7 @@ class MAML(FewShotRegime):
         if training:
             self._check_training_ways(n_way)
         check_autocast(self.device.type)
-        steps = options.inner_steps if self.training else options.test_steps
+        steps = options.inner_steps if self.training else self.test_inner_steps
         if options.backend == "learn2learn":
             from sharebone.regimes.maml.l2l import task_predictions
 
@@ -397,7 +413,7 @@ class MAML(FewShotRegime):
         """The meta-batch's query loss and predictions. Looped meta-training takes each task's
         meta-gradient as soon as the task is done (``per_task_backward``), chunked vmapped
         meta-training each chunk's (``vmap_chunk_size``), both with
-        :func:`~sharebone.regimes.maml.adaptation.accumulate_meta_gradients`."""
+        :func:`~sharebone.adaptation.accumulate_meta_gradients`."""
         episode = self.model_input(episode)
         params = [p for p in self.parameters() if p.requires_grad]
         if self._use_chunked_meta_gradients():
