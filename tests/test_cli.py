@@ -100,4 +100,5 @@ def test_resume_from_the_command_line_restores_the_runs_own_overrides(tmp_path):
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4
     changed = sharebone("train", "resume=run", "task.family.flip=0.1", cwd=tmp_path)
-    assert changed.returncode != 0 and "task: the run has synthetic_images" in changed.stderr
+    assert changed.returncode != 0
+    assert "task.family.flip: the run has 0.3, this command has 0.1" in changed.stderr

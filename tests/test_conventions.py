@@ -296,7 +296,7 @@ def test_test_enabled_false_trains_without_scoring_the_test_episodes(tmp_path):
 @pytest.mark.parametrize(("args", "hydra_says", "hint"), [
     (["regime.lrr=1e-3"], "Could not override 'regime.lrr'", "Did you mean regime.lr?"),
     (["trainer.max_epoch=3"], "Could not override 'trainer.max_epoch'",
-     "Did you mean trainer.max_epochs?"),
+     "Did you mean trainer.max_epochs"),
     (["task=omniglot_smal"], "Could not find 'task/omniglot_smal'",
      "Did you mean task=omniglot_small"),
 ])

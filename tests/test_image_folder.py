@@ -394,8 +394,8 @@ def test_a_split_naming_classes_that_do_not_exist_lists_them(folder, tmp_path):
 def test_overlapping_splits_are_refused_naming_both(folder, tmp_path):
     f = family(folder, None, splits={"train": ["birds/a", "fish/a"], "test": ["fish/c",
                                                                            "fish/a"]})
-    with pytest.raises(DataError, match=r"Splits 'train' \(splits.train\) and 'test' "
-                                        r"\(splits.test\) overlap.*fish"):
+    with pytest.raises(DataError, match=r"task.family.splits.train and task.family.splits.test "
+                                        r"overlap.*fish"):
         f.images("test")
 
 

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from sharebone.errors import ShareboneError
+from sharebone.errors import ShareboneError, refused_pickle
 from sharebone.files import atomic_write
 
 
@@ -66,6 +66,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated/unsafe files
+        refused = refused_pickle(err)
+        if refused is not None:  # not torch's advice to load it with weights_only=False
+            raise CheckpointError(f"Could not read checkpoint {path}: {refused}") from None
         raise CheckpointError(f"Could not read checkpoint {path}: {err}. Is it a complete file "
                               "written by sharebone-train?") from err
     if not isinstance(checkpoint, dict) or "sharebone" not in checkpoint:
@@ -110,7 +113,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise CheckpointError(f"Refusing to load {path} with weights_only=False: sharebone "
                                   "checkpoints hold tensors and plain values only.")
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            refused = refused_pickle(err)
+            if refused is None:
+                raise
+            raise CheckpointError(f"Refusing checkpoint {path}: {refused}") from None
 
 
 class RNGState(pl.Callback):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,23 @@ class UnknownNameError(SettingError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def refused_pickle(err: BaseException) -> str | None:
+    """When ``err`` is ``torch.load(..., weights_only=True)`` refusing a file for naming code
+    (a pickle runs whatever callable it names), why, in words for the user, else None. torch's own
+    message advises loading it again with ``weights_only=False``: for a file that just failed
+    the safe load, that is the one thing not to do."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand (\S+)", text)
+    what = next((g for g in found.groups() if g), "") if found else ""
+    asks = f" (it asks for {what.rstrip('.')})" if what else ""
+    return (f"it holds code or Python objects, not only tensors and plain "
+            f"values{asks}, and loading it could run any code, so nothing was loaded. A file "
+            "sharebone wrote never holds code: if you made this one, save its tensors (a "
+            "state_dict) instead; otherwise delete it.")
 
 
 def user_error(err: BaseException) -> ShareboneError | None:

@@ -155,8 +155,35 @@ def _visible(folder: Path) -> list[os.DirEntry]:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
 
 
-def _is_image(entry: os.DirEntry) -> bool:
-    return os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file()
+def _follows(entry: os.DirEntry, test: Callable[[], bool], broken: list[str]) -> bool:
+    """``test()`` (``entry.is_dir``/``is_file``, which follow links), False for a broken link:
+    a loop (ELOOP, which ``is_file`` raises) or a missing target, noted in ``broken``."""
+    try:
+        if test():
+            return True
+    except OSError:
+        pass
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        broken.append(entry.path)
+    return False
+
+
+def _is_image(entry: os.DirEntry, broken: list[str]) -> bool:
+    return (os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+            and _follows(entry, entry.is_file, broken))
+
+
+def _is_dir(entry: os.DirEntry, broken: list[str]) -> bool:
+    return _follows(entry, entry.is_dir, broken)
+
+
+def _warn_broken(broken: list[str]) -> None:
+    if broken:
+        warnings.warn(f"Skipped {len(broken)} broken symbolic link(s) (a loop, or a target "
+                      f"that does not exist): {'; '.join(broken[:5])}"
+                      + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+                      + ". They hold no image; remove or fix them to silence this.",
+                      stacklevel=4)
 
 
 def _inside(real_root: str, path: str) -> bool:
@@ -188,6 +215,9 @@ def check_root(root: Path) -> Path:
 def scan_classes(root: str | os.PathLike[str]) -> list[_Folder]:
     """Every class folder under ``root`` (``root/<class>/`` or ``root/<group>/<class>/``).
 
+    A broken symbolic link (a loop, a missing target) holds no image: it is skipped with a
+    warning, like an entry that is not an image.
+
     Raises:
         DataError: ``root`` is missing, a file or holds no class folder; an image sits
             directly in ``root``; a symbolic link leads outside ``root``.
@@ -195,8 +225,9 @@ def scan_classes(root: str | os.PathLike[str]) -> list[_Folder]:
     root = check_root(Path(root).expanduser())
     real_root = os.path.realpath(root)
     folders: list[_Folder] = []
+    broken: list[str] = []
     top = _visible(root)
-    stray = [e.path for e in top if _is_image(e)]
+    stray = [e.path for e in top if _is_image(e, broken)]
     if stray:
         raise DataError(
             f"{stray[0]} is not in a class folder ({len(stray)} such image(s) in {root}): an "
@@ -206,14 +237,14 @@ def scan_classes(root: str | os.PathLike[str]) -> list[_Folder]:
     def files_of(folder: Path, entries: list[os.DirEntry]) -> list[list[Any]]:
         out = []
         for e in entries:
-            if _is_image(e):
+            if _is_image(e, broken):
                 _refuse_escape(real_root, e, root)
                 st = e.stat()
                 out.append([os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns])
         return out
 
     for entry in top:
-        if not entry.is_dir():
+        if not _is_dir(entry, broken):
             continue
         _refuse_escape(real_root, entry, root)
         inner = _visible(Path(entry.path))
@@ -222,13 +253,14 @@ def scan_classes(root: str | os.PathLike[str]) -> list[_Folder]:
             folders.append(_Folder(entry.name, "", Path(entry.path), files))
             continue
         for sub in inner:
-            if not sub.is_dir():
+            if not _is_dir(sub, broken):
                 continue
             _refuse_escape(real_root, sub, root)
             files = files_of(Path(sub.path), _visible(Path(sub.path)))
             if files:
                 folders.append(_Folder(f"{entry.name}/{sub.name}", entry.name, Path(sub.path),
                                        files))
+    _warn_broken(sorted(set(broken)))
     if not folders:
         raise DataError(
             f"{root} holds no class folders with images ({', '.join(IMAGE_SUFFIXES)}). "
@@ -355,18 +387,61 @@ def match_classes(spec: _SplitSpec, available: Mapping[str, str],
     return out
 
 
-def _check_disjoint(chosen: Mapping[str, list[str]], wheres: Mapping[str, str]) -> None:
+def _split_key(split: str, where: str) -> str:
+    """``task.family.splits.<split>``, with the file it names when it names one."""
+    key = f"task.family.splits.{split}"
+    return key if where == f"splits.{split}" else f"{key} ({where})"
+
+
+def _check_disjoint(chosen: Mapping[str, Mapping[str, str]], wheres: Mapping[str, str],
+                    what: str = "class(es)") -> None:
+    """Refuse two splits holding the same class (or image): ``chosen`` is split -> {identity:
+    name shown}, the identity being what makes two entries the same (a resolved folder, a
+    label), whatever form (fraction, class list, CSV) each split was given in."""
     owner: dict[str, str] = {}
-    for split, names in chosen.items():
-        for name in names:
-            if name in owner and owner[name] != split:
-                other = owner[name]
-                both = sorted(set(chosen[split]) & set(chosen[other]))
-                raise DataError(
-                    f"Splits '{other}' ({wheres[other]}) and '{split}' ({wheres[split]}) overlap:"
-                    f" both hold {len(both)} class(es), e.g. {', '.join(both[:5])}. A class "
-                    "belongs to one split; fix the split files.")
-            owner[name] = split
+    for split, idents in chosen.items():
+        for ident in idents:
+            other = owner.setdefault(ident, split)
+            if other == split:
+                continue
+            both = sorted(chosen[split][i] for i in set(chosen[split]) & set(chosen[other]))
+            raise DataError(
+                f"{_split_key(other, wheres[other])} and {_split_key(split, wheres[split])} "
+                f"overlap: both hold {len(both)} {what}, e.g. {', '.join(both[:5])}. A class "
+                "belongs to one split (a test scored on training classes measures nothing); "
+                "remove them from one of the two.")
+
+
+def _folder_ident(folder: _Folder) -> str:
+    """A class folder's identity: its real path (a symbolic link inside the root, or the same
+    folder named as ``group/class`` and as ``class``, is still the same class)."""
+    return os.path.realpath(folder.path)
+
+
+def _label_ident(label: str, folders: Mapping[str, _Folder] | None) -> str:
+    """A CSV label's identity: the class folder of that name (or the one folder with that last
+    part), so a CSV split and a class list naming the same class collide; else the label."""
+    if folders:
+        if label in folders:
+            return _folder_ident(folders[label])
+        leaves = [f for name, f in folders.items() if name.rsplit("/", 1)[-1] == label]
+        if len(leaves) == 1:
+            return _folder_ident(leaves[0])
+    return label
+
+
+def _image_idents(root: Path, items: Sequence[Sequence[Any]]) -> dict[str, str]:
+    """Real path -> path under root of each image (``[relative path, size, mtime]`` items);
+    folders are resolved once each, files only when they are links."""
+    real_dirs: dict[str, str] = {}
+    out = {}
+    for rel, *_ in items:
+        head, name = os.path.split(rel)
+        if head not in real_dirs:
+            real_dirs[head] = os.path.realpath(root / head)
+        path = os.path.join(real_dirs[head], name)
+        out[os.path.realpath(path) if os.path.islink(path) else path] = rel
+    return out
 
 
 def _fraction_split(pool: list[str], specs: Mapping[str, _SplitSpec],
@@ -502,7 +577,9 @@ class ImageFolderTasks:
         if not root or str(root) == "???":
             raise SettingError("task.root: the folder of images is not set; pass "
                                "task.root=/path/to/images.")
-        check_decode_args(image_size, channels, resize, interpolation)
+        check_decode_args(image_size, channels, resize, interpolation, keys={
+            "image_size": "task.image_size", "channels": "task.channels",
+            "resize": "task.family.resize", "interpolation": "task.family.interpolation"})
         if source not in SOURCES:
             raise SettingError(f"source must be one of {list(SOURCES)}, got {source!r}.")
         if corrupt not in CORRUPT_POLICIES:
@@ -655,7 +732,8 @@ class ImageFolderTasks:
                      lambda item: str(self.root / item[0]), self.root.name)
 
     def _folder_classes(self) -> dict[str, list[ClassEntry]]:
-        """Every split's classes, matched against the folder, checked disjoint."""
+        """Every split's classes, matched against the folder, checked disjoint (by class and
+        by image, across all split forms)."""
         if self._resolved is not None:
             return self._resolved
         root = check_root(self.root)
@@ -668,28 +746,38 @@ class ImageFolderTasks:
             if spec.kind == "classes":
                 matched = match_classes(spec, {n: f.group for n, f in folders.items()},
                                         f"{root}")
-                chosen[split] = [ClassEntry(entry, group, str(folders[name].path),
-                                            folders[name].files, str(folders[name].path))
+                chosen[split] = [self._folder_entry(folders[name], entry, group)
                                  for entry, name, group in matched]
             elif spec.kind == "csv":
-                chosen[split] = self._csv_classes(spec, root)
-        _check_disjoint({s: [c.ident for c in cs] for s, cs in chosen.items()},
-                        {s: specs[s].where for s in specs})
+                chosen[split] = self._csv_classes(spec, root, folders)
+        wheres = {s: specs[s].where for s in specs}
+        _check_disjoint({s: {c.ident: c.name for c in cs} for s, cs in chosen.items()}, wheres)
         fractions = {s: spec for s, spec in specs.items() if spec.kind == "fraction"}
         if fractions:
             taken = {c.ident for cs in chosen.values() for c in cs}
-            pool = [n for n, f in folders.items() if str(f.path) not in taken]
+            taken_images = {i for cs in chosen.values() for c in cs
+                            for i in _image_idents(root, c.items)}
+            pool = [n for n, f in folders.items() if _folder_ident(f) not in taken
+                    and taken_images.isdisjoint(_image_idents(root, f.files))]
             for split, names in _fraction_split(pool, fractions, self.split_seed).items():
-                chosen[split] = [ClassEntry(n, folders[n].group, str(folders[n].path),
-                                            folders[n].files, str(folders[n].path))
+                chosen[split] = [self._folder_entry(folders[n], n, folders[n].group)
                                  for n in names]
+        _check_disjoint({s: {i: f"{rel} ({c.name})" for c in cs
+                             for i, rel in _image_idents(root, c.items).items()}
+                         for s, cs in chosen.items()}, wheres, "image(s)")
         self._resolved = {s: sorted(chosen[s], key=lambda c: c.name) for s in self.splits}
         return self._resolved
 
-    def _csv_classes(self, spec: _SplitSpec, root: Path) -> list[ClassEntry]:
-        """Ravi & Larochelle's ``filename,label`` rows as classes of files."""
-        try:
-            text = spec.path.read_text(encoding="utf-8")
+    @staticmethod
+    def _folder_entry(folder: _Folder, name: str, group: str) -> ClassEntry:
+        return ClassEntry(name, group, str(folder.path), folder.files, _folder_ident(folder))
+
+    def _csv_classes(self, spec: _SplitSpec, root: Path,
+                     folders: Mapping[str, _Folder] | None = None) -> list[ClassEntry]:
+        """Ravi & Larochelle's ``filename,label`` rows as classes of files (a label that names
+        a class folder is that class, for the splits' disjointness)."""
+        try:  # utf-8-sig: a spreadsheet's byte-order mark is not part of the header
+            text = spec.path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"Split file {spec.path} is not UTF-8 text ({e}).") from e
         rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
@@ -697,7 +785,8 @@ class ImageFolderTasks:
             rows = rows[1:]
         real_root = os.path.realpath(root)
         by_label: dict[str, list[list[Any]]] = {}
-        missing, bad = [], []
+        first: dict[str, tuple[int, str]] = {}  # file -> (line, label) where it was listed
+        missing, bad, repeated = [], [], []
         for number, row in enumerate(rows, start=2):
             if len(row) < 2 or not row[0].strip() or not row[1].strip():
                 bad.append(f"line {number}: {','.join(row)!r}")
@@ -712,9 +801,18 @@ class ImageFolderTasks:
                     if not _inside(real_root, str(candidate)):
                         _refuse_escape(real_root, candidate, root)
                         raise DataError(f"{candidate} leads outside {root}; refusing it.")
+                    rel = os.path.relpath(candidate, root)
+                    line, seen_as = first.setdefault(rel, (number, label))
+                    if line != number:  # the same image twice: once is enough, two classes not
+                        if seen_as != label:
+                            raise DataError(
+                                f"{spec.path} line {number}: {name} is labelled {label!r}, and "
+                                f"{seen_as!r} on line {line}; an image has one class. Fix the "
+                                "split file.")
+                        repeated.append(number)
+                        break
                     st = candidate.stat()
-                    by_label.setdefault(label, []).append(
-                        [os.path.relpath(candidate, root), st.st_size, st.st_mtime_ns])
+                    by_label.setdefault(label, []).append([rel, st.st_size, st.st_mtime_ns])
                     break
             else:
                 missing.append(name)
@@ -728,8 +826,12 @@ class ImageFolderTasks:
                 f"{', '.join(missing[:5])}. Fix: point task.root at the folder holding them.")
         if not by_label:
             raise DataError(f"Split file {spec.path} names no images.")
-        return [ClassEntry(label, "", f"class {label} of {spec.path}", sorted(files), label)
-                for label, files in by_label.items()]
+        if repeated:  # an image twice in a class could be its own support and query
+            warnings.warn(f"{spec.path}: {len(repeated)} row(s) repeat an earlier row (lines "
+                          f"{', '.join(map(str, repeated[:5]))}); each image is read once.",
+                          stacklevel=4)
+        return [ClassEntry(label, "", f"class {label} of {spec.path}", sorted(files),
+                           _label_ident(label, folders)) for label, files in by_label.items()]
 
     def _plan_pickle(self, split: str) -> _Plan:
         path = self.root / MINI_IMAGENET_PICKLE.format(split=split)
@@ -866,7 +968,7 @@ class ImageFolderTasks:
         group_of = {fine[f]: coarse[c] for f, c in zip(fine_labels, coarse_labels, strict=True)}
         matched = {s: match_classes(v, group_of, f"CIFAR-100 ({archive})")
                    for s, v in specs.items() if v.kind == "classes"}
-        _check_disjoint({s: [name for _, name, _ in m] for s, m in matched.items()},
+        _check_disjoint({s: {name: name for _, name, _ in m} for s, m in matched.items()},
                         {s: v.where for s, v in specs.items()})
         if specs[split].kind == "fraction":
             fractions = {s: v for s, v in specs.items() if v.kind == "fraction"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -56,16 +57,27 @@ _WIDE_MODES = {"I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 8}
 
 
 def check_decode_args(image_size: int, channels: int, resize: str = "stretch",
-                      interpolation: str = "lanczos") -> None:
-    """Refuse settings :func:`decode_array` cannot honour, naming the setting."""
+                      interpolation: str = "lanczos",
+                      keys: Mapping[str, str] | None = None) -> None:
+    """Refuse settings :func:`decode_array` cannot honour, naming the setting (``keys``: the
+    config key of each argument, e.g. ``{"image_size": "task.image_size"}``)."""
+    key = {"image_size": "image_size", "channels": "channels", "resize": "resize",
+           "interpolation": "interpolation", **(keys or {})}
     if channels not in (1, 3) or isinstance(channels, bool):
-        raise SettingError(f"channels must be 1 or 3, got {channels!r}")
+        raise SettingError(f"{key['channels']} must be 1 or 3 (grayscale or RGB), got "
+                           f"{channels!r}")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise SettingError(f"image_size must be a positive int, got {image_size!r}")
+        raise SettingError(f"{key['image_size']} must be a positive int, got {image_size!r}")
+    if image_size * image_size > MAX_IMAGE_PIXELS:  # every image would be a poster
+        raise SettingError(f"{key['image_size']}={image_size}: each image would be resized to "
+                           f"{image_size}x{image_size} pixels, more than MAX_IMAGE_PIXELS "
+                           f"({MAX_IMAGE_PIXELS}); few-shot images are tens to hundreds of "
+                           "pixels a side.")
     if resize not in RESIZE_MODES:
-        raise SettingError(f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
+        raise SettingError(f"{key['resize']} must be one of {list(RESIZE_MODES)}, got "
+                           f"{resize!r}")
     if interpolation not in INTERPOLATIONS:
-        raise SettingError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
+        raise SettingError(f"{key['interpolation']} must be one of {sorted(INTERPOLATIONS)}, "
                            f"got {interpolation!r}")
 
 

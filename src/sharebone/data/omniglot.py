@@ -56,7 +56,7 @@ from sharebone.data.images import (  # noqa: F401  (load_image, MAX_IMAGE_PIXELS
     decode_array,
     load_image,
 )
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, refused_pickle
 from sharebone.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,8 @@ def _read_cache(path: Path, spec: ArchiveSpec, image_size: int) -> DecodedArchiv
         obj = torch.load(path, map_location="cpu", weights_only=True)
         return _validate_cached(obj, spec, image_size)
     except Exception as e:  # any failure at all means: do not trust this file
-        log.warning("Cache file %s is corrupt or stale (%s); removing it and rebuilding.", path, e)
+        log.warning("Cache file %s is corrupt or stale (%s); removing it and rebuilding.", path,
+                    refused_pickle(e) or e)
         try:
             path.unlink(missing_ok=True)
         except OSError as unlink_error:

@@ -102,6 +102,33 @@ def feature_width(backbone: nn.Module) -> int:
         f"the head).")
 
 
+def check_size(key: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (a width, a depth, a side), or an error naming
+    ``backbone.<key>``: torch builds a 0-wide layer without a word and fails at the first
+    forward pass, far from the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingError(f"backbone.{key} must be an integer >= {minimum}, got {value!r}; "
+                           "a layer of no width (or a negative one) cannot be built.")
+    return value
+
+
+def check_sizes(key: str, values: Any, count: int | None = None) -> list[int]:
+    """A list of sizes (:func:`check_size` each), of ``count`` entries when given."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or (
+            count is not None and len(values) != count):
+        many = f"{count} widths" if count is not None else "a list of widths"
+        raise SettingError(f"backbone.{key} must be {many} (integers >= 1), got {values!r}.")
+    return [check_size(f"{key}[{i}]", v) for i, v in enumerate(values)]
+
+
+def check_rate(key: str, value: Any) -> float:
+    """A dropout probability in [0, 1), or an error naming ``backbone.<key>`` (1 drops all)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise SettingError(f"backbone.{key} is a dropout probability: it must be in [0, 1), "
+                           f"got {value!r}.")
+    return float(value)
+
+
 _SKIP_PRETRAINED = contextvars.ContextVar("skip_pretrained_weights", default=False)
 
 
@@ -145,6 +172,8 @@ class ConvNet(nn.Module):
     def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4,
                  image_size: int = 28) -> None:
         super().__init__()
+        in_channels, hidden = check_size("in_channels", in_channels), check_size("hidden", hidden)
+        depth, image_size = check_size("depth", depth), check_size("image_size", image_size)
         channels = [in_channels] + [hidden] * depth
         pairs = zip(channels, channels[1:], strict=False)
         self.blocks = nn.Sequential(*(conv_block(a, b) for a, b in pairs))
@@ -152,7 +181,8 @@ class ConvNet(nn.Module):
         for _ in range(depth):
             side //= 2
         if side < 1:
-            raise SettingError(f"image_size={image_size} is too small for {depth} pooling blocks.")
+            raise SettingError(f"backbone.image_size={image_size} is too small for {depth} "
+                               f"pooling blocks (needs >= {2 ** depth}); raise task.image_size.")
         self.num_features = hidden * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,8 +196,9 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: Sequence[int] = (256, 128, 64),
                  batch_norm: bool = False) -> None:
         super().__init__()
+        hidden = check_sizes("hidden", hidden)  # [] is allowed: the flattened input
         layers: list[nn.Module] = []
-        width = in_features
+        width = check_size("in_features", in_features)
         for h in hidden:
             layers.append(nn.Linear(width, h))
             if batch_norm:
@@ -189,7 +220,7 @@ def conv4(in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> ConvN
 @register_backbone("mlp")
 def mlp(in_features: int = 784, hidden: Sequence[int] = (256, 128, 64),
         batch_norm: bool = False) -> MLP:
-    return MLP(in_features=in_features, hidden=list(hidden), batch_norm=batch_norm)
+    return MLP(in_features=in_features, hidden=hidden, batch_norm=batch_norm)
 
 
 def backbone_differences(requested: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:

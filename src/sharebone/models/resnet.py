@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharebone.errors import SettingError
-from sharebone.models.backbones import register_backbone
+from sharebone.models.backbones import check_rate, check_size, check_sizes, register_backbone
 
 __all__ = ["ResNet12", "WideResNet", "drop_block"]
 
@@ -104,15 +104,13 @@ class ResNet12(nn.Module):
                  image_size: int = 84, drop_block: bool = False, drop_rate: float = 0.1,
                  block_size: int = 5) -> None:
         super().__init__()
-        channels = [int(c) for c in channels]
-        if len(channels) != 4 or min(channels) < 1:
-            raise SettingError(f"ResNet-12 has 4 blocks: channels needs 4 widths >= 1, got "
-                               f"{channels}.")
-        if image_size < 16:
-            raise SettingError(f"image_size={image_size} is too small for ResNet-12's 4 "
-                               "max-pools (needs >= 16).")
-        if not 0 <= drop_rate < 1:
-            raise SettingError(f"drop_rate must be in [0, 1), got {drop_rate}.")
+        channels = check_sizes("channels", channels, count=4)  # ResNet-12 has 4 blocks
+        in_channels, block_size = check_size("in_channels", in_channels), check_size(
+            "block_size", block_size)
+        if check_size("image_size", image_size) < 16:
+            raise SettingError(f"backbone.image_size={image_size} is too small for ResNet-12's "
+                               "4 max-pools (needs >= 16); raise task.image_size.")
+        drop_rate = check_rate("drop_rate", drop_rate)
         drops = ["dropout", "dropout", "block", "block"] if drop_block else [None] * 4
         widths = [in_channels, *channels]
         self.blocks = nn.Sequential(*(
@@ -169,11 +167,12 @@ class WideResNet(nn.Module):
     def __init__(self, in_channels: int = 3, depth: int = 28, widen_factor: int = 10,
                  drop_rate: float = 0.0) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
-            raise SettingError(f"A wide ResNet's depth is 6n + 4 with n >= 1 (10, 16, 22, 28, "
-                               f"...), got {depth}.")
-        if widen_factor < 1:
-            raise SettingError(f"widen_factor must be >= 1, got {widen_factor}.")
+        if check_size("depth", depth) < 10 or (depth - 4) % 6:
+            raise SettingError(f"backbone.depth: a wide ResNet's depth is 6n + 4 with n >= 1 "
+                               f"(10, 16, 22, 28, ...), got {depth}.")
+        widen_factor = check_size("widen_factor", widen_factor)
+        in_channels, drop_rate = check_size("in_channels", in_channels), check_rate(
+            "drop_rate", drop_rate)
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         groups = []
@@ -196,7 +195,7 @@ class WideResNet(nn.Module):
 def resnet12(in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
              image_size: int = 84, drop_block: bool = False, drop_rate: float = 0.1,
              block_size: int = 5) -> ResNet12:
-    return ResNet12(in_channels=in_channels, channels=list(channels), image_size=image_size,
+    return ResNet12(in_channels=in_channels, channels=channels, image_size=image_size,
                     drop_block=drop_block, drop_rate=drop_rate, block_size=block_size)
 
 
@@ -205,5 +204,6 @@ def wrn28_10(in_channels: int = 3, image_size: int = 84, depth: int = 28, widen_
              drop_rate: float = 0.0) -> WideResNet:
     """WRN-28-10; ``depth``/``widen_factor`` give the other wide ResNets (tests use 10/1).
     ``image_size`` is accepted for config symmetry: the pooled features do not depend on it."""
+    check_size("image_size", image_size)
     return WideResNet(in_channels=in_channels, depth=depth, widen_factor=widen_factor,
                       drop_rate=drop_rate)

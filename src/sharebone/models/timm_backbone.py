@@ -18,21 +18,32 @@ every regime can run it, MAML's functional inner loop included:
 
 timm is optional (``pip install timm``, or the ``timm`` extra); it is imported only when a timm
 backbone is built. ``pretrained=True`` loads timm's default weights for the model from the
-Hugging Face cache (downloading them when online).
+Hugging Face cache (downloading them when online). Offline (``HF_HUB_OFFLINE=1``, or the Hub
+does not answer a connection within :data:`HUB_PROBE_SECONDS`) cached weights are loaded from
+their file and missing ones are an error at once, instead of huggingface_hub's retries (about
+45 s) before the same error.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import socket
+import urllib.parse
 from typing import Any
 
 import torch
 from torch import nn
 
-from sharebone.errors import SettingError
-from sharebone.models.backbones import pretrained_weights_skipped, register_backbone
+from sharebone.errors import SettingError, ShareboneError
+from sharebone.models.backbones import check_size, pretrained_weights_skipped, register_backbone
 
-__all__ = ["BatchNormThenAct", "TimmBackbone", "import_timm", "plain_batch_norms_"]
+__all__ = ["BatchNormThenAct", "PretrainedWeightsError", "TimmBackbone", "import_timm",
+           "plain_batch_norms_"]
+
+#: How long the Hub (or the proxy in front of it) may take to accept a connection before
+#: pretrained weights count as not downloadable.
+HUB_PROBE_SECONDS = 3.0
 
 
 def import_timm() -> Any:
@@ -43,6 +54,71 @@ def import_timm() -> Any:
         raise ImportError("A 'timm' backbone needs the timm package: pip install timm (or "
                           "pip install 'sharebone[timm]').") from err
     return timm
+
+
+class PretrainedWeightsError(ShareboneError, RuntimeError):
+    """``backbone.pretrained=true``, and timm's weights are neither cached nor downloadable."""
+
+
+def _hub_offline_reason() -> str | None:
+    """Why nothing can be downloaded from the Hugging Face Hub now, or None when it answers:
+    ``HF_HUB_OFFLINE``, or no connection to it (or to the HTTPS proxy) within
+    :data:`HUB_PROBE_SECONDS`."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                          "all_proxy") if os.environ.get(k)), None)
+    url = urllib.parse.urlsplit(proxy or constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as err:
+        return f"{'the proxy' if proxy else 'the Hub'} {host}:{port} cannot be reached ({err})"
+    return None
+
+
+def _cached_weights(cfg: Any) -> str | None:
+    """The file of ``cfg``'s pretrained weights in the Hugging Face cache (timm's own URL cache
+    for weights that are not on the Hub), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        repo, _, revision = hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else [
+            "model.safetensors", "pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(found, str):
+                return found
+        return None
+    url = getattr(cfg, "url", None)
+    if url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        return path if os.path.isfile(path) else None
+    return None
+
+
+def offline_pretrained_overlay(model: str, cfg: Any) -> dict[str, str] | None:
+    """``pretrained_cfg_overlay`` for ``timm.create_model``: None when the Hub answers (timm
+    downloads or reuses its cache), ``{"file": <cached file>}`` offline, so that timm reads the
+    file without trying the network; offline with nothing cached, a clear error at once."""
+    reason = _hub_offline_reason()
+    if reason is None:
+        return None
+    cached = _cached_weights(cfg) if cfg is not None else None
+    if cached is not None:
+        return {"file": cached}
+    source = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or "none known"
+    raise PretrainedWeightsError(
+        f"backbone.pretrained=true: timm's pretrained weights for {model!r} ({source}) are not in "
+        f"the Hugging Face cache (HF_HOME / HF_HUB_CACHE) and cannot be downloaded: {reason}. "
+        f"Fix: on a machine with internet run python -c \"import timm; timm.create_model("
+        f"'{model}', pretrained=True)\" and copy its cache here (or point HF_HOME at it); or "
+        "give the file, backbone.model_kwargs={pretrained_cfg_overlay: {file: "
+        "/path/to/weights.safetensors}}; or use backbone.pretrained=false.")
 
 
 class BatchNormThenAct(nn.Module):
@@ -115,6 +191,9 @@ class TimmBackbone(nn.Module):
                  image_size: int | None = None, model_kwargs: dict[str, Any] | None = None,
                  fused_attn: bool = False) -> None:
         super().__init__()
+        in_channels = check_size("in_channels", in_channels)
+        if image_size is not None:
+            check_size("image_size", image_size)
         timm = import_timm()
         if not model or not timm.is_model(model):
             close = difflib.get_close_matches(str(model), timm.list_models(), n=5, cutoff=0.6)
@@ -126,13 +205,18 @@ class TimmBackbone(nn.Module):
         cfg = timm.get_pretrained_cfg(model)
         if image_size and cfg is not None and getattr(cfg, "fixed_input_size", False):
             kwargs.setdefault("img_size", image_size)
+        if pretrained and "file" not in (kwargs.get("pretrained_cfg_overlay") or {}):
+            overlay = offline_pretrained_overlay(model, cfg)
+            if overlay is not None:
+                kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
+                                                    **overlay}
         try:
             self.model = timm.create_model(model, pretrained=pretrained, num_classes=0,
                                            in_chans=in_channels, **kwargs)
         except OSError as err:  # not cached and not downloadable (offline), or unreadable
             if not pretrained:
                 raise
-            raise RuntimeError(
+            raise PretrainedWeightsError(
                 f"Could not load timm's pretrained weights for {model!r}: they are not in the "
                 "Hugging Face cache (HF_HOME / HF_HUB_CACHE) and could not be downloaded "
                 f"({type(err).__name__}: {err}). On a machine with internet, run python -c "
