@@ -19,8 +19,9 @@ from sharebone.data.multitask import (
     held_out_split,
 )
 from sharebone.data.tasks import SyntheticImageTasks
+from sharebone.models.heads import fit_linear_classifier
 from sharebone.regimes import load_regime
-from sharebone.regimes.multitask import MultiTask, NonFiniteWeightError, fit_linear_classifier
+from sharebone.regimes.multitask import MultiTask, NonFiniteWeightError
 from sharebone.regimes.weighting import WEIGHTINGS
 from sharebone.run.build import build_run
 from sharebone.run.train import run

@@ -15,11 +15,17 @@ trained 5-way can be evaluated 20-way:
 - ``"proto"`` (Proto-MAML, Triantafillou et al., ICLR 2020, arXiv:1903.03096): the head starts as
   the prototype classifier of the support set, ``W_k = 2 c_k``, ``b_k = -||c_k||^2``; gradients
   flow through the prototypes into the backbone.
+
+A backbone trained without episodes (multitask, pre-training) is scored as Baseline/RFS score
+theirs: a fresh head fitted on each episode's support features in closed form or by a few
+steps (:func:`fit_linear_classifier`, :func:`ridge_predict` for regression).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +122,103 @@ def initial_head(head: LinearHead, n_way: int, support_features: torch.Tensor | 
         raise SettingError("A 'proto' head is built from the support set: pass support_features "
                            "and support_labels.")
     return prototype_head(support_features, support_labels, n_way)
+
+
+# ------------------------------------------------------------------ a fresh head per episode
+
+HEAD_FITS = ("logistic", "sgd")
+DEFAULT_HEAD_FIT: dict[str, Any] = {"method": "logistic", "steps": 100, "lr": 0.5, "l2": 0.01,
+                                    "normalize": True}
+
+
+@dataclass(frozen=True)
+class LinearClassifier:
+    """Per-task linear heads ``weight [T, n_way, D]``, ``bias [T, n_way]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    normalize: bool = True
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            features = F.normalize(features, dim=-1)
+        return features @ self.weight.transpose(1, 2) + self.bias.unsqueeze(1)
+
+
+def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: int,
+                          method: str = "logistic", steps: int = 100, lr: float = 0.5,
+                          l2: float = 0.01, normalize: bool = True) -> LinearClassifier:
+    """Fit one multinomial logistic-regression head per task on support features.
+
+    ``features [T, S, D]``, ``labels [T, S]``; minimises mean cross-entropy plus
+    ``l2 / 2 * ||W||^2`` from zero, on L2-normalised features when ``normalize`` (Tian et al.
+    2020's RFS recipe). ``method="logistic"`` runs L-BFGS for up to ``steps`` iterations (the
+    convex problem, solved); ``"sgd"`` takes ``steps`` plain gradient steps of size ``lr`` (a
+    fine-tuned head's few steps). Gradients are enabled inside, so it works under ``no_grad``.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])           # one task, two ways
+        >>> head = fit_linear_classifier(x, torch.tensor([[0, 1]]), n_way=2)
+        >>> head(torch.tensor([[[0.9, 0.1], [0.2, 0.8]]])).argmax(-1)
+        tensor([[0, 1]])
+    """
+    if method not in HEAD_FITS:
+        raise SettingError(f"head_fit.method must be one of {HEAD_FITS}, got {method!r}.")
+    features = features.detach()
+    if normalize:
+        features = F.normalize(features, dim=-1)
+    tasks, _, dim = features.shape
+    weight = torch.zeros(tasks, n_way, dim, device=features.device, dtype=features.dtype,
+                         requires_grad=True)
+    bias = torch.zeros(tasks, n_way, device=features.device, dtype=features.dtype,
+                       requires_grad=True)
+
+    def objective() -> torch.Tensor:
+        logits = features @ weight.transpose(1, 2) + bias.unsqueeze(1)
+        # Sum of per-task mean losses: separable, so one solve fits every task's own head.
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        return ce.view(tasks, -1).mean(1).sum() + 0.5 * l2 * weight.pow(2).sum()
+
+    with torch.enable_grad():
+        if method == "logistic":
+            optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps,
+                                          line_search_fn="strong_wolfe")
+
+            def closure() -> torch.Tensor:
+                optimizer.zero_grad()
+                loss = objective()
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        else:
+            optimizer = torch.optim.SGD([weight, bias], lr=lr)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                objective().backward()
+                optimizer.step()
+    return LinearClassifier(weight.detach(), bias.detach(), normalize)
+
+
+def ridge_predict(support: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
+                  l2: float = 0.01) -> torch.Tensor:
+    """Ridge regression per task, closed form: ``support [T, S, D]``, ``targets [T, S, O]``
+    (regression episodes' labels, ``O = 1``), ``query [T, Q, D]`` -> predictions ``[T, Q, O]``
+    (with a bias; dual form, ``S`` small).
+
+    Example:
+        >>> x = torch.arange(6.0).view(1, 6, 1)
+        >>> ridge_predict(x, 2 * x + 1, torch.tensor([[[10.0]]]), l2=1e-6).round()
+        tensor([[[21.]]])
+    """
+    ones = torch.ones(*support.shape[:-1], 1, dtype=support.dtype, device=support.device)
+    xs = torch.cat([support.detach(), ones], -1)
+    xq = torch.cat([query.detach(), torch.ones(*query.shape[:-1], 1, dtype=query.dtype,
+                                               device=query.device)], -1)
+    gram = xs @ xs.transpose(1, 2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    alpha = torch.linalg.solve(gram + l2 * eye, targets.to(gram.dtype))
+    return xq @ xs.transpose(1, 2) @ alpha
+
+
+# ------------------------------------------------------------------------------ training

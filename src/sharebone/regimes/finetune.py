@@ -48,12 +48,9 @@ from sharebone.models import (
 )
 from sharebone.models.analysis import layer_groups
 from sharebone.models.backbones import backbone_differences, skip_pretrained_weights
+from sharebone.models.heads import DEFAULT_HEAD_FIT, fit_linear_classifier
 from sharebone.regimes.base import FewShotRegime, register_regime
-from sharebone.regimes.multitask import (
-    DEFAULT_HEAD_FIT,
-    SharedBackboneRegime,
-    fit_linear_classifier,
-)
+from sharebone.regimes.shared import SharedBackboneRegime
 
 __all__ = ["FINETUNE_MODES", "FineTune", "FrozenBackbone", "GradualUnfreezing", "Pretrain",
            "source_backbone"]

@@ -30,7 +30,7 @@ from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_epis
 from sharebone.models.backbones import backbone_differences
 from sharebone.regimes import REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone
-from sharebone.regimes.multitask import check_heads
+from sharebone.regimes.shared import check_heads
 
 
 @dataclass
