@@ -14,11 +14,8 @@ from sharebone.regimes import ANIL, FOMAML, MAML, MetaSGD
 from sharebone.regimes import maml as maml_module
 from sharebone.regimes.maml import chunking
 from sharebone.regimes.maml.chunking import auto_chunk_size, chunk_slices
-from sharebone.regimes.maml.precision import (
-    check_autocast,
-    check_bf16_supported,
-    set_float32_matmul_precision,
-)
+from sharebone.regimes.maml.precision import check_autocast, check_bf16_supported
+from sharebone.run.environment import set_float32_matmul_precision
 
 PRESETS = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "metasgd": MetaSGD}
 TINY_CONV = {"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}
