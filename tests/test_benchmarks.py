@@ -25,7 +25,6 @@ from helpers.data import (
     tree,
 )
 
-from sharebone.data import image_folder
 from sharebone.data.archives import (
     ArchiveSpec,
     ChecksumError,
@@ -36,6 +35,7 @@ from sharebone.data.archives import (
     load_data_pickle,
 )
 from sharebone.data.families import build_family
+from sharebone.data.image_folder import sources
 
 SPLITS = ("train", "val", "test")
 
@@ -238,7 +238,7 @@ def cifar_mirror(tmp_path, monkeypatch) -> ArchiveSpec:
     (mirror / "cifar-100-python.tar.gz").write_bytes(data)
     spec = ArchiveSpec("cifar-100-python", (mirror / "cifar-100-python.tar.gz").as_uri(),
                        md5_bytes(data), "cifar-100-python.tar.gz")
-    monkeypatch.setattr(image_folder, "CIFAR100", spec)
+    monkeypatch.setattr(sources, "CIFAR100", spec)
     return spec
 
 
@@ -286,7 +286,7 @@ def local_cifar_archive(tmp_path, monkeypatch, data: bytes):
     root = tmp_path / "cifar100"
     root.mkdir()
     (root / "cifar-100-python.tar.gz").write_bytes(data)
-    monkeypatch.setattr(image_folder, "CIFAR100", ArchiveSpec(
+    monkeypatch.setattr(sources, "CIFAR100", ArchiveSpec(
         "cifar-100-python", "https://example.invalid/x.tar.gz", md5_bytes(data),
         "cifar-100-python.tar.gz"))
     return root

@@ -31,9 +31,9 @@ from sharebone.data.archives import (
     DataNotFoundError,
     UnsafeArchiveError,
 )
+from sharebone.data.images import ImageSet
 from sharebone.data.omniglot import (
     OMNIGLOT_ARCHIVES,
-    ImageSet,
     cache_path,
     load_image,
     load_split,

@@ -23,8 +23,8 @@ from PIL import Image
 
 from sharebone.data.archives import DataError, DataNotFoundError, UnsafePickleError
 from sharebone.data.families import build_family
-from sharebone.data.image_folder import TASKS_DIR
-from sharebone.data.tiered_release import NAMES_FILE, read_names, read_release
+from sharebone.data.image_folder.splits import TASKS_DIR
+from sharebone.data.image_folder.tiered_release import NAMES_FILE, read_names, read_release
 
 SPLITS = ("train", "val", "test")
 

@@ -14,6 +14,9 @@ the same way wherever it comes from:
   become bright), and resized to a square: ``stretch`` (the whole picture, aspect ratio not
   kept, as Omniglot and miniImageNet's published preprocessing do) or ``crop`` (shorter side to
   the size, centre cropped).
+
+What they decode into is an :class:`ImageSet`: uint8 images sorted by label, with their class
+names and groups, ready for episode sampling.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -191,3 +195,80 @@ def load_image(
             "remove it."
         ) from e
     return torch.from_numpy(np.array(to_chw(array), order="C"))  # a writable copy
+
+
+# ----------------------------------------------------------------------------------- ImageSet
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """A labelled image set held in memory, ready for episode sampling by tensor indexing.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]``, pixel values 0..255, sorted by label.
+        labels: int64 ``[N]``, classes ``0 .. n_classes - 1``, each present, non-decreasing.
+        class_names: ``class_names[c]`` names class ``c`` (e.g. ``"Greek/character01"``).
+        groups: ``groups[c]``, the group class ``c`` belongs to (an Omniglot alphabet, a
+            tieredImageNet category, a folder above the class folders), for episodes drawn
+            within one group; None: the first part of each class name before a ``/`` (the
+            alphabet of ``"Greek/character01"``), or the class itself when it has none.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    groups: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise SettingError(
+                f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise SettingError(
+                f"labels must be int64 [N] with N={self.images.shape[0]}, got {self.labels.dtype} "
+                f"{tuple(self.labels.shape)}"
+            )
+        n = len(self.class_names)
+        if len(self.labels) and bool((self.labels[1:] < self.labels[:-1]).any()):
+            raise SettingError("images must be sorted by label")
+        if len(self.labels) and (int(self.labels[0]) != 0 or int(self.labels[-1]) != n - 1):
+            raise SettingError(f"labels must span 0..{n - 1} (one per class name)")
+        if len(self.labels) == 0 and n:
+            raise SettingError("an empty image set has no classes")
+        if n and not bool((self.class_counts > 0).all()):
+            raise SettingError("every class must have at least one image")
+        if self.groups is not None and len(self.groups) != n:
+            raise SettingError(f"groups must name one group per class ({n}), got "
+                               f"{len(self.groups)}")
+
+    @property
+    def class_groups(self) -> list[str]:
+        """The group of every class (see ``groups``)."""
+        if self.groups is not None:
+            return list(self.groups)
+        return [name.split("/", 1)[0] for name in self.class_names]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """int64 ``[n_classes]``: number of images of each class."""
+        return torch.bincount(self.labels, minlength=self.n_classes)
+
+    @property
+    def class_offsets(self) -> torch.Tensor:
+        """int64 ``[n_classes + 1]``: class ``c`` is ``images[offsets[c] : offsets[c + 1]]``."""
+        return torch.cat([torch.zeros(1, dtype=torch.int64), self.class_counts.cumsum(0)])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageSet(images={tuple(self.images.shape)} uint8, n_classes={self.n_classes}, "
+            f"first={self.class_names[:1]})"
+        )

@@ -52,6 +52,7 @@ from sharebone.data.archives import (
 from sharebone.data.images import (  # noqa: F401  (load_image, MAX_IMAGE_PIXELS: public here too)
     DECODE_ERRORS,
     MAX_IMAGE_PIXELS,
+    ImageSet,
     check_decode_args,
     decode_array,
     load_image,
@@ -94,80 +95,6 @@ _CACHE_FORMAT = "sharebone.omniglot.v1"
 #: bright. Cached archives hold drawings read this way (and a user's episode folder scored
 #: against an Omniglot task is read the same way, :meth:`OmniglotTasks.preprocessing`).
 PREPROCESSING: dict[str, Any] = {"invert": True}
-
-
-@dataclass(frozen=True, eq=False)
-class ImageSet:
-    """A labelled image set held in memory, ready for episode sampling by tensor indexing.
-
-    Attributes:
-        images: uint8 ``[N, C, H, W]``, pixel values 0..255, sorted by label.
-        labels: int64 ``[N]``, classes ``0 .. n_classes - 1``, each present, non-decreasing.
-        class_names: ``class_names[c]`` names class ``c`` (e.g. ``"Greek/character01"``).
-        groups: ``groups[c]``, the group class ``c`` belongs to (an Omniglot alphabet, a
-            tieredImageNet category, a folder above the class folders), for episodes drawn
-            within one group; None: the first part of each class name before a ``/`` (the
-            alphabet of ``"Greek/character01"``), or the class itself when it has none.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    class_names: list[str]
-    groups: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise SettingError(
-                f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
-            )
-        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise SettingError(
-                f"labels must be int64 [N] with N={self.images.shape[0]}, got {self.labels.dtype} "
-                f"{tuple(self.labels.shape)}"
-            )
-        n = len(self.class_names)
-        if len(self.labels) and bool((self.labels[1:] < self.labels[:-1]).any()):
-            raise SettingError("images must be sorted by label")
-        if len(self.labels) and (int(self.labels[0]) != 0 or int(self.labels[-1]) != n - 1):
-            raise SettingError(f"labels must span 0..{n - 1} (one per class name)")
-        if len(self.labels) == 0 and n:
-            raise SettingError("an empty image set has no classes")
-        if n and not bool((self.class_counts > 0).all()):
-            raise SettingError("every class must have at least one image")
-        if self.groups is not None and len(self.groups) != n:
-            raise SettingError(f"groups must name one group per class ({n}), got "
-                               f"{len(self.groups)}")
-
-    @property
-    def class_groups(self) -> list[str]:
-        """The group of every class (see ``groups``)."""
-        if self.groups is not None:
-            return list(self.groups)
-        return [name.split("/", 1)[0] for name in self.class_names]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def class_counts(self) -> torch.Tensor:
-        """int64 ``[n_classes]``: number of images of each class."""
-        return torch.bincount(self.labels, minlength=self.n_classes)
-
-    @property
-    def class_offsets(self) -> torch.Tensor:
-        """int64 ``[n_classes + 1]``: class ``c`` is ``images[offsets[c] : offsets[c + 1]]``."""
-        return torch.cat([torch.zeros(1, dtype=torch.int64), self.class_counts.cumsum(0)])
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __repr__(self) -> str:
-        return (
-            f"ImageSet(images={tuple(self.images.shape)} uint8, n_classes={self.n_classes}, "
-            f"first={self.class_names[:1]})"
-        )
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -475,6 +402,20 @@ def load_split(
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise DataError(f"image_size must be a positive int, got {image_size!r}")
     spec = _as_plain(spec)
+    names, keep, exclude, char_slice, rotations = _parse_spec(spec, registry)
+    decoded = load_archives(
+        [registry[n] for n in dict.fromkeys(names)], data_dir, cache_dir, image_size, download
+    )
+    selected = _select(decoded, names, keep, exclude, char_slice)
+    if not selected:
+        raise DataError(f"Split {spec!r} selects no characters")
+    return _assemble(decoded, selected, rotations)
+
+
+def _parse_spec(
+    spec: dict[str, Any], registry: Mapping[str, ArchiveSpec]
+) -> tuple[list[str], list[str] | None, list[str], slice | None, list[int]]:
+    """A split spec's archives, alphabets kept and excluded, character slice and rotations."""
     unknown = sorted(set(spec) - set(SPLIT_KEYS))
     if unknown:
         raise DataError(f"Unknown split key(s) {unknown}; valid keys: {list(SPLIT_KEYS)}")
@@ -490,11 +431,18 @@ def load_split(
     exclude = _str_list(spec, "exclude_alphabets") or []
     char_slice = _parse_slice(spec["characters"]) if spec.get("characters") is not None else None
     rotations = _parse_rotations(spec.get("rotations"))
+    return names, keep, exclude, char_slice, rotations
 
-    decoded = load_archives(
-        [registry[n] for n in dict.fromkeys(names)], data_dir, cache_dir, image_size, download
-    )
 
+def _select(
+    decoded: Sequence[DecodedArchive],
+    names: list[str],
+    keep: list[str] | None,
+    exclude: list[str],
+    char_slice: slice | None,
+) -> list[tuple[str, int, int]]:
+    """``(name, archive index, character index)`` of the characters a split selects,
+    deduplicated by name (the first archive wins), then sliced."""
     available = sorted(
         {c.split("/", 1)[0] for d in decoded for c in d.characters}, key=_natural_key
     )
@@ -503,8 +451,6 @@ def load_split(
         raise DataError(
             f"Unknown alphabet(s) {bad} in archives {names}; valid alphabets: {available}"
         )
-
-    # (name, archive index, character index), deduplicated by name, first archive wins.
     seen: set[str] = set()
     selected: list[tuple[str, int, int]] = []
     for a, d in enumerate(decoded):
@@ -516,9 +462,13 @@ def load_split(
             selected.append((name, a, c))
     if char_slice is not None:
         selected = selected[char_slice]
-    if not selected:
-        raise DataError(f"Split {spec!r} selects no characters")
+    return selected
 
+
+def _assemble(
+    decoded: Sequence[DecodedArchive], selected: list[tuple[str, int, int]], rotations: list[int]
+) -> ImageSet:
+    """The selected characters' drawings, each rotation of each character a class."""
     blocks = [
         decoded[a].images[decoded[a].offsets[c] : decoded[a].offsets[c + 1]] for _, a, c in selected
     ]

@@ -87,7 +87,7 @@ class OmniglotTasks:
         return dict(OMNIGLOT_PREPROCESSING)
 
     def images(self, split: str):
-        """The split's :class:`~sharebone.data.omniglot.ImageSet`, decoded once per process."""
+        """The split's :class:`~sharebone.data.images.ImageSet`, decoded once per process."""
         if split not in self.splits:
             raise UnknownNameError(f"Unknown split '{split}'. This task family has: "
                                    f"{sorted(self.splits)}.")
