@@ -129,3 +129,21 @@ def test_the_layer_check_finds_an_upward_import():
 def test_at_most_eight_modules_at_the_top():
     top = sorted(p.stem for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__"))
     assert len(top) <= 8, top
+
+
+#: A module or function longer than this is doing more than one job (issue 20).
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 700, 80
+
+
+def test_no_module_over_700_lines_and_no_function_over_80():
+    long = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            long.append(f"{module_name(path)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{module_name(path)}.{node.name}: {length} lines")
+    assert long == []
