@@ -15,8 +15,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from helpers.configs import FAST, compose_train
-from hydra.utils import instantiate
 
+from sharebone.data.families import build_family
 from sharebone.run.train import launch_rank, run
 
 META_BATCH, BATCHES, EPOCHS = 4, 8, 2
@@ -86,7 +86,7 @@ def test_ranks_draw_disjoint_shares_of_the_episodes_one_process_would(trained_dd
     out, cfg, _ = trained_ddp
     ranks = [json.loads((out / f"episodes_rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    family = instantiate(cfg.task.family)
+    family = build_family(cfg.task.family)
     s = cfg.sampler
     source = family.sampler("train", seed=s.seed, **dict(s.train))
     share = META_BATCH // 2

@@ -11,8 +11,8 @@ from helpers.training import RandomImages
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.memory import PeakMemory
 from sharebone.regimes import ANIL, FOMAML, MAML, MetaSGD
-from sharebone.regimes import maml as maml_module
 from sharebone.regimes.maml import chunking
+from sharebone.regimes.maml import regime as maml_module
 from sharebone.regimes.maml.chunking import auto_chunk_size, chunk_slices
 from sharebone.regimes.maml.precision import check_autocast, check_bf16_supported
 from sharebone.run.environment import set_float32_matmul_precision

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.configs import compose_train
-from hydra.utils import instantiate
 
+from sharebone.data.families import build_family
 from sharebone.run.train import run
 
 pytestmark = pytest.mark.shared_data
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.shared_data
 
 def test_omniglot_small_splits_hold_out_whole_alphabets(real_data_dir, tmp_path):
     cfg = compose_train(tmp_path, ["task=omniglot_small", f"data_dir={real_data_dir}"])
-    family = instantiate(cfg.task.family)
+    family = build_family(cfg.task.family)
     train, val, test = (family.images(s) for s in ("train", "val", "test"))
     assert (train.n_classes, val.n_classes, test.n_classes) == (121 * 4, 39, 82)
     alphabets = [{name.split("/")[0] for name in split.class_names} for split in (train, val, test)]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers.configs import compose_train
 from helpers.training import fit
-from hydra.utils import instantiate
 
+from sharebone.data.families import build_family
 from sharebone.data.sinusoid import SinusoidTasks, uniforms
 from sharebone.regimes import MAML, MetaSGD, load_regime
 from sharebone.run.train import run
@@ -88,7 +88,7 @@ def test_sinusoid_experiments_run_end_to_end(experiment, tmp_path):
         f"experiment={experiment}", "logger=none", "trainer.max_epochs=1",
         "sampler.batches_per_epoch=3", "sampler.val_episodes=4", "test.episodes=8",
         "trainer.enable_progress_bar=false"])
-    assert instantiate(cfg.task.family).input_shape == (1,)
+    assert build_family(cfg.task.family).input_shape == (1,)
     metrics = run(cfg)
     assert set(metrics) >= {"test/1w5s/mse", "test/1w10s/mse", "test/1w20s/mse"}
     results = json.loads((tmp_path / "fewshot.json").read_text())

@@ -43,7 +43,7 @@ _HERE = str(Path(__file__))
 _OPTIMIZERS = str(Path(torch.__file__).parent / "optim")
 # sharebone's samplers read the host's episode indices (a bounds check). That is all they
 # read: tests draw episodes on the `meta` device, where any read of a value fails.
-_DATA = str(Path(__file__).parent / "data")
+_DATA = str(Path(__file__).parents[1] / "data")
 
 
 def _caller(on_host_too: bool) -> str | None:

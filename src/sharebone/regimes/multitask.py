@@ -51,6 +51,7 @@ class MultiTask(SharedBackboneRegime):
             ``{"method": "logistic" | "sgd", "steps", "lr", "l2", "normalize"}``.
 
     Example:
+        >>> import torch
         >>> model = MultiTask({"name": "mlp", "in_features": 4, "hidden": [8]},
         ...                   heads={"a": 3, "b": 2}, weighting={"name": "pcgrad"})
         >>> batch = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 1]),
