@@ -15,6 +15,7 @@ checkpoint is :func:`sharebone.regimes.loading.load_regime`.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         refused = refused_pickle(err)
         if refused is not None:  # not torch's advice to load it with weights_only=False
             raise CheckpointError(f"Could not read checkpoint {path}: {refused}") from None
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise CheckpointError(f"Could not read checkpoint {path}: it is not a zip archive, "
+                                  "as torch.save writes (truncated, corrupt, or another kind of "
+                                  "file). Point at a .ckpt written by sharebone-train.") from None
         raise CheckpointError(f"Could not read checkpoint {path}: {err}. Is it a complete file "
                               "written by sharebone-train?") from err
     if not isinstance(checkpoint, dict) or "sharebone" not in checkpoint:
