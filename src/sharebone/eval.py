@@ -28,6 +28,7 @@ from sharebone.data.families import build_family, check_plain, registered_famili
 from sharebone.errors import SettingError
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
+from sharebone.evaluation.inputs import check_task_input
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.evaluation.wandb_log import log_evaluation, start, training_run, wandb_options
@@ -214,6 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     task, trusted = task_config(cfg, model.run_config or {})
+    check_task_input(model, task, f"the checkpoint {ckpt}")  # before scoring, by task.* keys
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir_of(ckpt) / "eval"
     check_writable(output_dir)  # now, not after scoring thousands of episodes
 
