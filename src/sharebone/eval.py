@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
+from sharebone import wandb_deadline
 from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, registered_families
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, ShareboneError
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
 from sharebone.evaluation.inputs import check_task_input
@@ -149,15 +151,41 @@ def unique_stem(folder: Path, stem: str) -> str:
     return candidate
 
 
+class OutputDirError(ShareboneError, PermissionError):
+    """The results folder cannot be written; the message says why and names output_dir."""
+
+
 def check_writable(folder: Path) -> None:
-    """Refuse a results folder that cannot be written (a read-only run directory, say)."""
+    """Refuse a results folder that cannot be written (a read-only run directory, a file)."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"output_dir={folder} is a file, not a folder: results go into a "
+                             "folder. Pass output_dir=<a folder you can write> to sharebone-eval.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise PermissionError(f"Cannot write results to {folder} ({err.strerror}). Pass "
-                              "output_dir=<a folder you can write> to sharebone-eval.") from err
+        raise OutputDirError(f"Cannot write results to {folder} ({err.strerror}). Pass "
+                             "output_dir=<a folder you can write> to sharebone-eval.") from err
+
+
+def check_request(cfg: DictConfig) -> None:
+    """What can be refused before a checkpoint is read or an episode scored: a value whose
+    ``${...}`` does not resolve, no settings to score, a W&B time limit that is no number."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        key = getattr(err, "full_key", None) or "a setting"
+        reason = str(err).strip().splitlines()[0]
+        raise SettingError(f"{key}: {reason}. '${{' in a value starts an interpolation; write a "
+                           f"literal one as '\\${{' (e.g. 'output_dir=/runs/\\${{x}}').") from err
+    if not cfg.episode_dir and not cfg.get("settings"):
+        raise SettingError("settings is empty: nothing to score. Give at least one, e.g. "
+                           "'settings=[{n_way: 5, k_shot: 1}]' (or drop the override for the "
+                           "default four).")
+    logger = cfg.get("logger") or {}
+    if "wandb" in logger:
+        wandb_deadline.call_timeout((logger.wandb or {}).get("timeout"))
 
 
 def track(cfg: DictConfig, model: FewShotRegime, ckpt: Path, task: dict[str, Any],
@@ -200,6 +228,7 @@ def score_episode_dir(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
     quiet_known_noise()
+    check_request(cfg)
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     ckpt = find_checkpoint(cfg.ckpt)
