@@ -24,7 +24,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sharebone.errors import ShareboneError, refused_pickle
-from sharebone.files import atomic_write
+from sharebone.files import DiskFullError, atomic_write
 
 
 class CheckpointError(ShareboneError, RuntimeError):
@@ -99,8 +99,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"{storage_options!r}.")
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_write(Path(str(path).removeprefix("file://"))) as f:
-            torch.save(checkpoint, f)
+        target = Path(str(path).removeprefix("file://"))
+        try:
+            with atomic_write(target) as f:
+                torch.save(checkpoint, f)
+        except DiskFullError as err:
+            raise DiskFullError(f"Checkpoint not saved: {err} {_continue_from(target)}") from err
         return None
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
@@ -118,6 +122,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if refused is None:
                 raise
             raise CheckpointError(f"Refusing checkpoint {path}: {refused}") from None
+
+
+def _continue_from(target: Path) -> str:
+    """How to go on after a checkpoint that could not be written: what is there, resume=."""
+    from sharebone.run_dir import run_dir_of  # imported here: run_dir is not a dependency
+
+    saved = sorted(p.name for p in target.parent.glob("*.ckpt"))
+    if not saved:
+        return "No checkpoint was saved before it; free space and start the run again."
+    return (f"Saved before, complete: {', '.join(saved)}. Once there is space, continue the "
+            f"run from its last checkpoint: sharebone-train resume={run_dir_of(target)}")
 
 
 class RNGState(pl.Callback):
