@@ -146,6 +146,6 @@ def test_eval_of_an_episode_folder_draws_its_predictions(two_epochs, tmp_path):
     results = tmp_path / "results"
     sb_eval.run(compose_train(tmp_path, [f"ckpt={out}", f"episode_dir={root}",
                                          f"output_dir={results}"], config_name="eval"))
-    assert (results / "episode_predictions.json").is_file()
-    with Image.open(results / "episode_predictions.png") as image:
+    [written] = results.glob("episode_episode_*.json")
+    with Image.open(written.with_suffix(".png")) as image:
         assert image.format == "PNG" and min(image.size) >= 300

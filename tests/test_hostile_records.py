@@ -277,3 +277,16 @@ def test_settings_lightning_or_numpy_would_refuse_are_refused_first(tmp_path, ar
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"root:x:0:0:root:/root:/bin/bash\n", "it is not a zip archive, as torch.save writes"),
+    (bytes(range(7, 107)), "its bytes are not a checkpoint torch.save wrote"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named_so_not_called_code(tmp_path, content, message):
+    """Was: ``list index out of range`` for a text file, and "it holds code" for random bytes."""
+    path = tmp_path / "not.ckpt"
+    path.write_bytes(content)
+    out = sharebone("eval", f"ckpt={path}", cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "holds code" not in out.stderr and "weights_only=False" not in out.stderr

@@ -15,6 +15,7 @@ checkpoint is :func:`sharebone.regimes.loading.load_regime`.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sharebone.errors import ShareboneError, refused_pickle
-from sharebone.files import atomic_write
+from sharebone.files import DiskFullError, atomic_write
 
 
 class CheckpointError(ShareboneError, RuntimeError):
@@ -69,6 +70,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         refused = refused_pickle(err)
         if refused is not None:  # not torch's advice to load it with weights_only=False
             raise CheckpointError(f"Could not read checkpoint {path}: {refused}") from None
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise CheckpointError(f"Could not read checkpoint {path}: it is not a zip archive, "
+                                  "as torch.save writes (truncated, corrupt, or another kind of "
+                                  "file). Point at a .ckpt written by sharebone-train.") from None
         raise CheckpointError(f"Could not read checkpoint {path}: {err}. Is it a complete file "
                               "written by sharebone-train?") from err
     if not isinstance(checkpoint, dict) or "sharebone" not in checkpoint:
@@ -101,8 +106,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"{storage_options!r}.")
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_write(Path(str(path).removeprefix("file://"))) as f:
-            torch.save(checkpoint, f)
+        target = Path(str(path).removeprefix("file://"))
+        try:
+            with atomic_write(target) as f:
+                torch.save(checkpoint, f)
+        except DiskFullError as err:
+            raise DiskFullError(f"Checkpoint not saved: {err} {_continue_from(target)}") from err
         return None
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
@@ -120,6 +129,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if refused is None:
                 raise
             raise CheckpointError(f"Refusing checkpoint {path}: {refused}") from None
+
+
+def _continue_from(target: Path) -> str:
+    """How to go on after a checkpoint that could not be written: what is there, resume=."""
+    saved = sorted(p.name for p in target.parent.glob("*.ckpt"))
+    if not saved:
+        return "No checkpoint was saved before it; free space and start the run again."
+    return (f"Saved before, complete: {', '.join(saved)}. Once there is space, continue the "
+            f"run from its last checkpoint: sharebone-train resume={run_dir_of(target)}")
 
 
 class RNGState(pl.Callback):

@@ -50,13 +50,15 @@ def refused_pickle(err: BaseException) -> str | None:
     text = str(err)
     if "Weights only load failed" not in text:
         return None
-    found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand (\S+)", text)
-    what = next((g for g in found.groups() if g), "") if found else ""
-    asks = f" (it asks for {what.rstrip('.')})" if what else ""
-    return (f"it holds code or Python objects, not only tensors and plain "
-            f"values{asks}, and loading it could run any code, so nothing was loaded. A file "
-            "sharebone wrote never holds code: if you made this one, save its tensors (a "
-            "state_dict) instead; otherwise delete it.")
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found is None:  # an opcode the safe unpickler has no use for: bytes, not code
+        return ("its bytes are not a checkpoint torch.save wrote (corrupt, truncated, or another "
+                "kind of file), so nothing was loaded. Point at a .ckpt written by "
+                "sharebone-train.")
+    return (f"it holds code or Python objects, not only tensors and plain values (it asks for "
+            f"{found.group(1).rstrip('.')}), and loading it could run any code, so nothing was "
+            "loaded. A file sharebone wrote never holds code: if you made this one, save its "
+            "tensors (a state_dict) instead; otherwise delete it.")
 
 
 def user_error(err: BaseException) -> ShareboneError | None:

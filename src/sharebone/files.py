@@ -7,6 +7,7 @@ decoded-data caches, checkpoints, result tables.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, ShareboneError
 
 #: Temporary files are ``.<name>.<random>.tmp``: hidden, and never ending in the target's own
 #: suffix, so no search for ``*.ckpt``, ``*.zip`` or ``*.pt`` can mistake a half-written file
@@ -86,6 +87,27 @@ def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+#: What a write to a full disk (or past a quota) fails with.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(ShareboneError, OSError):
+    """A file could not be written for want of space; the message names it and says that
+    nothing was half-written (callers add how to go on: ``resume=``, ``output_dir=``)."""
+
+
+def full_disk_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` of a full disk in ``err``'s chain, else None: torch's
+    ``enforce fail at inline_container.cc`` hides the ``ENOSPC`` it met in its context."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in FULL_DISK:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def chmod_like_open(fd: int) -> None:
     """Give a ``tempfile.mkstemp`` file (always 0600) the mode ``open()`` would have given it,
     so files written atomically are as readable as any other file the run writes."""
@@ -134,17 +156,35 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb",
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{_owner_tag()}.",
-                               suffix=TMP_SUFFIX)
     text = {} if mode == "wb" else {"encoding": encoding or "utf-8"}
+    fd, tmp = _temp_file(target)
     try:
         with os.fdopen(fd, mode, **text) as f:
-            chmod_like_open(f.fileno())
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        full = full_disk_error(err)
+        if full is None:
+            raise
+        raise DiskFullError(f"No space left on the device to write {target} ({full.strerror}): "
+                            f"it was not written, nothing half-written is left and the files "
+                            f"written before are complete. Free space in {target.parent}."
+                            ) from err
+    fsync_dir(target.parent)
+
+
+def _temp_file(target: Path) -> tuple[int, str]:
+    """A new hidden temporary file next to ``target``: its descriptor and path (created 0600
+    by ``mkstemp``, given the mode ``open()`` would give)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{_owner_tag()}.",
+                               suffix=TMP_SUFFIX)
+    try:
+        chmod_like_open(fd)
     except BaseException:
+        os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    return fd, tmp

@@ -86,3 +86,54 @@ class KillWandbService(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.step is None:
             self._kill(trainer)
+
+
+def stop_wandb_service() -> list[int]:
+    """SIGSTOP this process's W&B service: alive, but it answers nothing (as frozen by a
+    debugger, a cgroup or job control). Returns the pids, for :func:`kill_stopped`."""
+    pids = wandb_service_pids()
+    assert pids, "no wandb-core child process to stop"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while any((s := _state(pid)) is not None and s[1] not in "TtZ" for pid in pids):
+        assert time.monotonic() < deadline, "wandb-core did not stop"
+        time.sleep(0.02)
+    return pids
+
+
+def kill_stopped(pids: list[int]) -> None:
+    """A test's cleanup: SIGKILL the services it stopped, should the code under test not have
+    ended them (a stopped process would otherwise stay for good)."""
+    for pid in pids:
+        state = _state(pid)
+        if state is not None and state[1] != "Z":
+            os.kill(pid, signal.SIGKILL)
+
+
+def wandb_cores_of(pid: int) -> list[int]:
+    """The ``wandb-core`` processes started by process ``pid`` (``--pid <pid>`` on their
+    command line), for a test to clean up after a child process it ran."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"wandb-core" in a for a in args[:1]) and f"{pid}".encode() in args:
+            found.append(int(entry.name))
+    return found
+
+
+class StopWandbService(pl.Callback):
+    """SIGSTOPs the W&B service after optimizer step ``step``; the pids are in ``stopped``."""
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+        self.stopped: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.stopped:
+            self.stopped = stop_wandb_service()

@@ -11,7 +11,7 @@ from typing import Any
 
 from sharebone.callbacks.guards import finite_or_none
 from sharebone.evaluation.stats import FewShotResult
-from sharebone.files import atomic_write
+from sharebone.files import DiskFullError, atomic_write
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -27,10 +27,16 @@ def write_results(results: Sequence[FewShotResult], output_dir: str | Path,
     paths = {"json": output_dir / f"{stem}.json", "csv": output_dir / f"{stem}.csv"}
     # NaN is not JSON: a score that is not a number is written as null.
     document = finite_or_none({**dict(extra or {}), "results": rows})
-    _atomic_write(paths["json"], json.dumps(document, indent=2, allow_nan=False))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["setting"])
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(paths["csv"], buf.getvalue())
+    try:
+        _atomic_write(paths["json"], json.dumps(document, indent=2, allow_nan=False))
+        _atomic_write(paths["csv"], buf.getvalue())
+    except DiskFullError as err:
+        paths["json"].unlink(missing_ok=True)  # both files or neither: no half a result set
+        raise DiskFullError(f"Results not saved: {err} The scores were printed above; "
+                            "score again with sharebone-eval ckpt=<run dir or .ckpt> "
+                            "output_dir=<a folder with free space>.") from err
     return paths

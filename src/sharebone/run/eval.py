@@ -11,6 +11,7 @@ the training run's project and grouped by its id: :mod:`sharebone.tracking.eval_
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 import warnings
@@ -19,21 +20,24 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from sharebone.adaptation import check_inner_loop
 from sharebone.checkpoint_io import CheckpointError, find_checkpoint, run_dir_of
 from sharebone.data.augment import EpisodeTransform
 from sharebone.data.families import build_family, check_plain, family_name, registered_families
-from sharebone.errors import SettingError
+from sharebone.errors import SettingError, ShareboneError
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
+from sharebone.evaluation.inputs import check_task_input
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
-from sharebone.files import atomic_write
+from sharebone.files import DiskFullError, atomic_write
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
 from sharebone.run.environment import quiet_known_noise
+from sharebone.tracking import deadline as wandb_deadline
 from sharebone.tracking.eval_run import log_evaluation, start, training_run, wandb_options
 
 
@@ -59,7 +63,18 @@ def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any
 def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
                  figure: Path | None = None) -> dict[str, Any]:
     """Predict every query image of a folder episode; print and return the predictions, and
-    draw them (support images by class, queries with predicted/true class) into ``figure``.
+    draw them (support images by class, queries with predicted/true class) into ``figure``."""
+    summary, loaded, predicted = predict_folder(model, cfg, task)
+    if figure is not None:
+        draw_folder_episode(loaded, predicted, figure,
+                            f"{model.regime_name} on {display_name(cfg.episode_dir)}")
+    return summary
+
+
+def predict_folder(model: FewShotRegime, cfg: DictConfig,
+                   task: dict[str, Any]) -> tuple[dict[str, Any], Any, torch.Tensor]:
+    """Predict every query image of a folder episode: the printed predictions (and accuracy
+    on the labelled ones), the episode loaded and the predicted class of each query.
 
     The images are read as the task's own are (its family's ``preprocessing``, where it has
     one: Omniglot's drawings are inverted, an image-folder task's photos are not, nor is
@@ -93,10 +108,7 @@ def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
         acc = (probs.argmax(-1)[labelled] == loaded.query_targets[labelled]).float().mean()
         summary["accuracy"] = float(acc)
         print(f"accuracy on {int(labelled.sum())} labelled queries: {100 * float(acc):.2f}%")
-    if figure is not None:
-        draw_folder_episode(loaded, probs.argmax(-1), figure,
-                            f"{model.regime_name} on {display_name(cfg.episode_dir)}")
-    return summary
+    return summary, loaded, probs.argmax(-1)
 
 
 def draw_folder_episode(loaded: Any, predicted: torch.Tensor, path: Path, title: str) -> None:
@@ -108,7 +120,7 @@ def draw_folder_episode(loaded: Any, predicted: torch.Tensor, path: Path, title:
     try:
         fig = episode_figure(e.support[0], e.support_labels[0], e.query[0], predicted,
                              loaded.query_targets, loaded.class_names, title=title,
-                             max_queries=40)
+                             max_queries=40, max_classes=FIGURE_CLASSES)
         save_png(fig, path)
     except Exception as err:  # noqa: BLE001 - a picture must never lose the results
         warnings.warn(f"Could not draw the episode into {path}: {err}", stacklevel=2)
@@ -116,24 +128,63 @@ def draw_folder_episode(loaded: Any, predicted: torch.Tensor, path: Path, title:
     print(f"[sharebone] episode with predictions: {path}")
 
 
+#: Classes a folder episode's figure draws (its title says so when there are more): a
+#: 1,000-way episode drawn whole kept matplotlib's constrained layout busy for over 5 minutes.
+FIGURE_CLASSES = 20
+
+
+def episode_stem(episode_dir: str | Path) -> str:
+    """``episode_<folder name>_<time>``: a folder episode's outputs, named by its folder (as
+    test results are by their task) so that the next episode does not overwrite them."""
+    name = display_name(Path(episode_dir).expanduser().resolve().name) or "episode"
+    safe = re.sub(r"[^\w.-]+", "_", name).strip("._") or "episode"
+    return f"episode_{safe[:80]}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def unique_stem(folder: Path, stem: str) -> str:
     """``stem``, or ``stem-2``, ``stem-3``... when results of that name are already there."""
     candidate, n = stem, 1
-    while any((folder / f"{candidate}{ext}").exists() for ext in (".json", ".csv")):
+    while any((folder / f"{candidate}{ext}").exists() for ext in (".json", ".csv", ".png")):
         n += 1
         candidate = f"{stem}-{n}"
     return candidate
 
 
+class OutputDirError(ShareboneError, PermissionError):
+    """The results folder cannot be written; the message says why and names output_dir."""
+
+
 def check_writable(folder: Path) -> None:
-    """Refuse a results folder that cannot be written (a read-only run directory, say)."""
+    """Refuse a results folder that cannot be written (a read-only run directory, a file)."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"output_dir={folder} is a file, not a folder: results go into a "
+                             "folder. Pass output_dir=<a folder you can write> to sharebone-eval.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise PermissionError(f"Cannot write results to {folder} ({err.strerror}). Pass "
-                              "output_dir=<a folder you can write> to sharebone-eval.") from err
+        raise OutputDirError(f"Cannot write results to {folder} ({err.strerror}). Pass "
+                             "output_dir=<a folder you can write> to sharebone-eval.") from err
+
+
+def check_request(cfg: DictConfig) -> None:
+    """What can be refused before a checkpoint is read or an episode scored: a value whose
+    ``${...}`` does not resolve, no settings to score, a W&B time limit that is no number."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        key = getattr(err, "full_key", None) or "a setting"
+        reason = str(err).strip().splitlines()[0]
+        raise SettingError(f"{key}: {reason}. '${{' in a value starts an interpolation; write a "
+                           f"literal one as '\\${{' (e.g. 'output_dir=/runs/\\${{x}}').") from err
+    if not cfg.episode_dir and not cfg.get("settings"):
+        raise SettingError("settings is empty: nothing to score. Give at least one, e.g. "
+                           "'settings=[{n_way: 5, k_shot: 1}]' (or drop the override for the "
+                           "default four).")
+    logger = cfg.get("logger") or {}
+    if "wandb" in logger:
+        wandb_deadline.call_timeout((logger.wandb or {}).get("timeout"))
 
 
 def track(cfg: DictConfig, model: FewShotRegime, ckpt: Path, task: dict[str, Any],
@@ -154,9 +205,29 @@ def track(cfg: DictConfig, model: FewShotRegime, ckpt: Path, task: dict[str, Any
         print(f"[sharebone] {note}")
 
 
+def score_episode_dir(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
+                      output_dir: Path) -> dict[str, Any]:
+    """A folder episode's predictions, written (``<stem>.json``) before they are drawn
+    (``<stem>.png``): a figure that fails or takes long must never cost the results."""
+    summary, loaded, predicted = predict_folder(model, cfg, task)
+    stem = unique_stem(output_dir, episode_stem(cfg.episode_dir))
+    written = output_dir / f"{stem}.json"
+    try:
+        with atomic_write(written, "w") as f:
+            f.write(json.dumps(summary, indent=2))
+    except DiskFullError as err:
+        raise DiskFullError(f"Predictions not saved: {err} They were printed above; or pass "
+                            "output_dir=<a folder with free space>.") from err
+    print(f"[sharebone] predictions: {written}")
+    draw_folder_episode(loaded, predicted, written.with_suffix(".png"),
+                        f"{model.regime_name} on {display_name(cfg.episode_dir)}")
+    return {**summary, "paths": {"json": str(written), "png": str(written.with_suffix(".png"))}}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
     quiet_known_noise()
+    check_request(cfg)
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     ckpt = find_checkpoint(cfg.ckpt)
@@ -172,14 +243,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     task, trusted = task_config(cfg, model.run_config or {})
+    check_task_input(model, task, f"the checkpoint {ckpt}")  # before scoring, by task.* keys
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir_of(ckpt) / "eval"
     check_writable(output_dir)  # now, not after scoring thousands of episodes
 
     if cfg.episode_dir:
-        summary = score_folder(model, cfg, task, figure=output_dir / "episode_predictions.png")
-        with atomic_write(output_dir / "episode_predictions.json", "w") as f:
-            f.write(json.dumps(summary, indent=2))
-        return summary
+        return score_episode_dir(model, cfg, task, output_dir)
 
     family = build_family(task["family"], trusted=trusted)
     settings = OmegaConf.to_container(cfg.settings, resolve=True)

@@ -47,6 +47,7 @@ from sharebone.checkpoint_io import (
 from sharebone.config import escape_interpolations
 from sharebone.errors import SettingError, UnknownNameError, check_count
 from sharebone.evaluation.fewshot import evaluate
+from sharebone.evaluation.inputs import check_spec
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.memory import keep_freed_memory
@@ -267,6 +268,9 @@ def score_checkpoint(cfg: DictConfig, record: str, job_dir: Path) -> dict[str, f
     directory. The checkpoint must have this config's task, backbone and regime."""
     ckpt = find_checkpoint(cfg.ckpt_path)
     saved = read_checkpoint(ckpt)["sharebone"].get("config")
+    if saved and cfg.get("task"):  # channels and image size first, by their keys
+        check_spec(OmegaConf.to_container(cfg.task, resolve=True), saved, saved.get("backbone"),
+                   f"ckpt_path={cfg.ckpt_path}")
     check_same_run(saved, OmegaConf.to_container(cfg, resolve=True), str(cfg.ckpt_path),
                    key="ckpt_path")
     output_dir = Path(cfg.paths.output_dir)

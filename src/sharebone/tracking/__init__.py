@@ -36,6 +36,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from sharebone.errors import SettingError
+from sharebone.tracking import deadline as wandb_deadline
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +238,7 @@ class _GuardedRun:
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._logger.failed:
             return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            self._logger._fail(what, err)
-            return None
+        return self._logger._attempt(what, fn, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -275,11 +272,7 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     def call(self: SafeWandbLogger, *args: Any, **kwargs: Any) -> Any:
         if self.failed:
             return None
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            self._fail(method.__name__, err)
-            return None
+        return self._attempt(method.__name__, method, self, *args, **kwargs)
 
     return call
 
@@ -294,12 +287,15 @@ class SafeWandbLogger(WandbLogger):
     far (a killed service loses what it had not written) and all later metrics to a
     :class:`ResumableCSVLogger` at ``<fallback_dir>/csv``. ``experiment`` is then a no-op
     object. Use :meth:`start` to start the run and see a failure (``experiment`` hides it).
+    A call that waits on the service longer than ``timeout`` seconds
+    (:mod:`sharebone.tracking.deadline`) is such a failure: the service is ended, the call fails.
     """
 
     REPLAY_ROWS = 100_000
 
     def __init__(self, *args: Any, fallback_dir: str | Path | None = None,
-                 resume: bool = False, **kwargs: Any) -> None:
+                 resume: bool = False, timeout: float | None = None, **kwargs: Any) -> None:
+        self.timeout = wandb_deadline.call_timeout(timeout)
         super().__init__(*args, **kwargs)
         # Lightning passes anonymous=None through; wandb 0.31 warns about any value it gets.
         if self._wandb_init.get("anonymous") is None:
@@ -316,19 +312,39 @@ class SafeWandbLogger(WandbLogger):
             maxlen=self.REPLAY_ROWS if fallback_dir is not None else 0)
 
     def start(self) -> Any:
-        """Start the W&B run now; raises what ``wandb.init`` raises."""
-        return super().experiment
+        """Start the W&B run now; raises what ``wandb.init`` raises, and TimeoutError when
+        the service did not answer within ``timeout`` (the service is ended then)."""
+        with wandb_deadline.limit(self.timeout, "init") as watch:
+            try:
+                run = WandbLogger.experiment.fget(self)
+            except Exception as err:
+                raise (watch.hung or err) from err
+        if watch.hung:
+            raise watch.hung
+        return run
 
     @property
     def experiment(self) -> Any:
         """The run, guarded (:class:`_GuardedRun`); a no-op object once W&B has failed."""
         if self.failed:
             return _NoExperiment()
-        try:
-            return _GuardedRun(super().experiment, self)
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            self._fail("experiment", err)
-            return _NoExperiment()
+        run = self._attempt("experiment", WandbLogger.experiment.fget, self)
+        return _NoExperiment() if self.failed or run is None else _GuardedRun(run, self)
+
+    def _attempt(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` within the time limit; a failure, or a service that did not
+        answer in time (then ended), ends W&B for the run (:meth:`_fail`) and gives None."""
+        with wandb_deadline.limit(self.timeout, what) as watch:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                result, failure = None, err
+            else:
+                failure = None
+        if watch.hung or failure is not None:
+            self._fail(what, watch.hung or failure)
+            return None
+        return result
 
     def _fail(self, what: str, err: BaseException) -> None:
         if self.failed:
@@ -340,9 +356,9 @@ class SafeWandbLogger(WandbLogger):
         else:
             where = "the run's CSV logger goes on recording metrics"
         warnings.warn(f"W&B failed in {what} ({type(err).__name__}: {err}); W&B logging is off "
-                      f"for the rest of this run, {where}. Training goes on.",
+                      f"for the rest of this run, {where}. The run goes on.",
                       TrackingWarning, stacklevel=3)
-        _drop_wandb_service(self._experiment)
+        _drop_wandb_service(self._experiment, self.timeout)
         sent, self._sent = self._sent, deque()
         if self._fallback_dir is None:
             return
@@ -363,22 +379,16 @@ class SafeWandbLogger(WandbLogger):
     def log_hyperparams(self, params: Any) -> None:
         if isinstance(params, Mapping) or hasattr(params, "__dict__"):
             self._hparams.update(params if isinstance(params, Mapping) else vars(params))
-        if not self.failed:
-            try:
-                super().log_hyperparams(params)
-            except Exception as err:  # noqa: BLE001 - tracking must never stop training
-                self._fail("log_hyperparams", err)  # hands self._hparams to the fallback
+        if not self.failed:  # a failure hands self._hparams to the fallback
+            self._attempt("log_hyperparams", WandbLogger.log_hyperparams, self, params)
         elif self.fallback is not None:
             safely(self.fallback.log_hyperparams, params)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.failed:
-            self._sent.append((_numbers(metrics), step))
-            try:
-                super().log_metrics(metrics, step)
-            except Exception as err:  # noqa: BLE001 - tracking must never stop training
-                self._fail("log_metrics", err)  # hands self._sent to the fallback
+            self._sent.append((_numbers(metrics), step))  # a failure hands them to the CSV
+            self._attempt("log_metrics", WandbLogger.log_metrics, self, metrics, step)
         elif self.fallback is not None:
             safely(self.fallback.log_metrics, _numbers(metrics), step)
 
@@ -390,10 +400,7 @@ class SafeWandbLogger(WandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         if not self.failed:
-            try:
-                super().finalize(status)
-            except Exception as err:  # noqa: BLE001 - tracking must never stop training
-                self._fail("finalize", err)
+            self._attempt("finalize", WandbLogger.finalize, self, status)
         if self.fallback is not None:
             safely(self.fallback.finalize, status)
 
@@ -434,8 +441,8 @@ class SafeWandbLogger(WandbLogger):
     def finish(self) -> str | None:
         """Close the run; for a run written offline, a line with the command that uploads it.
 
-        A dead W&B service makes this fail at once (it does not wait for it); a service that
-        is alive but does not answer (e.g. stopped with SIGSTOP) would make it wait.
+        A dead W&B service makes this fail at once (it does not wait for it); one that is
+        alive but does not answer (e.g. stopped with SIGSTOP) is ended after ``timeout``.
         """
         run = self._experiment
         note = None
@@ -446,10 +453,7 @@ class SafeWandbLogger(WandbLogger):
             except Exception:  # noqa: BLE001 - only for the note
                 run_dir, offline = None, False
             if not self.failed:
-                try:
-                    run.finish()
-                except Exception as err:  # noqa: BLE001 - tracking must never stop training
-                    self._fail("finish", err)
+                self._attempt("finish", run.finish)
             if offline and run_dir is not None:
                 cut = " (cut short: W&B failed during the run)" if self.failed else ""
                 note = (f"W&B run written offline to {run_dir}{cut}; "
@@ -465,18 +469,21 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(v, numbers.Real) or (isinstance(v, Tensor) and v.numel() == 1)}
 
 
-def _drop_wandb_service(run: Any = None) -> None:
+def _drop_wandb_service(run: Any = None, timeout: float | None = None) -> None:
     """After a W&B failure: let go of W&B in this process. ``run`` is finished (at once, with
     a dead service: it fails) and stops being ``wandb.run``, else the next ``WandbLogger``
     of this process (the next job of a sweep) would take it over; then the ``wandb`` library
     is torn down, so the next ``wandb.init`` starts a new service and no exit hook tries the
-    dead one again. Errors from a dead service are expected here."""
+    dead one again. Errors from a dead service are expected here; a service that does not
+    answer within ``timeout`` is ended (:mod:`sharebone.tracking.deadline`)."""
     wandb = sys.modules.get("wandb")
     if wandb is None:
         return
+    seconds = wandb_deadline.call_timeout(timeout)
     if run is not None:
         try:
-            run.finish()
+            with wandb_deadline.limit(seconds, "finish"):
+                run.finish()
         except Exception as err:  # noqa: BLE001 - the service is gone; nothing left to close
             log.debug("finishing the W&B run after a W&B failure: %s", err)
         if getattr(wandb, "run", None) is run:
@@ -487,7 +494,8 @@ def _drop_wandb_service(run: Any = None) -> None:
             except Exception:  # noqa: BLE001 - another wandb version: the one that matters
                 wandb.run = None
     try:
-        wandb.teardown()
+        with wandb_deadline.limit(seconds, "teardown"):
+            wandb.teardown()
     except Exception as err:  # noqa: BLE001 - the service is gone; nothing left to close
         log.debug("wandb.teardown after a W&B failure: %s", err)
 
@@ -549,12 +557,13 @@ def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,
     if "wandb" in cfg:
         options = dict(cfg["wandb"] or {})
         mode = wandb_mode(options.pop("mode", "auto"))
+        timeout = wandb_deadline.call_timeout(options.pop("timeout", None))  # refused before W&B
         if resume_id and not options.get("id"):
             options["id"] = resume_id  # WandbLogger asks W&B for resume="allow"
         if mode != "disabled":
             try:
                 logger = SafeWandbLogger(save_dir=str(output_dir), offline=mode == "offline",
-                                         log_model=False, resume=resume,
+                                         log_model=False, resume=resume, timeout=timeout,
                                          fallback_dir=None if "csv" in cfg else output_dir,
                                          **options)
                 logger.start()  # start the run now, so a failure to start is caught here
@@ -562,7 +571,7 @@ def build_loggers(cfg: Mapping[str, Any] | None, output_dir: str | Path, *,
             except Exception as err:  # noqa: BLE001 - tracking must never stop training
                 warnings.warn(f"W&B could not start ({err}); logging to CSV in {output_dir}.",
                               TrackingWarning, stacklevel=2)
-                _drop_wandb_service()
+                _drop_wandb_service(timeout=timeout)
                 cfg.setdefault("csv", {})
     if "csv" in cfg:
         loggers.append(ResumableCSVLogger(save_dir=str(output_dir), name="csv", version="",
@@ -632,5 +641,6 @@ def finish(loggers: Sequence[Logger]) -> list[str]:
             safely(logger.save)
     wandb = sys.modules.get("wandb")  # a run someone else started: never import W&B for it
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        safely(wandb.finish)
+        with wandb_deadline.limit(wandb_deadline.call_timeout(), "finish"):
+            safely(wandb.finish)
     return notes

@@ -92,10 +92,13 @@ def pick_queries(true: Sequence[int], n_way: int, limit: int) -> list[int]:
 def episode_figure(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
                    predicted: torch.Tensor, true: torch.Tensor | None = None,
                    class_names: Sequence[str] | None = None, title: str = "",
-                   max_shots: int = 5, max_queries: int = 15) -> Figure:
-    """One episode: support images in a column per class (up to ``max_shots`` each), then up
-    to ``max_queries`` query images, each titled ``predicted`` (and ``true`` where known,
-    ``-1`` = unknown), green when right and red when wrong.
+                   max_shots: int = 5, max_queries: int = 15,
+                   max_classes: int = 20) -> Figure:
+    """One episode: support images in a column per class (the first ``max_classes``
+    classes, up to ``max_shots`` each), then up to ``max_queries`` query images, each titled
+    ``predicted`` (and ``true`` where known, ``-1`` = unknown), green when right and red when
+    wrong. The caps keep a 1,000-way episode a figure of seconds, not of an hour in
+    matplotlib's layout; the titles say what was left out.
 
     ``support``/``query`` are one task's images ``[N, C, H, W]``, labels ``[N]`` in
     ``0..n_way-1``.
@@ -106,25 +109,27 @@ def episode_figure(support: torch.Tensor, support_labels: torch.Tensor, query: t
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_way)]
     true_list = ([-1] * len(predicted) if true is None
                  else [int(t) for t in true.detach().cpu().long()])
+    drawn = min(n_way, max_classes)
     shots = [torch.nonzero(support_labels == c).flatten()[:max_shots].tolist()
-             for c in range(n_way)]
+             for c in range(drawn)]
     rows_support = max((len(s) for s in shots), default=1)
     shown = pick_queries(true_list, n_way, max_queries)
-    columns = max(n_way, min(len(shown), 5)) if shown else n_way
+    columns = max(drawn, min(len(shown), 5)) if shown else drawn
     rows_query = max(1, math.ceil(len(shown) / columns))
     cell = 1.25
     fig = new_figure(max(columns * cell, 4.5), (rows_support + rows_query) * cell * 1.25 + 0.9)
     if title:
         fig.suptitle(title, fontsize=10)
     top, bottom = fig.subfigures(2, 1, height_ratios=[rows_support, rows_query * 1.2])
-    top.suptitle(f"support set ({n_way}-way, {max(len(s) for s in shots)} shown per class)",
-                 fontsize=9)
+    classes = f"first {drawn} classes, " if drawn < n_way else ""
+    top.suptitle(f"support set ({n_way}-way, {classes}{max(len(s) for s in shots)} shown per "
+                 "class)", fontsize=9)
     axes = top.subplots(rows_support, columns, squeeze=False)
     support_images = _display(support)
     for c in range(columns):
         for r in range(rows_support):
             ax = axes[r][c]
-            if c < n_way and r < len(shots[c]):
+            if c < drawn and r < len(shots[c]):
                 _show(ax, support_images[shots[c][r]])
                 if r == 0:
                     ax.set_title(_short(names[c]), fontsize=8)
