@@ -50,6 +50,7 @@ from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.inputs import check_spec
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
 from sharebone.regimes import load_regime
 from sharebone.run.build import RunParts, build_run, check_world_size, resolved
@@ -428,8 +429,8 @@ def finish_run(cfg: DictConfig, model: Any, output_dir: Path, loggers: list[Any]
                                 metadata=dict(metrics))
     for note in tracking.finish(loggers):
         print(f"[sharebone] {note}")
-    (output_dir / "metrics.json").write_text(
-        json.dumps(finite_or_none(metrics), indent=2, allow_nan=False))
+    with atomic_write(output_dir / "metrics.json", "w") as f:  # a full disk: one clear line
+        f.write(json.dumps(finite_or_none(metrics), indent=2, allow_nan=False))
 
 
 #: What Lightning's DDP launcher writes into the launching process's environment and leaves
