@@ -18,7 +18,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from sharebone.checkpoint_io import AtomicCheckpointIO, RNGState, find_checkpoint, resume_checkpoint
+from sharebone.callbacks.rng import RNGState
+from sharebone.checkpoint_io import AtomicCheckpointIO, find_checkpoint, resume_checkpoint
 from sharebone.data.datamodule import EpisodeLoader
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.tasks import EpochOffsetSampler, MetaBatches

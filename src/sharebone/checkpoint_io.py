@@ -7,8 +7,6 @@ checkpoint is :func:`sharebone.regimes.loading.load_regime`.
 - :class:`AtomicCheckpointIO`: a checkpoint is written to a temporary file next to it and
   renamed over the target (``os.replace``, atomic on POSIX), so a process killed while saving
   leaves either the previous complete file or the new complete file, never a truncated one.
-- :class:`RNGState`: the torch random generators travel in the checkpoint, so dropout and any
-  other draw continue as in an uninterrupted run.
 - :func:`resume_checkpoint`: ``resume=<run dir or .ckpt>`` -> the file to continue from
   (a run directory's ``last.ckpt``: the most recent state, not the best-scoring one).
 """
@@ -19,7 +17,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -138,29 +135,6 @@ def _continue_from(target: Path) -> str:
         return "No checkpoint was saved before it; free space and start the run again."
     return (f"Saved before, complete: {', '.join(saved)}. Once there is space, continue the "
             f"run from its last checkpoint: sharebone-train resume={run_dir_of(target)}")
-
-
-class RNGState(pl.Callback):
-    """Saves and restores torch's CPU (and CUDA) generators with each checkpoint.
-
-    The episodes do not need it (episode ``i`` is a pure function of the seed and ``i``), but
-    dropout, random augmentation or any other draw in a regime does for an exact resume.
-    The states are uint8 tensors, so the checkpoint still loads with ``weights_only=True``.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "torch" in state_dict:
-            torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            states = state_dict["cuda"]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
 
 
 def resume_checkpoint(resume: str | Path | None) -> str | None:

@@ -35,10 +35,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from sharebone import tracking
 from sharebone.callbacks.guards import NonFiniteLoss, finite_or_none
+from sharebone.callbacks.rng import RNGState
 from sharebone.callbacks.steptime import StepTimes
 from sharebone.checkpoint_io import (
     AtomicCheckpointIO,
-    RNGState,
     find_checkpoint,
     read_checkpoint,
     resume_checkpoint,
