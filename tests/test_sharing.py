@@ -282,3 +282,21 @@ def test_regimes_that_cannot_adapt_yet_refuse_a_map_and_say_which_can(regime, mo
     text = _refused_before_data(monkeypatch, tmp_path, [f"regime={regime}", "sharing=head"])
     assert text.startswith(f"sharing.adapt: regime '{regime}' has no way")
     assert "anil, fomaml, maml, metasgd" in text
+
+
+def test_a_run_prints_logs_and_checkpoints_its_sharing_map(tmp_path, capsys):
+    from sharebone.run.train import run
+
+    run(compose_train(tmp_path, [*FAST, "regime=maml", "sharing=last_block",
+                                 "sampler.batches_per_epoch=2", "test.episodes=2",
+                                 "test.settings=[{n_way: 5, k_shot: 1}]", "figures.enabled=false"]))
+    printed = capsys.readouterr().out
+    line = next(s for s in printed.splitlines() if s.startswith("[sharebone] maml"))
+    adapt = int(re.search(r"roles: shared=[\d,]+ adapt=([\d,]+)", line)[1].replace(",", ""))
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    model = load_regime(ckpt)
+    assert model.hparams.sharing["adapt"] == ["last_block", "head.*"]
+    assert adapt == sum(torch.Size(s).numel() for s in model.adapted_shapes().values())
+    assert any(n.startswith("backbone.") for n in model.adapted_shapes())
+    results = [p for p in tmp_path.rglob("*.json") if "role_adapt" in p.read_text()]
+    assert results, "the per-role counts are in the run's results"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -258,3 +258,14 @@ def block_counts(roles: Mapping[str, str], sizes: Mapping[str, int],
         counts = blocks.setdefault(block, {})
         counts[role] = counts.get(role, 0) + sizes[name]
     return blocks
+
+
+def with_roles(sharing: ParameterSharing, model: nn.Module) -> ParameterSharing:
+    """``sharing`` with :attr:`ParameterSharing.roles` filled in for a regime that follows no
+    sharing map: ``shared`` its shared count (less what is frozen), ``task`` its task-specific
+    count, ``frozen`` the parameters of ``model`` that require no gradient, ``adapt`` 0."""
+    if sharing.roles is not None:
+        return sharing
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return replace(sharing, roles={"shared": max(sharing.shared - frozen, 0), "adapt": 0,
+                                   "task": sharing.task_specific, "frozen": frozen})

@@ -161,7 +161,7 @@ class MAML(FewShotRegime):
                 self.step_sizes[dict_key(name)] = nn.Parameter(torch.full(shape, float(inner_lr)))
 
     # -- the sharing map ---------------------------------------------------------------------
-    def _mapped_sizes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
+    def mapped_shapes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameters a sharing map assigns roles to, the head's at ``n_way``."""
         n_way = self.options.n_way if n_way is None else n_way
         shapes = {f"backbone.{k}": tuple(p.shape) for k, p in self.backbone.named_parameters()}
@@ -181,7 +181,7 @@ class MAML(FewShotRegime):
             sharing_map = sharing_map.with_adapt(PRESETS[option].adapt)
         else:
             source = "sharing.adapt"
-        names = list(self._mapped_sizes())
+        names = list(self.mapped_shapes())
         roles = sharing_map.resolve(
             names, norm=norm_parameters(self.backbone, "backbone."),
             blocks={"last_block": last_block(self.backbone, "backbone.")}, adapt_source=source)
@@ -251,7 +251,7 @@ class MAML(FewShotRegime):
         the backbone's and the head's; ANIL: the head's), backbone first. The one place that
         says it: a task's initial parameters, Meta-SGD's step sizes and
         :meth:`parameter_sharing` all follow it."""
-        return {name: shape for name, shape in self._mapped_sizes(n_way).items()
+        return {name: shape for name, shape in self.mapped_shapes(n_way).items()
                 if self.sharing_roles[name] == "adapt"}
 
     def _use_vmap(self) -> bool:
@@ -530,7 +530,7 @@ class MAML(FewShotRegime):
         else:
             how = (f"head adapts ({options.head} init): {steps} on support features of a "
                    "fixed backbone")
-        sizes = {n: math.prod(s) for n, s in self._mapped_sizes().items()}
+        sizes = {n: math.prod(s) for n, s in self.mapped_shapes().items()}
         return ParameterSharing(
             shared=count_parameters(self.backbone) + count_parameters(self.head),
             task_specific=sum(math.prod(s) for s in adapted.values()),
