@@ -263,6 +263,9 @@ class TransductiveBatchNorm(torch.nn.Module):
     correctly with every transform.
     """
 
+    #: A normalisation layer, for the ``norm`` selector of a sharing map.
+    is_norm = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()
         self.num_features, self.eps = num_features, eps

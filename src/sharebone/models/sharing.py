@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+import fnmatch
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from torch import nn
+
+from sharebone.errors import SettingError
 
 
 def count_parameters(module: nn.Module | None) -> int:
@@ -20,18 +26,246 @@ class ParameterSharing:
     part is computed in closed form (ProtoNet's prototypes).
     ``meta``: extra learned parameters of the regime itself (Meta-SGD's step sizes).
     ``description``: one line on how a task's part is obtained.
+    ``roles``: parameters per role of a :class:`SharingMap` (:data:`ROLES`), for regimes that
+    follow one; ``as_dict`` gives them as ``role_<role>``.
     """
 
     shared: int
     task_specific: int
     meta: int = 0
     description: str = ""
+    roles: Mapping[str, int] | None = None
 
     def as_dict(self) -> dict[str, int | str]:
-        return asdict(self)
+        plain = asdict(self)
+        roles = plain.pop("roles")
+        plain.update({f"role_{k}": v for k, v in (roles or {}).items()})
+        return plain
 
     def __str__(self) -> str:
         text = f"shared={self.shared:,}  task-specific={self.task_specific:,}"
         if self.meta:
             text += f"  meta={self.meta:,}"
-        return text + (f"  ({self.description})" if self.description else "")
+        text += f"  ({self.description})" if self.description else ""
+        if self.roles is not None:
+            text += "  roles: " + " ".join(f"{k}={v:,}" for k, v in self.roles.items())
+        return text
+
+
+# -- the sharing map ---------------------------------------------------------------------------
+
+#: The roles a parameter can have, in the order counts are printed. ``shared``: trained by the
+#: outer objective (the default); ``adapt``: updated per task from its support set; ``task``: a
+#: fresh part per task; ``frozen``: trained by nobody.
+ROLES = ("shared", "adapt", "task", "frozen")
+#: The keys of a sharing map (``sharing.<key>`` in the configs), each a list of patterns.
+MAP_KEYS = ("adapt", "task", "frozen")
+#: Type selectors: a pattern that is one of these words selects by module type, not by name.
+SELECTORS = {
+    "norm": "the affine parameters of every BatchNorm/LayerNorm/GroupNorm/InstanceNorm",
+    "bias": "every parameter named bias",
+    "last_block": "the last block of the backbone (its last child module holding parameters "
+                  "and submodules, below any single container such as conv4's blocks)",
+}
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's norms, or a module saying so (``is_norm = True``, as
+    :class:`~sharebone.adaptation.TransductiveBatchNorm` does)."""
+    return isinstance(module, _NORM_TYPES) or bool(getattr(module, "is_norm", False))
+
+
+def norm_parameters(module: nn.Module, prefix: str) -> set[str]:
+    """Names (``prefix`` + name) of the affine parameters of every norm layer in ``module``."""
+    return {f"{prefix}{name}.{p}" if name else f"{prefix}{p}"
+            for name, child in module.named_modules() if is_norm(child)
+            for p, _ in child.named_parameters(recurse=False)}
+
+
+def last_block(module: nn.Module, prefix: str) -> str | None:
+    """The name (``prefix`` + path) of ``module``'s last block: below any chain of single
+    containers, the last child that holds parameters and submodules (so a final norm or linear
+    layer is not taken for a block). ``None`` when there is none."""
+    path = ""
+    while True:
+        children = [(n, c) for n, c in module.named_children()
+                    if any(True for _ in c.parameters())]
+        if len(children) == 1 and any(True for _ in children[0][1].children()):
+            name, module = children[0]
+            path = f"{path}{name}."
+            continue
+        blocks = [(n, c) for n, c in children if any(True for _ in c.children())]
+        if not blocks:
+            return None
+        return f"{prefix}{path}{blocks[-1][0]}"
+
+
+def _is_selector(pattern: str) -> bool:
+    return pattern.replace("_", "").isalnum()
+
+
+@dataclass(frozen=True)
+class SharingMap:
+    """Which parameters of a model adapt per task, are a fresh part per task, are frozen; the
+    rest is shared (trained by the outer objective).
+
+    Each role is a list of patterns: fnmatch globs over parameter names (``backbone.*``,
+    ``head.*``, ``backbone.blocks.3.*``) or a type selector (:data:`SELECTORS`: ``norm``,
+    ``bias``, ``last_block``). ``adapt=None``: the regime's own choice (the MAML family's
+    ``adapt`` option). Presets: ``configs/sharing/*.yaml`` and :data:`PRESETS`.
+
+    Example:
+        >>> names = ["backbone.0.weight", "backbone.0.bias", "head.weight", "head.bias"]
+        >>> SharingMap(adapt=("head.*", "bias")).resolve(names)["backbone.0.bias"]
+        'adapt'
+        >>> SharingMap(adapt=("haed.*",)).resolve(names)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sharebone.errors.SettingError: sharing.adapt: 'haed.*' matches no parameter...
+    """
+
+    adapt: tuple[str, ...] | None = None
+    task: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in MAP_KEYS:
+            value = getattr(self, key)
+            if value is None and key == "adapt":
+                continue
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value or ()):
+                raise SettingError(f"sharing.{key} must be a list of patterns, e.g. "
+                                   f"sharing.{key}=[head.*], got {value!r}.")
+            object.__setattr__(self, key, tuple(value or ()))
+            for pattern in getattr(self, key):
+                if _is_selector(pattern) and pattern not in SELECTORS:
+                    near = close_names(pattern, SELECTORS)
+                    hint = f" Did you mean {near[0]!r}?" if near else ""
+                    raise SettingError(
+                        f"sharing.{key}: unknown selector {pattern!r}.{hint} Selectors: "
+                        f"{', '.join(SELECTORS)}; or a glob over parameter names such as "
+                        "'backbone.*' or 'head.*'.")
+
+    @classmethod
+    def of(cls, spec: SharingMap | Mapping[str, Any] | None) -> SharingMap | None:
+        """A map from its plain form (a config's ``sharing``, a checkpoint's hparam); ``None``
+        (or every key unset): no map, the regime's own behaviour."""
+        if spec is None or isinstance(spec, SharingMap):
+            return spec
+        unknown = sorted(set(spec) - set(MAP_KEYS))
+        if unknown:
+            near = close_names(unknown[0], MAP_KEYS)
+            hint = f" Did you mean sharing.{near[0]}?" if near else ""
+            raise SettingError(f"sharing.{unknown[0]}: no such key.{hint} A sharing map has "
+                               f"the keys {', '.join(MAP_KEYS)} (lists of patterns).")
+        if all(spec.get(key) is None for key in MAP_KEYS):
+            return None
+        return cls(adapt=spec.get("adapt"), task=spec.get("task") or (),
+                   frozen=spec.get("frozen") or ())  # lists: made tuples, checked, below
+
+    def as_dict(self) -> dict[str, list[str] | None]:
+        """Plain data (lists), as configs and checkpoints hold it."""
+        return {"adapt": None if self.adapt is None else list(self.adapt),
+                "task": list(self.task), "frozen": list(self.frozen)}
+
+    def with_adapt(self, adapt: Sequence[str]) -> SharingMap:
+        """This map with ``adapt`` filled in (where it is ``None``: the regime's own)."""
+        return self if self.adapt is not None else SharingMap(tuple(adapt), self.task,
+                                                              self.frozen)
+
+    def matches(self, pattern: str, names: Sequence[str], norm: Collection[str] = (),
+                blocks: Mapping[str, str | None] | None = None) -> list[str]:
+        """The names ``pattern`` selects. ``norm``: names of norm affine parameters;
+        ``blocks``: ``{"last_block": prefix}`` for the ``last_block`` selector."""
+        if pattern == "norm":
+            return [n for n in names if n in norm]
+        if pattern == "bias":
+            return [n for n in names if n.rsplit(".", 1)[-1] == "bias"]
+        if pattern == "last_block":
+            block = (blocks or {}).get("last_block")
+            return [] if block is None else [n for n in names if n.startswith(block + ".")]
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+    def resolve(self, names: Sequence[str], norm: Collection[str] = (),
+                blocks: Mapping[str, str | None] | None = None,
+                adapt_source: str = "sharing.adapt") -> dict[str, str]:
+        """The role of every name in ``names`` (in their order). Refuses, naming the key: a
+        pattern that selects nothing (with the closest names), a name given two roles.
+        ``adapt_source``: what the ``adapt`` patterns came from, for messages."""
+        roles: dict[str, tuple[str, str]] = {}
+        for key in MAP_KEYS:
+            source = adapt_source if key == "adapt" else f"sharing.{key}"
+            for pattern in getattr(self, key) or ():
+                found = self.matches(pattern, names, norm, blocks)
+                if not found:
+                    raise SettingError(f"{source}: {pattern!r} matches no parameter"
+                                       f"{_near(pattern, names)}")
+                for name in found:
+                    previous = roles.get(name)
+                    if previous is not None and previous[0] != key:
+                        raise SettingError(
+                            f"{source}: {pattern!r} gives {name} the role {key!r}, but "
+                            f"{previous[1]} already made it {previous[0]!r} (pattern "
+                            f"{previous[2]!r}); a parameter has one role. Narrow one of "
+                            "the two lists.")
+                    roles[name] = (key, source, pattern)
+        return {n: roles[n][0] if n in roles else "shared" for n in names}
+
+
+def close_names(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """The candidates nearest to ``word`` (difflib), best first."""
+    return difflib.get_close_matches(word, sorted(set(candidates)), n=n, cutoff=0.5)
+
+
+def _near(pattern: str, names: Sequence[str]) -> str:
+    """``"; did you mean ...?"`` for a pattern that selected nothing: the closest parameter
+    names and module paths (as ``path.*``)."""
+    prefixes = {n.rsplit(".", i)[0] + ".*" for n in names for i in range(1, n.count(".") + 1)}
+    near = close_names(pattern, [*names, *prefixes, *SELECTORS])
+    shown = ", ".join(near) if near else ", ".join(names[:4]) + (", ..." if len(names) > 4
+                                                               else "")
+    return (f". Did you mean {shown}? (Patterns are fnmatch globs over parameter names such "
+            f"as {names[0] if names else 'backbone.*'!r}, or the selectors "
+            f"{', '.join(SELECTORS)}.)" if near else
+            f"; the parameters are {shown} (fnmatch globs, or the selectors "
+            f"{', '.join(SELECTORS)}).")
+
+
+#: The presets of ``configs/sharing/`` that the MAML family's ``adapt`` option stands for.
+PRESETS: dict[str, SharingMap] = {
+    "all": SharingMap(adapt=("*",)),        # MAML (Finn et al. 2017)
+    "head": SharingMap(adapt=("head.*",)),  # ANIL (Raghu et al. 2020)
+}
+
+
+def role_counts(roles: Mapping[str, str], sizes: Mapping[str, int]) -> dict[str, int]:
+    """Parameters (elements) per role, every role present (0 when none)."""
+    counts = dict.fromkeys(ROLES, 0)
+    for name, role in roles.items():
+        counts[role] += sizes[name]
+    return counts
+
+
+def block_counts(roles: Mapping[str, str], sizes: Mapping[str, int],
+                 depth: int = 2) -> dict[str, dict[str, int]]:
+    """Parameters per role for each top-level block (the first ``depth`` parts of a name,
+    e.g. ``backbone.blocks`` ... ``head.weight`` -> ``head``), in order."""
+    blocks: dict[str, dict[str, int]] = {}
+    for name, role in roles.items():
+        block = ".".join(name.split(".")[:depth]) if name.startswith("backbone.") else (
+            name.split(".")[0])
+        counts = blocks.setdefault(block, {})
+        counts[role] = counts.get(role, 0) + sizes[name]
+    return blocks
+
+
+def with_roles(sharing: ParameterSharing, model: nn.Module) -> ParameterSharing:
+    """``sharing`` with :attr:`ParameterSharing.roles` filled in for a regime that follows no
+    sharing map: ``shared`` its shared count (less what is frozen), ``task`` its task-specific
+    count, ``frozen`` the parameters of ``model`` that require no gradient, ``adapt`` 0."""
+    if sharing.roles is not None:
+        return sharing
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return replace(sharing, roles={"shared": max(sharing.shared - frozen, 0), "adapt": 0,
+                                   "task": sharing.task_specific, "frozen": frozen})

@@ -77,6 +77,9 @@ class FewShotRegime(pl.LightningModule):
     task_kind: TaskKind = CLASSIFICATION
     #: False when predicting needs gradients (MAML adapts on the support set).
     predicts_without_grad: bool = True
+    #: Whether the regime takes a ``sharing`` map (:class:`~sharebone.models.sharing.SharingMap`:
+    #: which parameters adapt per task, which are frozen). Only the MAML family does yet.
+    follows_sharing_map: bool = False
     #: What the regime trains on; :mod:`sharebone.run.build` makes the data for it:
     #: ``episodes`` (meta-batches of few-shot episodes), ``tasks`` (task-balanced batches of
     #: the family's training tasks, a head each), ``classes`` (batches over every training

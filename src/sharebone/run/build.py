@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,9 +27,10 @@ from sharebone.checkpoint_io import CheckpointError, describe_backbone
 from sharebone.data.datamodule import EpisodicDataModule
 from sharebone.data.families import build_family
 from sharebone.data.multitask import TaskBatchDataModule, TaskSet, class_tasks, held_out_split
-from sharebone.errors import SettingError, check_count
+from sharebone.errors import SettingError, check_count, user_error
 from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_episodes
 from sharebone.models.backbones import backbone_differences
+from sharebone.models.sharing import MAP_KEYS, SharingMap
 from sharebone.regimes import REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone
 from sharebone.regimes.shared import check_heads
@@ -73,6 +76,7 @@ def build_run(cfg: DictConfig) -> RunParts:
     if trains_on not in TRAINING_DATA:
         raise SettingError(f"Regime {cfg.regime.get('name')} trains on {trains_on!r}, which "
                            f"sharebone cannot build (known: {sorted(TRAINING_DATA)}).")
+    sharing = sharing_for(cfg)  # refused before any data is decoded
     datamodule, from_data = TRAINING_DATA[trains_on](cfg, family)
     t = cfg.test
     with setting("test"):
@@ -80,10 +84,40 @@ def build_run(cfg: DictConfig) -> RunParts:
         batch_size_for(t.batch_size, "cpu")  # "auto" or a count
         tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed,
                              prefix="test.")
-    regime = instantiate(cfg.regime, **from_data, _convert_="all")
+    regime = instantiate(cfg.regime, **from_data, **sharing, _convert_="all")
     regime.optimizer_factory = partial_from(cfg, "optimizer")
     regime.scheduler_factory = partial_from(cfg, "scheduler")
     return RunParts(family, datamodule, regime, tests, from_data)
+
+
+def sharing_for(cfg: DictConfig) -> dict[str, Any]:
+    """The regime's ``sharing`` argument from ``cfg.sharing`` (``{}``: none chosen, the
+    regime's own behaviour), checked now: a regime that does not follow a sharing map refuses
+    one, and a MAML-family model is built once (random state restored) to resolve its patterns
+    against the real parameter names, before any data is decoded."""
+    spec = cfg.get("sharing")
+    plain = OmegaConf.to_container(spec, resolve=True) if spec is not None else None
+    sharing = SharingMap.of(plain)
+    if sharing is None:
+        return {}
+    cls = regime_class(cfg.regime)
+    if not getattr(cls, "follows_sharing_map", False):
+        key = next((k for k in MAP_KEYS if getattr(sharing, k)), "adapt")
+        able = sorted(n for n in REGIMES.names()
+                      if getattr(REGIMES.get(n), "follows_sharing_map", False))
+        raise SettingError(
+            f"sharing.{key}: regime {cfg.regime.get('name')!r} has no way to follow a sharing "
+            f"map yet (no per-task adaptation, no per-parameter roles); the regimes that do "
+            f"now: {', '.join(able)}. Use sharing=none with this regime, or one of those.")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            instantiate(cfg.regime, sharing=sharing.as_dict(), _convert_="all")
+    except InstantiationException as err:
+        refused = user_error(err)  # Hydra wraps what the constructor raised
+        if refused is None:
+            raise
+        raise refused from None
+    return {"sharing": sharing.as_dict()}
 
 
 def partial_from(cfg: DictConfig, key: str) -> Callable[..., Any] | None:

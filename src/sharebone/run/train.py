@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -52,6 +53,7 @@ from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
+from sharebone.models.sharing import block_counts, with_roles
 from sharebone.regimes import load_regime
 from sharebone.run.build import RunParts, build_run, check_world_size, resolved
 from sharebone.run.distributed import RUN_CONFIG_ENV, launch_rank
@@ -324,8 +326,14 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
     model.run_config = resolved(cfg, parts.from_data)
     threads = choose_threads(cfg.get("threads", "auto"), model)
     log.info("torch uses %d CPU thread(s)", threads)
-    sharing = model.parameter_sharing()
+    sharing = with_roles(model.parameter_sharing(), model)  # counts per role, every regime
     log.info("%s on %s: %s", model.regime_name, cfg.task.name, sharing)
+    roles = getattr(model, "sharing_roles", None)
+    if roles is not None:  # the MAML family: its sharing map, block by block
+        sizes = {n: math.prod(s) for n, s in model.mapped_shapes().items()}
+        for block, counts in block_counts(roles, sizes, depth=3).items():
+            log.info("sharing  %-24s %s", block, "  ".join(f"{k}={v:,}" for k, v in
+                                                            counts.items()))
     print(f"[sharebone] {model.regime_name} / {cfg.backbone.name} / {cfg.task.name}: {sharing}")
 
     # One W&B run per job: ranks that a launcher started as processes of their own log nothing

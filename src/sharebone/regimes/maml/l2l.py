@@ -28,6 +28,7 @@ class AdaptsTasks(Protocol):
     MAML`), named here so the backend does not import the regime that imports it."""
 
     options: Any
+    adapts_backbone: bool
     backbone: nn.Module
     head: nn.Module | None
 
@@ -58,7 +59,7 @@ def task_predictions(model: AdaptsTasks, support: torch.Tensor, support_labels: 
     import learn2learn as l2l
 
     options = model.options
-    head_only = not options.adapts_backbone
+    head_only = not model.adapts_backbone
     if head_only:  # ANIL: the head adapts on features of the fixed backbone
         support, query = model.features({}, support, 0), model.features({}, query, 0)
     init = model.initial_params(support, support_labels, n_way, support if head_only else None)

@@ -46,6 +46,13 @@ from sharebone.errors import SettingError
 from sharebone.memory import PeakMemory
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters, feature_width
 from sharebone.models.heads import LinearHead, initial_head, resize_ways
+from sharebone.models.sharing import (
+    PRESETS,
+    SharingMap,
+    last_block,
+    norm_parameters,
+    role_counts,
+)
 from sharebone.models.timm_backbone import plain_batch_norms_
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml import chunking
@@ -77,6 +84,12 @@ class MAML(FewShotRegime):
             :class:`~sharebone.regimes.maml.options.MAMLOptions` (read back from ``hparams``
             as :attr:`options`). ``first_order``, ``adapt`` and ``learn_step_sizes`` left
             ``None`` take the preset's values (FOMAML, ANIL, Meta-SGD), else MAML's.
+        sharing: a :class:`~sharebone.models.sharing.SharingMap` or its plain form
+            (``{"adapt": [...], "frozen": [...]}``, a config's ``sharing``): which parameters
+            adapt in the inner loop (``adapt``, replacing the ``adapt`` option when set) and
+            which are ``frozen`` (no gradient at all); the rest is meta-learned (shared).
+            ``None``: the ``adapt`` option, which stands for the ``all`` / ``head`` presets.
+            Kept in ``hparams`` as plain data, so checkpoints rebuild it.
 
     Example:
         >>> import torch
@@ -91,11 +104,13 @@ class MAML(FewShotRegime):
         >>> loss.backward()                     # the meta-gradient lands on the module itself
         >>> all(p.grad is not None for p in model.parameters())
         True
-        >>> print(model.parameter_sharing())
+        >>> print(model.parameter_sharing())  # doctest: +NORMALIZE_WHITESPACE
         shared=67  task-specific=67  (all parameters adapt: 1 SGD step(s) on the support set)
+          roles: shared=0 adapt=67 task=0 frozen=0
     """
 
     predicts_without_grad = False
+    follows_sharing_map = True
     #: Defaults of ``first_order``, ``adapt`` and ``learn_step_sizes`` that a preset changes.
     preset: ClassVar[dict[str, Any]] = {}
 
@@ -107,7 +122,8 @@ class MAML(FewShotRegime):
                  loss: str = "cross_entropy", lr: float = 1e-3, vmap: bool | None = None,
                  backend: str = "torch_func", per_task_backward: bool | None = None,
                  compile: bool = False, vmap_chunk_size: int | str | None = None,
-                 checkpoint_inner_steps: bool = False) -> None:
+                 checkpoint_inner_steps: bool = False,
+                 sharing: SharingMap | dict[str, Any] | None = None) -> None:
         super().__init__(backbone)
         # Presets change only these defaults; an explicit argument wins. Resolved before
         # save_hyperparameters (which reads these locals), so checkpoints hold the values used.
@@ -117,6 +133,8 @@ class MAML(FewShotRegime):
             adapt = self.preset.get("adapt", "all")
         if learn_step_sizes is None:
             learn_step_sizes = self.preset.get("learn_step_sizes", False)
+        sharing_map = SharingMap.of(sharing)  # plain data in hparams (checkpoints load it)
+        sharing = None if sharing_map is None else sharing_map.as_dict()
         self.save_hyperparameters()
         MAMLOptions.of(self.hparams)  # refuses, before anything is built, what cannot run
 
@@ -130,10 +148,66 @@ class MAML(FewShotRegime):
                      LinearHead(feature_width(self.backbone), n_way, init=head))
         self.per_step_bn = PerStepBatchNorm(self.backbone,
                                             inner_steps if batch_norm == "per_step" else None)
+        #: The role of every backbone and head parameter (``backbone.*``, ``head.weight``,
+        #: ``head.bias``, the head's even when a task makes it: ``head="zero"|"proto"``).
+        self.sharing_roles: dict[str, str] = self._resolve_sharing(sharing_map)
+        own = dict(self.named_parameters())
+        for name, role in self.sharing_roles.items():
+            if role == "frozen" and name in own:
+                own[name].requires_grad_(False)  # no gradient, so no optimizer step
         self.step_sizes = nn.ParameterDict()
         if learn_step_sizes:
             for name, shape in self.adapted_shapes().items():
                 self.step_sizes[dict_key(name)] = nn.Parameter(torch.full(shape, float(inner_lr)))
+
+    # -- the sharing map ---------------------------------------------------------------------
+    def mapped_shapes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameters a sharing map assigns roles to, the head's at ``n_way``."""
+        n_way = self.options.n_way if n_way is None else n_way
+        shapes = {f"backbone.{k}": tuple(p.shape) for k, p in self.backbone.named_parameters()}
+        if self.head is not None:
+            shapes.update({"head.weight": (n_way, self.head.in_features),
+                           "head.bias": (n_way,)})
+        return shapes
+
+    def _resolve_sharing(self, sharing_map: SharingMap | None) -> dict[str, str]:
+        """Every mapped parameter's role under ``sharing_map`` (``adapt`` unset: the ``adapt``
+        option's preset); refuses what the MAML family cannot do, naming the key."""
+        option = self.options.adapt
+        source = f"regime.adapt={option!r}"
+        if sharing_map is None:
+            sharing_map = PRESETS[option]
+        elif sharing_map.adapt is None:
+            sharing_map = sharing_map.with_adapt(PRESETS[option].adapt)
+        else:
+            source = "sharing.adapt"
+        names = list(self.mapped_shapes())
+        roles = sharing_map.resolve(
+            names, norm=norm_parameters(self.backbone, "backbone."),
+            blocks={"last_block": last_block(self.backbone, "backbone.")}, adapt_source=source)
+        if "task" in roles.values():
+            raise SettingError(
+                "sharing.task: the MAML family has no fresh per-task part yet (a task's head "
+                "starts as regime.head=learned|zero|proto says). Leave sharing.task empty, "
+                "and adapt that part instead (sharing.adapt).")
+        adapted = [n for n, r in roles.items() if r == "adapt"]
+        if not adapted:
+            raise SettingError(f"{source}: nothing adapts; the MAML family adapts at least one "
+                               "parameter per task (e.g. sharing=head).")
+        if self.options.backend == "learn2learn" and adapted not in (
+                names, [n for n in names if n.startswith("head.")]):
+            raise SettingError(
+                "sharing.adapt: backend='learn2learn' adapts whole modules, so only every "
+                "parameter (sharing=all) or the head (sharing=head); use backend=torch_func "
+                "for other maps.")
+        return roles
+
+    @property
+    def adapts_backbone(self) -> bool:
+        """Whether any backbone parameter adapts (MAML, BOIL, ...); if not (ANIL), a task's
+        features are computed once and only the head takes inner steps."""
+        return any(r == "adapt" and n.startswith("backbone.")
+                   for n, r in self.sharing_roles.items())
 
     # -- options ---------------------------------------------------------------------------
     @property
@@ -173,18 +247,12 @@ class MAML(FewShotRegime):
 
     def adapted_shapes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
         """Which parameters adapt to a task, by name, and their shapes at ``n_way`` ways (the
-        trained ``n_way`` by default): the backbone's unless only the head adapts (ANIL), then
-        the head's, if there is one. The one place that says it: a task's initial parameters,
-        Meta-SGD's step sizes and :meth:`parameter_sharing` all follow it."""
-        n_way = self.options.n_way if n_way is None else n_way
-        shapes: dict[str, tuple[int, ...]] = {}
-        if self.options.adapts_backbone:
-            shapes.update({f"backbone.{k}": tuple(p.shape)
-                           for k, p in self.backbone.named_parameters()})
-        if self.head is not None:
-            shapes.update({"head.weight": (n_way, self.head.in_features),
-                           "head.bias": (n_way,)})
-        return shapes
+        trained ``n_way`` by default): the ``adapt`` role of :attr:`sharing_roles` (by default
+        the backbone's and the head's; ANIL: the head's), backbone first. The one place that
+        says it: a task's initial parameters, Meta-SGD's step sizes and
+        :meth:`parameter_sharing` all follow it."""
+        return {name: shape for name, shape in self.mapped_shapes(n_way).items()
+                if self.sharing_roles[name] == "adapt"}
 
     def _use_vmap(self) -> bool:
         return self.options.uses_vmap(self.device.type)
@@ -302,6 +370,14 @@ class MAML(FewShotRegime):
         ``n_way``, in its order; the head as its ``head`` option says
         (:func:`~sharebone.models.heads.initial_head`), from ``support_features`` for
         Proto-MAML (computed here when not given)."""
+        return self._task_start(support, support_labels, n_way, support_features,
+                                twice_differentiable)[0]
+
+    def _task_start(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                    support_features: torch.Tensor | None = None,
+                    twice_differentiable: bool = False) -> tuple[Params, Params]:
+        """:meth:`initial_params`, and the task's head entries that do not adapt (the head as
+        a task starts it, held fixed in the inner loop: BOIL, BitFit's head weight)."""
         head: Params = {}
         if self.head is not None:
             if self.options.head == "proto" and support_features is None:
@@ -311,34 +387,37 @@ class MAML(FewShotRegime):
             init = initial_head(self.head, n_way, support_features, support_labels, like=support)
             head = {f"head.{k}": v for k, v in init.items()}
         own = dict(self.named_parameters())
-        return {name: head[name] if name in head else own[name]
-                for name in self.adapted_shapes(n_way)}
+        adapted = {name: head[name] if name in head else own[name]
+                   for name in self.adapted_shapes(n_way)}
+        return adapted, {k: v for k, v in head.items() if k not in adapted}
 
     # -- one task ---------------------------------------------------------------------------
     def adapt_task(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
                    steps: int, first_order: bool, functional: bool = False,
                    checkpoint: bool = False) -> tuple[Params, torch.Tensor | None]:
-        """Adapted parameters of one task (ANIL: the head only) and, for ANIL, the support
-        features they act on. ``support [S, *input]``, ``support_labels [S]`` (regression
-        targets: ``[S, 1]``)."""
+        """Adapted parameters of one task (the ``adapt`` role; ANIL: the head only), with the
+        task's head entries that do not adapt, and, when no backbone parameter adapts (ANIL),
+        the support features they act on. ``support [S, *input]``, ``support_labels [S]``
+        (regression targets: ``[S, 1]``)."""
         fixed_features = None
-        if not self.options.adapts_backbone:
+        if not self.adapts_backbone:
             fixed_features = self.features({}, support, 0)
-        params = self.initial_params(support, support_labels, n_way, fixed_features,
-                                     twice_differentiable=not first_order)
+        params, fixed = self._task_start(support, support_labels, n_way, fixed_features,
+                                         twice_differentiable=not first_order)
         step_sizes = self.inner_step_sizes(params, n_way)
         if fixed_features is not None:
             def support_loss(p: Params, step: int) -> torch.Tensor:
+                p = p | fixed
                 logits = F.linear(fixed_features, p["head.weight"], p["head.bias"])
                 return self.task_loss(logits, support_labels)
         else:
             def support_loss(p: Params, step: int) -> torch.Tensor:
-                predictions = self.forward_with(p, support, step,
+                predictions = self.forward_with(p | fixed, support, step,
                                                 twice_differentiable=not first_order)
                 return self.task_loss(predictions, support_labels)
         adapted = adapt(support_loss, params, steps, step_sizes, first_order=first_order,
                         functional=functional, checkpoint=checkpoint)
-        return adapted, fixed_features
+        return adapted | fixed, fixed_features
 
     def _task_predictions(self, support: torch.Tensor, support_labels: torch.Tensor,
                           query: torch.Tensor, n_way: int, steps: int, first_order: bool,
@@ -349,7 +428,7 @@ class MAML(FewShotRegime):
         # Without a meta-gradient to take, the query pass keeps no graph: evaluating a
         # meta-batch then needs one task's activations at a time, not all of them.
         with contextlib.nullcontext() if meta_gradient else torch.no_grad():
-            if not self.options.adapts_backbone:
+            if not self.adapts_backbone:
                 features = self.features({}, query, 0)
                 return F.linear(features, adapted["head.weight"], adapted["head.bias"])
             return self.forward_with(adapted, query, steps)
@@ -442,13 +521,20 @@ class MAML(FewShotRegime):
         options = self.options
         meta = count_parameters(self.step_sizes)
         steps = f"{options.inner_steps} {'Meta-SGD' if meta else 'SGD'} step(s)"
-        how = (f"all parameters adapt: {steps} on the support set" if options.adapts_backbone
-               else f"head adapts ({options.head} init): {steps} on support features of a "
-                    "fixed backbone")
+        adapted = self.adapted_shapes()
+        if self.hparams.get("sharing") is not None:
+            how = (f"{len(adapted)} of {len(self.sharing_roles)} tensors adapt (sharing map): "
+                   f"{steps} on the support set")
+        elif self.adapts_backbone:
+            how = f"all parameters adapt: {steps} on the support set"
+        else:
+            how = (f"head adapts ({options.head} init): {steps} on support features of a "
+                   "fixed backbone")
+        sizes = {n: math.prod(s) for n, s in self.mapped_shapes().items()}
         return ParameterSharing(
             shared=count_parameters(self.backbone) + count_parameters(self.head),
-            task_specific=sum(math.prod(s) for s in self.adapted_shapes().values()),
-            meta=meta, description=how)
+            task_specific=sum(math.prod(s) for s in adapted.values()),
+            meta=meta, description=how, roles=role_counts(self.sharing_roles, sizes))
 
 
 @register_regime("fomaml")
