@@ -92,7 +92,8 @@ def stop_wandb_service() -> list[int]:
     """SIGSTOP this process's W&B service: alive, but it answers nothing (as frozen by a
     debugger, a cgroup or job control). Returns the pids, for :func:`kill_stopped`."""
     pids = wandb_service_pids()
-    assert pids, "no wandb-core child process to stop"
+    assert pids, ("no wandb-core child process to stop (did wandb.init run past "
+                  "logger.wandb.timeout and fall back to CSV?)")
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 10
