@@ -246,7 +246,8 @@ def test_every_preset_names_its_paper_and_builds_on_conv4(name):
 
 def test_no_sharing_chosen_leaves_the_regime_as_it_was(tmp_path):
     cfg = compose_train(tmp_path, [*FAST, "regime=anil"])
-    assert cfg.sharing == {"adapt": None, "task": None, "frozen": None}
+    assert cfg.sharing == {"adapt": None, "task": None, "frozen": None, "adapters": None,
+                           "test_steps": None, "test_lr": None}
     assert build.sharing_for(cfg) == {}
 
 
@@ -276,12 +277,28 @@ def test_command_line_lists_build_and_bad_ones_are_refused_before_data(monkeypat
     assert text.startswith("sharing.frozen:") and "one role" in text
 
 
+def test_a_regime_that_cannot_follow_a_map_refuses_it_and_says_which_can(monkeypatch,
+                                                                          tmp_path):
+    text = _refused_before_data(monkeypatch, tmp_path, [
+        "regime=finetune", "regime.source=nowhere.ckpt", "sharing=head"])
+    assert text.startswith("sharing.adapt: regime 'finetune' has no way")
+    assert "anil, fomaml, maml, metasgd, multitask, pretrain, protonet" in text
+
+
 @pytest.mark.parametrize("regime", ["protonet", "multitask", "pretrain"])
-def test_regimes_that_cannot_adapt_yet_refuse_a_map_and_say_which_can(regime, monkeypatch,
-                                                                        tmp_path):
-    text = _refused_before_data(monkeypatch, tmp_path, [f"regime={regime}", "sharing=head"])
-    assert text.startswith(f"sharing.adapt: regime '{regime}' has no way")
-    assert "anil, fomaml, maml, metasgd" in text
+def test_the_embedding_regimes_refuse_a_bad_map_before_data(regime, monkeypatch, tmp_path):
+    text = _refused_before_data(monkeypatch, tmp_path, [
+        f"regime={regime}", "sharing.adapt=[backbone.blok.*]"])
+    assert text.startswith("sharing.adapt: 'backbone.blok.*' matches no parameter")
+    text = _refused_before_data(monkeypatch, tmp_path, [
+        f"regime={regime}", "sharing.task=[backbone.*]"])
+    assert text.startswith(f"sharing.task: {regime} makes a task's part itself")
+    text = _refused_before_data(monkeypatch, tmp_path, [
+        f"regime={regime}", "sharing=norm", "sharing.frozen=[norm]"])
+    assert text.startswith("sharing.frozen:") and "one role" in text
+    text = _refused_before_data(monkeypatch, tmp_path, [
+        f"regime={regime}", "sharing.test_steps=5"])
+    assert text.startswith("sharing.test_steps=5, but nothing adapts")
 
 
 def test_a_run_prints_logs_and_checkpoints_its_sharing_map(tmp_path, capsys):

@@ -280,16 +280,25 @@ def inject_adapters(backbone: nn.Module, kind: str, **options: Any) -> list[str]
         >>> inject_adapters(conv4(hidden=4, image_size=16), "film")[:2]
         ['blocks.0.1.film_gamma', 'blocks.0.1.film_beta']
     """
+    check_options(kind, options)
+    return ADAPTER_KINDS[kind][0](backbone, **options)
+
+
+def check_options(kind: str, options: dict[str, Any]) -> None:
+    """Refuse an unknown ``kind`` or an option it does not take, naming the key."""
     if kind not in ADAPTER_KINDS:
         raise SettingError(f"{KEY}.kind must be one of {', '.join(ADAPTER_KINDS)}, got "
                            f"{kind!r}.")
-    injector, accepted = ADAPTER_KINDS[kind]
+    accepted = ADAPTER_KINDS[kind][1]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         takes = f"takes only {', '.join(accepted)}" if accepted else "takes no options"
         raise SettingError(f"{KEY}.{unknown[0]} does not apply to kind {kind!r} ({kind} "
                            f"{takes}); remove it.")
-    return injector(backbone, **options)
+    if "rank" in options:
+        check_rank(options["rank"])
+    if "alpha" in options:
+        check_alpha(options["alpha"])
 
 
 def adapter_parameter_names(backbone: nn.Module) -> list[str]:

@@ -221,4 +221,15 @@ def ridge_predict(support: torch.Tensor, targets: torch.Tensor, query: torch.Ten
     return xq @ xs.transpose(1, 2) @ alpha
 
 
-# ------------------------------------------------------------------------------ training
+# -------------------------------------- prototypes (ProtoNet; test-time fine-tuning as well)
+
+def prototypes(support_features: torch.Tensor, support_labels: torch.Tensor, n_way: int):
+    """Class means of support embeddings: ``[T, S, D]``, labels ``[T, S]`` -> ``[T, n_way, D]``."""
+    one_hot = torch.nn.functional.one_hot(support_labels, n_way).to(support_features.dtype)
+    sums = one_hot.transpose(1, 2) @ support_features
+    return sums / one_hot.sum(1).unsqueeze(-1)
+
+
+def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||x_i - y_j||^2`` for ``x [T, Q, D]``, ``y [T, N, D]`` -> ``[T, Q, N]``."""
+    return (x.unsqueeze(2) - y.unsqueeze(1)).pow(2).sum(-1)

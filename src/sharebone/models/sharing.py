@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from sharebone.errors import SettingError
+from sharebone.models.adapters import ADAPTER_KINDS, check_options
 
 
 def count_parameters(module: nn.Module | None) -> int:
@@ -60,6 +61,10 @@ class ParameterSharing:
 ROLES = ("shared", "adapt", "task", "frozen")
 #: The keys of a sharing map (``sharing.<key>`` in the configs), each a list of patterns.
 MAP_KEYS = ("adapt", "task", "frozen")
+#: The keys beside the roles: ``adapters`` (task-specific modules added to the backbone,
+#: :mod:`sharebone.models.adapters`) and the test-time fine-tuning of the regimes without an
+#: inner loop (``test_steps``, ``test_lr``: :mod:`sharebone.regimes.test_time`).
+OPTION_KEYS = ("adapters", "test_steps", "test_lr")
 #: Type selectors: a pattern that is one of these words selects by module type, not by name.
 SELECTORS = {
     "norm": "the affine parameters of every BatchNorm/LayerNorm/GroupNorm/InstanceNorm",
@@ -128,8 +133,19 @@ class SharingMap:
     adapt: tuple[str, ...] | None = None
     task: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
+    #: ``None``, or ``{"kind": "film"|"residual"|"lora", ...its options}``.
+    adapters: Mapping[str, Any] | None = None
+    #: Test-time fine-tuning steps of the ``adapt`` set (regimes without an inner loop):
+    #: ``None`` (the default count), a count ``>= 0``, or ``"auto"`` (chosen on validation).
+    test_steps: int | str | None = None
+    test_lr: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", adapter_spec(self.adapters))
+        check_test_steps(self.test_steps)
+        if self.test_lr is not None:
+            check_positive("sharing.test_lr", self.test_lr, "Adam's learning rate for the "
+                           "test-time fine-tuning steps", "sharing.test_lr=0.001")
         for key in MAP_KEYS:
             value = getattr(self, key)
             if value is None and key == "adapt":
@@ -153,26 +169,39 @@ class SharingMap:
         (or every key unset): no map, the regime's own behaviour."""
         if spec is None or isinstance(spec, SharingMap):
             return spec
-        unknown = sorted(set(spec) - set(MAP_KEYS))
+        unknown = sorted(set(spec) - set(MAP_KEYS) - set(OPTION_KEYS))
         if unknown:
-            near = close_names(unknown[0], MAP_KEYS)
+            near = close_names(unknown[0], (*MAP_KEYS, *OPTION_KEYS))
             hint = f" Did you mean sharing.{near[0]}?" if near else ""
             raise SettingError(f"sharing.{unknown[0]}: no such key.{hint} A sharing map has "
-                               f"the keys {', '.join(MAP_KEYS)} (lists of patterns).")
-        if all(spec.get(key) is None for key in MAP_KEYS):
+                               f"the keys {', '.join(MAP_KEYS)} (lists of patterns) and "
+                               f"{', '.join(OPTION_KEYS)}.")
+        if all(spec.get(key) is None for key in (*MAP_KEYS, "adapters")):
+            given = next((k for k in OPTION_KEYS if spec.get(k) is not None), None)
+            if given is not None:
+                raise SettingError(f"sharing.{given}={spec[given]!r}, but nothing adapts: it "
+                                   "sets how the sharing.adapt parameters are fine-tuned at "
+                                   "test time. Choose them too, e.g. sharing=norm or "
+                                   "sharing.adapt=[last_block].")
             return None
         return cls(adapt=spec.get("adapt"), task=spec.get("task") or (),
-                   frozen=spec.get("frozen") or ())  # lists: made tuples, checked, below
+                   frozen=spec.get("frozen") or (),  # lists: made tuples, checked, below
+                   adapters=spec.get("adapters"), test_steps=spec.get("test_steps"),
+                   test_lr=spec.get("test_lr"))
 
     def as_dict(self) -> dict[str, list[str] | None]:
         """Plain data (lists), as configs and checkpoints hold it."""
-        return {"adapt": None if self.adapt is None else list(self.adapt),
-                "task": list(self.task), "frozen": list(self.frozen)}
+        plain: dict[str, Any] = {"adapt": None if self.adapt is None else list(self.adapt),
+                                 "task": list(self.task), "frozen": list(self.frozen)}
+        for key in OPTION_KEYS:  # only when set: older checkpoints hold the three roles
+            value = getattr(self, key)
+            if value is not None:
+                plain[key] = dict(value) if key == "adapters" else value
+        return plain
 
     def with_adapt(self, adapt: Sequence[str]) -> SharingMap:
         """This map with ``adapt`` filled in (where it is ``None``: the regime's own)."""
-        return self if self.adapt is not None else SharingMap(tuple(adapt), self.task,
-                                                              self.frozen)
+        return self if self.adapt is not None else replace(self, adapt=tuple(adapt))
 
     def matches(self, pattern: str, names: Sequence[str], norm: Collection[str] = (),
                 blocks: Mapping[str, str | None] | None = None) -> list[str]:
@@ -211,6 +240,39 @@ class SharingMap:
                             "the two lists.")
                     roles[name] = (key, source, pattern)
         return {n: roles[n][0] if n in roles else "shared" for n in names}
+
+
+def adapter_spec(spec: Any) -> dict[str, Any] | None:
+    """``sharing.adapters`` in its one form: ``None``, or ``{"kind": ..., options}`` (a bare
+    kind, ``film``, stands for ``{"kind": "film"}``); the kind and options are checked."""
+    if spec is None or spec == "none":
+        return None
+    plain = {"kind": spec} if isinstance(spec, str) else dict(spec) if isinstance(
+        spec, Mapping) else None
+    kind = None if plain is None else plain.get("kind")
+    if kind not in ADAPTER_KINDS:
+        raise SettingError(f"sharing.adapters: got {spec!r}; give an adapter kind "
+                           f"({', '.join(ADAPTER_KINDS)}) or null, e.g. sharing.adapters=film "
+                           "or sharing.adapters={kind: lora, rank: 4}.")
+    options = {k: v for k, v in plain.items() if k != "kind" and v is not None}
+    check_options(kind, options)
+    return {"kind": kind, **options}
+
+
+def check_test_steps(value: Any) -> None:
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SettingError(f"sharing.test_steps must be a count >= 0 or auto (chosen on "
+                           f"validation episodes after training), got {value!r}.")
+
+
+def check_positive(key: str, value: Any, what: str, fix: str) -> float:
+    """``value`` as a float, refused unless a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 < value < float("inf")):
+        raise SettingError(f"{key} ({what}) must be a number > 0, got {value!r}. Fix: {fix}.")
+    return float(value)
 
 
 def close_names(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -15,6 +15,14 @@ from sharebone.callbacks.cadence import logs_this_step
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, build_backbone
+from sharebone.models.adapters import inject_adapters
+from sharebone.models.sharing import SharingMap
+from sharebone.regimes.test_time import (
+    FineTuning,
+    finetuned_features,
+    prototype_loss,
+    resolve_roles,
+)
 from sharebone.registry import Registry
 from sharebone.task_kind import CLASSIFICATION, TaskKind, accuracy
 
@@ -23,6 +31,7 @@ __all__ = ["REGIMES", "FewShotRegime", "accuracy", "register_regime"]
 REGIMES: Registry[type[pl.LightningModule]] = Registry("regime")
 OptimizerFactory = Callable[[list[Any]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+SharingArg = SharingMap | dict[str, Any] | None
 
 
 def create_regime(name: str, **kwargs: Any) -> FewShotRegime:
@@ -78,7 +87,9 @@ class FewShotRegime(pl.LightningModule):
     #: False when predicting needs gradients (MAML adapts on the support set).
     predicts_without_grad: bool = True
     #: Whether the regime takes a ``sharing`` map (:class:`~sharebone.models.sharing.SharingMap`:
-    #: which parameters adapt per task, which are frozen). Only the MAML family does yet.
+    #: which parameters adapt per task, which are frozen, which adapters to add). The MAML
+    #: family adapts in its inner loop; the embedding regimes (ProtoNet, pre-training,
+    #: multitask) fine-tune the ``adapt`` set on each support set at test time.
     follows_sharing_map: bool = False
     #: What the regime trains on; :mod:`sharebone.run.build` makes the data for it:
     #: ``episodes`` (meta-batches of few-shot episodes), ``tasks`` (task-balanced batches of
@@ -86,9 +97,19 @@ class FewShotRegime(pl.LightningModule):
     #: class as one task), ``new_task`` (a split's classes as a new task, images held out).
     trains_on: str = "episodes"
 
-    def __init__(self, backbone: BackboneArg) -> None:
+    def __init__(self, backbone: BackboneArg, sharing: SharingArg = None,
+                 adapters_now: bool = True) -> None:
         super().__init__()
         self.backbone, record = build_backbone(backbone)
+        #: The run's sharing map (``None``: the regime's own behaviour); its roles are resolved
+        #: by :meth:`apply_sharing` once the subclass has built every part.
+        self.sharing_map: SharingMap | None = SharingMap.of(sharing)
+        #: Names (``backbone.<...>``) of the parameters ``sharing.adapters`` added.
+        self.adapter_names: list[str] = []
+        #: The role of every parameter under :attr:`sharing_map` (``None``: no map).
+        self.sharing_roles: dict[str, str] | None = None
+        if adapters_now:  # MAML first makes its norms use batch statistics, then adds them
+            self.add_adapters()
         #: A backbone given as a module is saved in ``hparams`` as this record (its class),
         #: not as the module (see :meth:`save_hyperparameters`).
         self._module_record = record if isinstance(backbone, torch.nn.Module) else None
@@ -97,6 +118,46 @@ class FewShotRegime(pl.LightningModule):
         #: regime's own defaults (:meth:`default_optimizer`, :meth:`default_scheduler`).
         self.optimizer_factory: OptimizerFactory | None = None
         self.scheduler_factory: SchedulerFactory | None = None
+
+    # -- the sharing map --------------------------------------------------------------------
+    def add_adapters(self) -> list[str]:
+        """Inject ``sharing.adapters`` (FiLM, residual adapters, LoRA) into the backbone, once;
+        the added parameters' names, ``backbone.<...>``. A checkpoint's ``hparams`` hold the
+        map, so loading one injects the same modules before its weights are read."""
+        spec = self.sharing_map.adapters if self.sharing_map is not None else None
+        if spec and not self.adapter_names:
+            options = {k: v for k, v in spec.items() if k != "kind"}
+            added = inject_adapters(self.backbone, spec["kind"], **options)
+            self.adapter_names = [f"backbone.{name}" for name in added]
+        return self.adapter_names
+
+    def apply_sharing(self) -> None:
+        """Resolve :attr:`sharing_map` over this model's parameters and apply it: ``frozen``
+        parameters get no gradient; ``adapt`` ones (backbone parameters) are fine-tuned on each
+        support set at test time (:mod:`sharebone.regimes.test_time`). Called at the end of
+        an embedding regime's ``__init__``, so a bad map is refused before any data is read."""
+        if self.sharing_map is None:
+            return
+        roles = resolve_roles(self.sharing_map, self, self.regime_name)
+        own = dict(self.named_parameters())
+        for name, role in roles.items():
+            if role == "frozen":
+                own[name].requires_grad_(False)
+        self.sharing_roles = roles
+
+    @property
+    def test_time(self) -> FineTuning | None:
+        """The test-time fine-tuning the map asks for (``None``: none), read from ``hparams``
+        each time, so a choice made on validation (``test_steps: auto``) is what is used."""
+        if self.sharing_roles is None:
+            return None
+        return FineTuning.of(self.hparams.get("sharing"), self.sharing_roles)
+
+    def support_loss(self, support: torch.Tensor, labels: torch.Tensor,
+                     n_way: int) -> torch.Tensor:
+        """The loss test-time fine-tuning lowers on a support set's features ``[S, D]``: the
+        prototypical loss with the support set as its own queries (Hu et al. 2022's P>M>F)."""
+        return prototype_loss(support, labels, n_way)
 
     @property
     def metric_name(self) -> str:
@@ -161,6 +222,9 @@ class FewShotRegime(pl.LightningModule):
         """Support and query features, ``[T, S, D]`` and ``[T, Q, D]``: both sets go through
         the backbone together (one call for the meta-batch, one batch-norm batch)."""
         episode = self.model_input(episode)
+        fine_tuning = None if self.training else self.test_time
+        if fine_tuning is not None and fine_tuning.steps > 0:
+            return finetuned_features(self, episode, fine_tuning)
         images = torch.cat([episode.support, episode.query], dim=1)
         features = self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1)
         n_support = episode.support.shape[1]

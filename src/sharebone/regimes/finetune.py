@@ -49,7 +49,7 @@ from sharebone.models import (
 from sharebone.models.analysis import layer_groups
 from sharebone.models.backbones import backbone_differences, skip_pretrained_weights
 from sharebone.models.heads import DEFAULT_HEAD_FIT, fit_linear_classifier
-from sharebone.regimes.base import FewShotRegime, register_regime
+from sharebone.regimes.base import FewShotRegime, SharingArg, register_regime
 from sharebone.regimes.shared import SharedBackboneRegime
 
 __all__ = ["FINETUNE_MODES", "FineTune", "FrozenBackbone", "GradualUnfreezing", "Pretrain",
@@ -85,12 +85,13 @@ class Pretrain(SharedBackboneRegime):
 
     def __init__(self, backbone: BackboneArg, num_classes: int | None = None,
                  lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 64,
-                 head_fit: dict[str, Any] | None = None) -> None:
+                 head_fit: dict[str, Any] | None = None, sharing: SharingArg = None) -> None:
         super().__init__(backbone, heads={"classes": num_classes} if num_classes else None,
                          weighting={"name": "equal"}, loss="cross_entropy", lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, conflict_every=0,
-                         head_fit=head_fit)
+                         head_fit=head_fit, sharing=sharing)
         self.save_hyperparameters()
+        self.apply_sharing()
 
 
 # ------------------------------------------------------------------------------- transfer

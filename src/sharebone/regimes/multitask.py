@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from sharebone.models import BackboneArg
-from sharebone.regimes.base import register_regime
+from sharebone.regimes.base import SharingArg, register_regime
 from sharebone.regimes.shared import SharedBackboneRegime
 from sharebone.regimes.weighting import NonFiniteWeightError
 
@@ -69,8 +69,10 @@ class MultiTask(SharedBackboneRegime):
     def __init__(self, backbone: BackboneArg, heads: dict[str, int] | None = None,
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
-                 conflict_every: int = 10, head_fit: dict[str, Any] | None = None) -> None:
+                 conflict_every: int = 10, head_fit: dict[str, Any] | None = None,
+                 sharing: SharingArg = None) -> None:
         super().__init__(backbone, heads=heads, weighting=weighting, loss=loss, lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size,
-                         conflict_every=conflict_every, head_fit=head_fit)
+                         conflict_every=conflict_every, head_fit=head_fit, sharing=sharing)
         self.save_hyperparameters()
+        self.apply_sharing()

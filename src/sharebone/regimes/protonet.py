@@ -9,19 +9,10 @@ import torch
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, count_parameters
-from sharebone.regimes.base import FewShotRegime, register_regime
+from sharebone.models.heads import prototypes, squared_euclidean
+from sharebone.regimes.base import FewShotRegime, SharingArg, register_regime
 
-
-def prototypes(support_features: torch.Tensor, support_labels: torch.Tensor, n_way: int):
-    """Class means of support embeddings: ``[T, S, D]``, labels ``[T, S]`` -> ``[T, n_way, D]``."""
-    one_hot = torch.nn.functional.one_hot(support_labels, n_way).to(support_features.dtype)
-    sums = one_hot.transpose(1, 2) @ support_features
-    return sums / one_hot.sum(1).unsqueeze(-1)
-
-
-def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``||x_i - y_j||^2`` for ``x [T, Q, D]``, ``y [T, N, D]`` -> ``[T, Q, N]``."""
-    return (x.unsqueeze(2) - y.unsqueeze(1)).pow(2).sum(-1)
+__all__ = ["ProtoNet", "prototypes", "squared_euclidean"]
 
 
 @register_regime("protonet")
@@ -51,16 +42,33 @@ class ProtoNet(FewShotRegime):
         torch.Size([2, 12, 3])
     """
 
+    follows_sharing_map = True
+
     def __init__(self, backbone: BackboneArg, lr: float = 1e-3, lr_step_size: int = 2000,
-                 lr_gamma: float = 0.5, distance: str = "sqeuclidean") -> None:
-        super().__init__(backbone)
+                 lr_gamma: float = 0.5, distance: str = "sqeuclidean",
+                 sharing: SharingArg = None) -> None:
+        super().__init__(backbone, sharing)
         if distance not in ("sqeuclidean", "cosine"):
             raise SettingError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
         self.save_hyperparameters()
+        self.apply_sharing()
+
+    def support_loss(self, support: torch.Tensor, labels: torch.Tensor,
+                     n_way: int) -> torch.Tensor:
+        """Test-time fine-tuning's loss: this model's own logits (its distance) on the support
+        set against its own prototypes."""
+        logits = self.logits(support.unsqueeze(0), support.unsqueeze(0), labels.unsqueeze(0),
+                             n_way)[0]
+        return torch.nn.functional.cross_entropy(logits, labels)
 
     def predict_episode(self, episode: Episode) -> torch.Tensor:
         support, query = self.embed_episode(episode)
-        centers = prototypes(support, episode.support_labels, episode.n_way)
+        return self.logits(support, query, episode.support_labels, episode.n_way)
+
+    def logits(self, support: torch.Tensor, query: torch.Tensor, support_labels: torch.Tensor,
+               n_way: int) -> torch.Tensor:
+        """Query logits ``[T, Q, n_way]`` from support and query features and support labels."""
+        centers = prototypes(support, support_labels, n_way)
         if self.hparams.distance == "cosine":
             query = torch.nn.functional.normalize(query, dim=-1)
             centers = torch.nn.functional.normalize(centers, dim=-1)

@@ -20,7 +20,7 @@ from sharebone.models.heads import (
     fit_linear_classifier,
     ridge_predict,
 )
-from sharebone.regimes.base import FewShotRegime
+from sharebone.regimes.base import FewShotRegime, SharingArg
 from sharebone.regimes.weighting import (
     Weighting,
     check_finite,
@@ -83,11 +83,14 @@ class SharedBackboneRegime(FewShotRegime):
     episodes, answered by a head fitted on each support set.
     """
 
+    follows_sharing_map = True
+
     def __init__(self, backbone: BackboneArg, heads: dict[str, int] | None = None,
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
-                 conflict_every: int = 10, head_fit: dict[str, Any] | None = None) -> None:
-        super().__init__(backbone)
+                 conflict_every: int = 10, head_fit: dict[str, Any] | None = None,
+                 sharing: SharingArg = None) -> None:
+        super().__init__(backbone, sharing)
         self.task_kind = task_kind(loss)
         heads = dict(heads or {})
         bad = {name: n for name, n in heads.items() if not isinstance(n, int) or n < 1}

@@ -118,15 +118,15 @@ def check_fresh(folder: str | Path) -> None:
 
 #: What a run directory's record may bring back on resume: plain values of these keys and
 #: the keys below them ...
-RESTORED_KEYS = ("task", "backbone", "regime", "optimizer", "scheduler", "sampler", "trainer",
-                 "test", "checkpoint", "figures", "seed", "tags", "keep_freed_memory",
+RESTORED_KEYS = ("task", "backbone", "regime", "sharing", "optimizer", "scheduler", "sampler",
+                 "trainer", "test", "checkpoint", "figures", "seed", "tags", "keep_freed_memory",
                  "float32_matmul_precision", "threads", "on_nonfinite_loss", "nonfinite_check",
                  "sweep_name", "objective", "data_dir")
 #: ... and choices of these config groups, by name (sharebone's own config files). Nothing
 #: that instantiates (the keys of callbacks and logger), says where the process writes
 #: (hydra, paths, cache_dir) or what it loads (ckpt_path) comes from a file.
-RESTORED_GROUPS = ("task", "backbone", "regime", "optimizer", "scheduler", "sampler",
-                   "trainer", "experiment", "logger", "callbacks", "debug")
+RESTORED_GROUPS = ("task", "backbone", "regime", "sharing", "optimizer", "scheduler",
+                   "sampler", "trainer", "experiment", "logger", "callbacks", "debug")
 _CODE_KEYS = ("_target_", "_partial_", "_args_", "_call_", "_recursive_", "_convert_")
 #: A config group option's name: a file of the group (no path, nothing hidden).
 _OPTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")

@@ -124,7 +124,7 @@ class MAML(FewShotRegime):
                  compile: bool = False, vmap_chunk_size: int | str | None = None,
                  checkpoint_inner_steps: bool = False,
                  sharing: SharingMap | dict[str, Any] | None = None) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, sharing, adapters_now=False)
         # Presets change only these defaults; an explicit argument wins. Resolved before
         # save_hyperparameters (which reads these locals), so checkpoints hold the values used.
         if first_order is None:
@@ -144,6 +144,7 @@ class MAML(FewShotRegime):
             # timm's fused norm + activation (in a timm model given as a module) is split
             # first, so that only the norm is replaced.
             use_batch_statistics_(plain_batch_norms_(self.backbone))
+        self.add_adapters()  # after the norms are replaced: FiLM wraps the norm in use
         self.head = (None if head == "none" else
                      LinearHead(feature_width(self.backbone), n_way, init=head))
         self.per_step_bn = PerStepBatchNorm(self.backbone,
@@ -201,6 +202,11 @@ class MAML(FewShotRegime):
                 "parameter (sharing=all) or the head (sharing=head); use backend=torch_func "
                 "for other maps.")
         return roles
+
+    @property
+    def test_time(self) -> None:
+        """None: the inner loop is this family's adaptation, at test time too."""
+        return None
 
     @property
     def adapts_backbone(self) -> bool:
