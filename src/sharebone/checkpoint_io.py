@@ -158,3 +158,16 @@ def resume_checkpoint(resume: str | Path | None) -> str | None:
     except CheckpointError as err:
         raise CheckpointError(f"Cannot resume: {err}") from err
     return str(path)
+
+
+def record_hparams(path: str | Path, hparams: dict[str, Any], note: dict[str, Any]) -> None:
+    """Rewrite checkpoint ``path`` (atomically) with ``hparams`` as its hyperparameters, both
+    Lightning's and sharebone's record of them, and ``note`` under ``sharebone``: how a
+    setting chosen after training (``auto``, on validation) reaches ``sharebone-eval``."""
+    checkpoint = read_checkpoint(path)
+    checkpoint["sharebone"]["hparams"] = dict(hparams)
+    checkpoint["sharebone"].update(note)
+    if "hyper_parameters" in checkpoint:
+        checkpoint["hyper_parameters"] = dict(hparams)
+    with atomic_write(find_checkpoint(path)) as f:
+        torch.save(checkpoint, f)

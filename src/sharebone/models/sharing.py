@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -29,6 +30,7 @@ class ParameterSharing:
     ``description``: one line on how a task's part is obtained.
     ``roles``: parameters per role of a :class:`SharingMap` (:data:`ROLES`), for regimes that
     follow one; ``as_dict`` gives them as ``role_<role>``.
+    ``adapters``: how many of the parameters ``sharing.adapters`` added (FiLM, adapters, LoRA).
     """
 
     shared: int
@@ -36,6 +38,7 @@ class ParameterSharing:
     meta: int = 0
     description: str = ""
     roles: Mapping[str, int] | None = None
+    adapters: int = 0
 
     def as_dict(self) -> dict[str, int | str]:
         plain = asdict(self)
@@ -50,6 +53,8 @@ class ParameterSharing:
         text += f"  ({self.description})" if self.description else ""
         if self.roles is not None:
             text += "  roles: " + " ".join(f"{k}={v:,}" for k, v in self.roles.items())
+        if self.adapters:
+            text += f"  (added by adapters: {self.adapters:,})"
         return text
 
 
@@ -323,9 +328,17 @@ def block_counts(roles: Mapping[str, str], sizes: Mapping[str, int],
 
 
 def with_roles(sharing: ParameterSharing, model: nn.Module) -> ParameterSharing:
-    """``sharing`` with :attr:`ParameterSharing.roles` filled in for a regime that follows no
-    sharing map: ``shared`` its shared count (less what is frozen), ``task`` its task-specific
-    count, ``frozen`` the parameters of ``model`` that require no gradient, ``adapt`` 0."""
+    """``sharing`` with :attr:`ParameterSharing.roles` and ``adapters`` filled in: from the
+    model's resolved map (``sharing_roles``), else, for a regime that follows none,
+    ``shared`` its shared count (less what is frozen), ``task`` its task-specific count,
+    ``frozen`` the parameters of ``model`` that require no gradient, ``adapt`` 0."""
+    added = dict(model.named_parameters())
+    adapters = sum(added[n].numel() for n in getattr(model, "adapter_names", ()) if n in added)
+    sharing = replace(sharing, adapters=adapters)
+    roles = getattr(model, "sharing_roles", None)
+    if sharing.roles is None and roles is not None:
+        sizes = {n: math.prod(s) for n, s in model.mapped_shapes().items()}
+        return replace(sharing, roles=role_counts(roles, sizes))
     if sharing.roles is not None:
         return sharing
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

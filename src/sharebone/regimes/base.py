@@ -18,6 +18,7 @@ from sharebone.models import BackboneArg, ParameterSharing, build_backbone
 from sharebone.models.adapters import inject_adapters
 from sharebone.models.sharing import SharingMap
 from sharebone.regimes.test_time import (
+    CANDIDATES,
     FineTuning,
     finetuned_features,
     prototype_loss,
@@ -145,6 +146,10 @@ class FewShotRegime(pl.LightningModule):
                 own[name].requires_grad_(False)
         self.sharing_roles = roles
 
+    def mapped_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameters a sharing map assigns roles to: all of them, by name."""
+        return {name: tuple(p.shape) for name, p in self.named_parameters()}
+
     @property
     def test_time(self) -> FineTuning | None:
         """The test-time fine-tuning the map asks for (``None``: none), read from ``hparams``
@@ -152,6 +157,22 @@ class FewShotRegime(pl.LightningModule):
         if self.sharing_roles is None:
             return None
         return FineTuning.of(self.hparams.get("sharing"), self.sharing_roles)
+
+    def auto_settings(self) -> dict[str, tuple[Any, ...]]:
+        """The test-time settings left to ``auto``, by config key (``sharing.test_steps``),
+        each with the candidates :mod:`sharebone.evaluation.tuning` chooses from."""
+        sharing = self.hparams.get("sharing") or {}
+        if self.test_time is None:
+            return {}
+        return {f"sharing.{key}": candidates for key, candidates in CANDIDATES.items()
+                if sharing.get(key) == "auto"}
+
+    def set_test_setting(self, key: str, value: Any) -> None:
+        """Set a test-time setting by its config key (``sharing.test_steps``,
+        ``regime.test_inner_steps``) in ``hparams``, which checkpoints save."""
+        group, _, name = key.partition(".")
+        target = self.hparams["sharing"] if group == "sharing" else self.hparams
+        target[name] = value
 
     def support_loss(self, support: torch.Tensor, labels: torch.Tensor,
                      n_way: int) -> torch.Tensor:

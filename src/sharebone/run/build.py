@@ -46,6 +46,9 @@ class RunParts:
     tests: list[TestEpisodes]
     #: Regime arguments taken from the data (``heads``, ``num_classes``).
     from_data: dict[str, Any] = field(default_factory=dict)
+    #: The test settings on the val split, where a setting is left to ``auto``
+    #: (:mod:`sharebone.evaluation.tuning`); empty otherwise.
+    val_tests: list[TestEpisodes] = field(default_factory=list)
 
 
 @contextmanager
@@ -87,7 +90,28 @@ def build_run(cfg: DictConfig) -> RunParts:
     regime = instantiate(cfg.regime, **from_data, **sharing, _convert_="all")
     regime.optimizer_factory = partial_from(cfg, "optimizer")
     regime.scheduler_factory = partial_from(cfg, "scheduler")
-    return RunParts(family, datamodule, regime, tests, from_data)
+    return RunParts(family, datamodule, regime, tests, from_data,
+                    validation_for_auto(cfg, family, regime))
+
+
+def validation_for_auto(cfg: DictConfig, family: Any, regime: FewShotRegime,
+                        ) -> list[TestEpisodes]:
+    """The test settings' episodes on the val split when the regime leaves a test-time
+    setting to ``auto``; built now, so a family without one is refused before training."""
+    auto = regime.auto_settings()
+    if not auto:
+        return []
+    t = cfg.test
+    with setting("test"):
+        check_count("auto_episodes", t.get("auto_episodes", 100))
+    key = next(iter(auto))
+    try:
+        return test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed, split="val",
+                             prefix="test.")
+    except SettingError as err:
+        raise SettingError(f"{key}=auto chooses on validation episodes of the test settings, "
+                           f"which task {cfg.task.name!r} cannot give ({err}). Set {key} to "
+                           "a value instead.") from None
 
 
 def sharing_for(cfg: DictConfig) -> dict[str, Any]:

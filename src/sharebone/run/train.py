@@ -42,6 +42,7 @@ from sharebone.checkpoint_io import (
     AtomicCheckpointIO,
     find_checkpoint,
     read_checkpoint,
+    record_hparams,
     resume_checkpoint,
     run_dir_of,
 )
@@ -51,6 +52,7 @@ from sharebone.evaluation.fewshot import evaluate
 from sharebone.evaluation.inputs import check_spec
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
+from sharebone.evaluation.tuning import Choice, choose_on_validation
 from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
 from sharebone.models.sharing import block_counts, with_roles
@@ -367,8 +369,9 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
     if best:
         # Score what was saved, through the same loader sharebone-eval uses.
         model = load_regime(best).to(trainer.strategy.root_device)
+    choice = choose_auto_settings(cfg, model, parts, loggers, best)
     if cfg.test.get("enabled", True):
-        score_and_report(cfg, model, parts, output_dir, loggers, metrics, best)
+        score_and_report(cfg, model, parts, output_dir, loggers, metrics, best, choice)
     else:
         print("[sharebone] test.enabled=false: the test episodes were not scored")
     finish_run(cfg, model, output_dir, loggers, metrics, best)
@@ -405,8 +408,29 @@ def best_checkpoint(checkpoint: ModelCheckpoint, output_dir: Path) -> str:
     return best
 
 
+def choose_auto_settings(cfg: DictConfig, model: Any, parts: RunParts, loggers: list[Any],
+                         best: str) -> Choice | None:
+    """Settings left to ``auto`` chosen on validation episodes (never the test ones), set on
+    ``model``, written into the best checkpoint (so ``sharebone-eval`` uses them), printed and
+    logged; ``None`` when nothing was left to ``auto``."""
+    if not parts.val_tests:
+        return None
+    choice = choose_on_validation(model, parts.val_tests, episodes=cfg.test.auto_episodes,
+                                  episodes_per_batch=cfg.test.batch_size)
+    chosen = ", ".join(f"{k}={v}" for k, v in choice.chosen.items())
+    table = (f"Chosen on {choice.episodes} validation episodes per setting: {chosen}\n"
+             f"{choice.table()}")
+    print(f"\n{table}\n")
+    log.info("%s", table)
+    if best:
+        record_hparams(best, dict(model.hparams), {"chosen_on_validation": choice.as_dict()})
+    tracking.log_summary(loggers, {f"auto/{k}": v for k, v in choice.chosen.items()})
+    return choice
+
+
 def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: Path,
-                     loggers: list[Any], metrics: dict[str, float], best: str) -> None:
+                     loggers: list[Any], metrics: dict[str, float], best: str,
+                     choice: Choice | None = None) -> None:
     """Score ``model`` on the run's test episodes; results to files, loggers and ``metrics``
     (:func:`finish_run` then writes the summary and closes the loggers)."""
     t = cfg.test
@@ -418,6 +442,7 @@ def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: P
     paths = write_results(results, output_dir, extra={
         "regime": model.regime_name, "task": cfg.task.name,
         "train_seconds": metrics.get("train_seconds"), "checkpoint": str(best),
+        **({"chosen_on_validation": choice.as_dict()} if choice else {}),
         **model.parameter_sharing().as_dict()})
     for r in results:
         metrics[f"test/{r.name}/{r.metric}"] = r.mean

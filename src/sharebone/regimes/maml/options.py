@@ -25,6 +25,10 @@ BATCH_NORM = ("transductive", "per_step")
 BACKENDS = ("torch_func", "learn2learn")
 
 
+#: What ``test_inner_steps: auto`` chooses from, on validation episodes after training.
+AUTO_TEST_STEPS = (0, 1, 2, 3, 5, 10)
+
+
 @dataclass(frozen=True)
 class MAMLOptions:
     """How a MAML-family model adapts to a task. FOMAML, ANIL and Meta-SGD are MAML with
@@ -37,7 +41,9 @@ class MAMLOptions:
         inner_steps: SGD steps on the support set while meta-training (>= 1).
         inner_lr: their step size (Meta-SGD: the initial value of every learned step size).
         test_inner_steps: steps when not training (validation, ``sharebone-eval``); ``None``:
-            ``inner_steps``. ``0`` scores the initialisation without adaptation.
+            ``inner_steps``. ``0`` scores the initialisation without adaptation. ``"auto"``:
+            chosen on validation episodes after training (``sharebone-train``, from
+            :data:`AUTO_TEST_STEPS`) and stored in the checkpoint; ``inner_steps`` until then.
         first_order: FOMAML, support gradients treated as constants.
         adapt: ``"all"`` parameters (MAML) or ``"head"`` only (ANIL).
         learn_step_sizes: Meta-SGD's per-parameter step sizes, meta-learned. Learned
@@ -105,7 +111,7 @@ class MAMLOptions:
     n_way: int = 5
     inner_steps: int = 1
     inner_lr: float = 0.4
-    test_inner_steps: int | None = None
+    test_inner_steps: int | str | None = None
     first_order: bool = False
     adapt: str = "all"
     learn_step_sizes: bool = False
@@ -121,7 +127,7 @@ class MAMLOptions:
 
     def __post_init__(self) -> None:
         check_inner_loop(self.inner_steps, self.inner_lr, training=True)
-        if self.test_inner_steps is not None:
+        if self.test_inner_steps not in (None, "auto"):
             check_inner_loop(self.test_inner_steps, self.inner_lr, training=False)
         for name, allowed in (("adapt", ADAPT), ("head", HEADS), ("batch_norm", BATCH_NORM),
                               ("loss", LOSSES), ("backend", BACKENDS)):
@@ -223,7 +229,8 @@ class MAMLOptions:
     @property
     def test_steps(self) -> int:
         """Inner steps when not training."""
-        return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
+        return (self.inner_steps if self.test_inner_steps in (None, "auto")
+                else self.test_inner_steps)
 
     def uses_vmap(self, device_type: str) -> bool:
         """Batch a meta-batch's tasks with vmap (else loop over them): ``vmap`` if set; by

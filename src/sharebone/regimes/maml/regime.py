@@ -56,7 +56,7 @@ from sharebone.models.sharing import (
 from sharebone.models.timm_backbone import plain_batch_norms_
 from sharebone.regimes.base import FewShotRegime, register_regime
 from sharebone.regimes.maml import chunking
-from sharebone.regimes.maml.options import OPTION_NAMES, MAMLOptions
+from sharebone.regimes.maml.options import AUTO_TEST_STEPS, OPTION_NAMES, MAMLOptions
 from sharebone.regimes.maml.precision import check_autocast, check_bf16_supported
 from sharebone.task_kind import TaskKind
 
@@ -115,7 +115,7 @@ class MAML(FewShotRegime):
     preset: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: BackboneArg, n_way: int = 5, inner_steps: int = 1,
-                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
+                 inner_lr: float = 0.4, test_inner_steps: int | str | None = None,
                  first_order: bool | None = None, adapt: str | None = None,
                  learn_step_sizes: bool | None = None,
                  head: str = "learned", batch_norm: str = "transductive",
@@ -207,6 +207,12 @@ class MAML(FewShotRegime):
     def test_time(self) -> None:
         """None: the inner loop is this family's adaptation, at test time too."""
         return None
+
+    def auto_settings(self) -> dict[str, tuple[Any, ...]]:
+        """``regime.test_inner_steps`` when it is ``auto``, with :data:`AUTO_TEST_STEPS`."""
+        if self.hparams.get("test_inner_steps") != "auto":
+            return {}
+        return {"regime.test_inner_steps": AUTO_TEST_STEPS}
 
     @property
     def adapts_backbone(self) -> bool:
