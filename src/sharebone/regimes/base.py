@@ -16,7 +16,7 @@ from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, build_backbone
 from sharebone.models.adapters import inject_adapters
-from sharebone.models.sharing import SharingMap
+from sharebone.models.sharing import SharingMap, with_roles
 from sharebone.regimes.test_time import (
     CANDIDATES,
     FineTuning,
@@ -233,6 +233,11 @@ class FewShotRegime(pl.LightningModule):
 
     def parameter_sharing(self) -> ParameterSharing:
         raise NotImplementedError
+
+    def sharing_counts(self) -> ParameterSharing:
+        """:meth:`parameter_sharing` with the count of every role and of the parameters the
+        adapters added: what runs print, log and write beside their results."""
+        return with_roles(self.parameter_sharing(), self)
 
     def episode_metric(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-task score ``[T]`` of query predictions (accuracy; regression regimes: MSE)."""

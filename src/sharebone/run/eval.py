@@ -265,7 +265,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           extra={"checkpoint": str(ckpt), "regime": model.regime_name,
                                  "task": task["name"], "split": cfg.split, "seed": cfg.seed,
                                  "train_run_id": link["train_run_id"],
-                                 **model.parameter_sharing().as_dict()})
+                                 **model.sharing_counts().as_dict()})
     print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
     # Only now: an evaluation that fails leaves no half-written W&B run.
     track(cfg, model, ckpt, task, results, link, paths["json"])

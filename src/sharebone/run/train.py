@@ -55,7 +55,7 @@ from sharebone.evaluation.stats import format_table
 from sharebone.evaluation.tuning import Choice, choose_on_validation
 from sharebone.files import atomic_write
 from sharebone.memory import keep_freed_memory
-from sharebone.models.sharing import block_counts, with_roles
+from sharebone.models.sharing import block_counts
 from sharebone.regimes import load_regime
 from sharebone.run.build import RunParts, build_run, check_world_size, resolved
 from sharebone.run.distributed import RUN_CONFIG_ENV, launch_rank
@@ -328,10 +328,10 @@ def train_and_test(cfg: DictConfig, output_dir: Path, ckpt_path: str | None,
     model.run_config = resolved(cfg, parts.from_data)
     threads = choose_threads(cfg.get("threads", "auto"), model)
     log.info("torch uses %d CPU thread(s)", threads)
-    sharing = with_roles(model.parameter_sharing(), model)  # counts per role, every regime
+    sharing = model.sharing_counts()  # counts per role, every regime
     log.info("%s on %s: %s", model.regime_name, cfg.task.name, sharing)
     roles = getattr(model, "sharing_roles", None)
-    if roles is not None:  # the MAML family: its sharing map, block by block
+    if roles is not None:  # a sharing map: its roles, block by block
         sizes = {n: math.prod(s) for n, s in model.mapped_shapes().items()}
         for block, counts in block_counts(roles, sizes, depth=3).items():
             log.info("sharing  %-24s %s", block, "  ".join(f"{k}={v:,}" for k, v in
@@ -443,7 +443,7 @@ def score_and_report(cfg: DictConfig, model: Any, parts: RunParts, output_dir: P
         "regime": model.regime_name, "task": cfg.task.name,
         "train_seconds": metrics.get("train_seconds"), "checkpoint": str(best),
         **({"chosen_on_validation": choice.as_dict()} if choice else {}),
-        **model.parameter_sharing().as_dict()})
+        **model.sharing_counts().as_dict()})
     for r in results:
         metrics[f"test/{r.name}/{r.metric}"] = r.mean
         metrics[f"test/{r.name}/ci95"] = r.ci95
