@@ -12,8 +12,10 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
+from sharebone.config import CONFIG_DIR
 from sharebone.data.episodes import Episode
 from sharebone.models import create_backbone
 from sharebone.regimes import ANIL, FOMAML, MAML, MetaSGD
@@ -130,3 +132,49 @@ def test_learn2learn_backend_rejects_what_it_cannot_run():
         MAML(SPEC, n_way=3, backend="learn2learn", vmap=True)
     with pytest.raises(ValueError, match="transductive"):
         MAML(SPEC, n_way=3, backend="learn2learn", batch_norm="per_step")
+
+
+def subset_oracle(model: MAML, episode: Episode, preset: str):
+    """learn2learn's MAML wrapped around only the part a preset adapts, the rest used as plain
+    modules around it (their meta-gradient through ordinary autograd): ``last_block`` adapts
+    the last conv block and the head, ``body`` (BOIL) the backbone with the head shared."""
+    import learn2learn as l2l
+
+    backbone = create_backbone(**SPEC).double()
+    backbone.load_state_dict(model.backbone.state_dict(), strict=False)
+    head = nn.Linear(model.backbone.num_features, episode.n_way).double()
+    head.load_state_dict({"weight": model.head.weight, "bias": model.head.bias})
+    task = episode.task(0)
+    xs, ys, xq, yq = task.support, task.support_labels, task.query, task.query_labels
+    if preset == "last_block":
+        trunk = backbone.blocks[:3]
+        before, after = trunk, nn.Identity()
+        adapted = nn.Sequential(backbone.blocks[3], nn.Flatten(), head)
+    else:  # body
+        before, after = nn.Identity(), head
+        adapted = backbone
+    learner = l2l.algorithms.MAML(adapted, lr=LR, first_order=False)
+    clone = learner.clone()
+    for _ in range(STEPS):
+        clone.adapt(F.cross_entropy(after(clone(before(xs))), ys))
+    loss = F.cross_entropy(after(clone(before(xq))), yq)
+    loss.backward()
+    names = [f"backbone.{k}" for k, _ in backbone.named_parameters()] + ["head.weight", "head.bias"]
+    grads = dict(zip(names, [*backbone.parameters(), *head.parameters()], strict=True))
+    return loss.detach(), {k: p.grad for k, p in grads.items()}
+
+
+@pytest.mark.parametrize("preset", ["last_block", "body"])
+def test_a_sharing_preset_matches_learn2learn_wrapped_around_that_part(preset):
+    """learn2learn#234 asks for ``fast_params``: here learn2learn can express a subset only by
+    wrapping that part of the model; the sharing map gives the same meta-gradient."""
+    sharing = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "sharing" / f"{preset}.yaml"))
+    torch.manual_seed(0)
+    model = MAML(SPEC, n_way=3, inner_steps=STEPS, inner_lr=LR, vmap=False,
+                 sharing=sharing).double()
+    episode = episode64()
+    want_loss, want_grads = subset_oracle(model, episode, preset)
+    _, got_loss, got_grads = ours(model, episode)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    for k, g in want_grads.items():
+        torch.testing.assert_close(got_grads[k], g, rtol=1e-5, atol=1e-5, msg=k)
