@@ -10,6 +10,7 @@ from helpers.configs import FAST, compose_train
 from pytorch_lightning.callbacks import BackboneFinetuning
 
 from sharebone.checkpoint_io import CheckpointError
+from sharebone.errors import SettingError
 from sharebone.models.analysis import layer_change
 from sharebone.regimes import load_regime
 from sharebone.regimes.finetune import FineTune, GradualUnfreezing, Pretrain
@@ -133,3 +134,35 @@ def test_a_source_with_another_backbone_is_refused(pretrained, tmp_path):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be one of"):
         FineTune(backbone={"name": "conv4"}, num_classes=3, mode="thaw")
+
+
+@pytest.mark.parametrize(("preset", "trains"), [("bias", "bias"), ("lora", "lora_")])
+def test_a_sharing_preset_says_what_transfers_and_the_rest_stays_as_pretrained(
+        pretrained, tmp_path, preset, trains):
+    """The fine-tuning modes as sharing maps: BitFit trains the biases and the new head, LoRA
+    its added factors (the source loads into the adapted backbone); nothing else moves."""
+    source = pretrained[0] / "checkpoints" / "best.ckpt"
+    _, model = finetune(tmp_path, source, f"sharing={preset}")
+    roles = model.sharing_roles
+    assert {roles["head.weight"], roles["head.bias"]} == {"task"}
+    adapted = [n for n, r in roles.items() if r == "adapt"]
+    assert adapted and all(trains in n for n in adapted)
+    assert all(r == "frozen" for n, r in roles.items() if n not in adapted and
+               not n.startswith("head."))
+    source_weights = load_regime(source).backbone.state_dict()
+    for name, value in model.backbone.state_dict().items():
+        if f"backbone.{name}" in roles and roles[f"backbone.{name}"] == "frozen":
+            assert torch.equal(value, source_weights[name]), name
+    moved = [n for n in adapted if n.removeprefix("backbone.") in source_weights and not
+             torch.equal(model.backbone.state_dict()[n.removeprefix("backbone.")],
+                         source_weights[n.removeprefix("backbone.")])]
+    assert moved or preset == "lora"  # LoRA's factors are new: nothing of the source to move
+    counts = model.sharing_counts()
+    assert counts.roles["adapt"] == sum(dict(model.named_parameters())[n].numel()
+                                        for n in adapted)
+
+
+def test_a_sharing_map_and_a_mode_together_are_refused(pretrained):
+    with pytest.raises(SettingError, match=r"regime.mode='full' and a sharing map both say"):
+        FineTune(backbone={"name": "mlp", "in_features": 4}, num_classes=3, mode="full",
+                 sharing={"adapt": ["bias"]})

@@ -279,10 +279,18 @@ def test_command_line_lists_build_and_bad_ones_are_refused_before_data(monkeypat
 
 def test_a_regime_that_cannot_follow_a_map_refuses_it_and_says_which_can(monkeypatch,
                                                                           tmp_path):
+    """A regime of one's own that takes no map (``follows_sharing_map`` unset) refuses one
+    before any data is read, naming the regimes that follow maps."""
+    from sharebone.regimes import REGIMES, ProtoNet
+
+    class NoMap(ProtoNet):
+        follows_sharing_map = False
+
+    monkeypatch.setitem(REGIMES._factories, "no_map_test", NoMap)
     text = _refused_before_data(monkeypatch, tmp_path, [
-        "regime=finetune", "regime.source=nowhere.ckpt", "sharing=head"])
-    assert text.startswith("sharing.adapt: regime 'finetune' has no way")
-    assert "anil, fomaml, maml, metasgd, multitask, pretrain, protonet" in text
+        "regime=protonet", "regime.name=no_map_test", "sharing=head"])
+    assert text.startswith("sharing.adapt: regime 'no_map_test' has no way")
+    assert "finetune, fomaml, maml, metasgd, multitask, pretrain, protonet" in text
 
 
 @pytest.mark.parametrize("regime", ["protonet", "multitask", "pretrain"])

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning
 from torch import nn
@@ -49,8 +50,10 @@ from sharebone.models import (
 from sharebone.models.analysis import layer_groups
 from sharebone.models.backbones import backbone_differences, skip_pretrained_weights
 from sharebone.models.heads import DEFAULT_HEAD_FIT, fit_linear_classifier
+from sharebone.models.sharing import is_norm
 from sharebone.regimes.base import FewShotRegime, SharingArg, register_regime
 from sharebone.regimes.shared import SharedBackboneRegime
+from sharebone.regimes.test_time import resolve_roles
 
 __all__ = ["FINETUNE_MODES", "FineTune", "FrozenBackbone", "GradualUnfreezing", "Pretrain",
            "source_backbone"]
@@ -122,6 +125,32 @@ def _read_source(path: str, size: int, mtime_ns: int,
             f"is a '{checkpoint['sharebone'].get('regime')}' checkpoint). Pass regime.source=<a "
             "checkpoint of pretrain, multitask, protonet or maml>.")
     return dict(spec), weights
+
+
+def transfer_roles(sharing_map: Any, model: nn.Module) -> dict[str, str]:
+    """The roles of a fine-tuning run under a sharing map: the new head is the task's own part
+    (``task``), the map's ``adapt`` parameters train on the new task, the rest of the
+    transferred backbone is ``frozen`` (no gradient, not in the optimizer)."""
+    roles = resolve_roles(sharing_map, model, "finetune")
+    own = dict(model.named_parameters())
+    for name, role in roles.items():
+        if name.startswith("head."):
+            roles[name] = "task"
+        elif role != "adapt":
+            roles[name] = "frozen"
+            own[name].requires_grad_(False)
+    return roles
+
+
+class FrozenNormStatistics(pl.Callback):
+    """Under a sharing map, a norm layer whose parameters are frozen keeps its running
+    statistics as transferred too (eval mode), as the probe's frozen backbone does."""
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        for module in pl_module.backbone.modules():
+            params = list(module.parameters(recurse=False))
+            if is_norm(module) and params and not any(p.requires_grad for p in params):
+                module.eval()
 
 
 class FrozenBackbone(BaseFinetuning):
@@ -220,6 +249,11 @@ class FineTune(FewShotRegime):
             pre-training nor fine-tuning saw).
         train_per_class: images per class to train on; the rest validate.
         head_fit: how few-shot episodes fit a fresh head on this backbone's features.
+        sharing: a sharing map instead of ``mode``: its ``adapt`` parameters train on the new
+            task with the new head (``task``), the rest of the transferred backbone is
+            ``frozen``; ``sharing.adapters`` are added before the source's weights are loaded.
+            ``sharing=head`` is the probe, ``all`` full fine-tuning, ``bias`` BitFit, ``norm``
+            BN-tuning, ``film`` / ``residual`` / ``lora`` parameter-efficient transfer.
 
     Example:
         >>> model = FineTune(backbone={"name": "mlp", "in_features": 4, "hidden": [8]},
@@ -231,13 +265,14 @@ class FineTune(FewShotRegime):
     """
 
     trains_on = "new_task"
+    follows_sharing_map = True
 
     def __init__(self, source: str | None = None, backbone: BackboneArg | None = None,
                  num_classes: int | None = None, mode: str = "probe", lr: float = 1e-3,
                  backbone_lr_ratio: float = 0.1, unfreeze_at_epoch: int = 1,
                  unfreeze_every: int = 1, lr_decay: float = 1 / 2.6, weight_decay: float = 0.0,
                  batch_size: int = 64, target_split: str = "val", train_per_class: int = 5,
-                 head_fit: dict[str, Any] | None = None) -> None:
+                 head_fit: dict[str, Any] | None = None, sharing: SharingArg = None) -> None:
         if mode not in FINETUNE_MODES:
             raise SettingError(f"mode must be one of {sorted(FINETUNE_MODES)}, got {mode!r}.")
         if source is not None:
@@ -253,9 +288,15 @@ class FineTune(FewShotRegime):
                     "instance of that class> with source=..., and its weights are loaded.")
         # With a source, its weights replace any pretrained ones: do not load those.
         with skip_pretrained_weights() if source is not None else contextlib.nullcontext():
-            super().__init__(backbone)
+            super().__init__(backbone, sharing)
         self.head = (nn.Linear(feature_width(self.backbone), num_classes)
                      if num_classes else None)
+        if self.sharing_map is not None:
+            if mode != "probe":
+                raise SettingError(
+                    f"regime.mode={mode!r} and a sharing map both say what trains on the new "
+                    "task; use one (sharing=all is full fine-tuning, sharing=head the probe).")
+            self.sharing_roles = transfer_roles(self.sharing_map, self)
         self.head_fit = {**DEFAULT_HEAD_FIT, **dict(head_fit or {})}
         self.save_hyperparameters()
         self.hparams["source"] = source
@@ -272,13 +313,26 @@ class FineTune(FewShotRegime):
                 raise CheckpointError(
                     f"{self.hparams.source} has backbone ({describe_backbone(spec)}), this model "
                     f"({describe_backbone(dict(self.hparams.backbone))}).")
-            self.backbone.load_state_dict(weights)
+            missing, unexpected = self.backbone.load_state_dict(weights, strict=False)
+            added = {n.removeprefix("backbone.") for n in self.adapter_names}
+            if unexpected or set(missing) - added:
+                raise CheckpointError(
+                    f"{self.hparams.source}: its backbone weights do not fit this backbone "
+                    f"(missing {sorted(set(missing) - added)[:3]}, unexpected "
+                    f"{sorted(unexpected)[:3]}).")
             self._source_loaded = True
         if stage == "fit" and self.head is None:
             raise SettingError("No head: set regime.num_classes (sharebone-train fills it).")
 
     def configure_callbacks(self) -> list[BaseFinetuning]:
+        if self.sharing_roles is not None:  # what trains is set by requires_grad already
+            return [FrozenNormStatistics()]
         return FINETUNE_MODES[self.hparams.mode](self)
+
+    @property
+    def test_time(self) -> None:
+        """None: the ``adapt`` set trained on the new task; few-shot scoring fits a head."""
+        return None
 
     # -- steps ----------------------------------------------------------------------------------
     def _scores(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +364,12 @@ class FineTune(FewShotRegime):
 
     def parameter_sharing(self) -> ParameterSharing:
         backbone, head = count_parameters(self.backbone), count_parameters(self.head)
+        if self.sharing_roles is not None:
+            sizes = {n: p.numel() for n, p in self.named_parameters()}
+            trains = sum(sizes[n] for n, r in self.sharing_roles.items() if r != "frozen")
+            return ParameterSharing(shared=backbone, task_specific=trains,
+                                    description=f"sharing map: {trains:,} parameters train "
+                                                "on the new task, the rest frozen")
         mode = self.hparams.mode
         adapted = head if mode == "probe" else head + backbone
         how = ("new head on the frozen backbone" if mode == "probe"
@@ -323,6 +383,15 @@ class FineTune(FewShotRegime):
         h = self.hparams
         head = list(self.head.parameters()) if self.head is not None else []
         groups = [{"params": head, "lr": h.lr}]
+        if self.sharing_roles is not None:
+            # New parameters (adapters) at the head's lr, transferred ones at the backbone's.
+            own = dict(self.named_parameters())
+            adapted = [n for n, r in self.sharing_roles.items() if r == "adapt"]
+            new = [own[n] for n in adapted if n in self.adapter_names]
+            old = [own[n] for n in adapted if n not in self.adapter_names]
+            return [g for g in (*groups, {"params": new, "lr": h.lr},
+                                {"params": old, "lr": h.lr * h.backbone_lr_ratio})
+                    if g["params"]]
         if h.mode == "full":
             groups.append({"params": list(self.backbone.parameters()),
                            "lr": h.lr * h.backbone_lr_ratio})
