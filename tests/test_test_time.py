@@ -160,3 +160,15 @@ def test_maml_auto_inner_steps_are_chosen_on_validation(tmp_path):
     assert [t["regime.test_inner_steps"] for t in record["tried"]] == [0, 1, 2, 3, 5, 10]
     chosen = record["chosen"]["regime.test_inner_steps"]
     assert load_regime(out / "checkpoints" / "best.ckpt").options.test_steps == chosen
+
+
+def test_sharebone_eval_inner_steps_set_the_test_time_fine_tuning_steps():
+    from sharebone.run.eval import set_inner_steps
+
+    model = _protonet({"adapt": ["norm"], "test_steps": "auto"})
+    set_inner_steps(model, 3)
+    assert model.test_time.steps == 3 and model.hparams.sharing["test_steps"] == 3
+    with pytest.raises(SettingError, match="sharing.test_steps must be a count >= 0"):
+        set_inner_steps(model, -2)
+    with pytest.raises(SettingError, match="this protonet checkpoint has neither"):
+        set_inner_steps(_protonet(None), 3)

@@ -34,6 +34,7 @@ from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.files import DiskFullError, atomic_write
 from sharebone.memory import keep_freed_memory
+from sharebone.models.sharing import check_test_steps
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
 from sharebone.run.environment import quiet_known_noise
@@ -224,6 +225,23 @@ def score_episode_dir(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any
     return {**summary, "paths": {"json": str(written), "png": str(written.with_suffix(".png"))}}
 
 
+def set_inner_steps(model: Any, steps: Any) -> None:
+    """``inner_steps=``: the MAML family's inner steps at test time, or the test-time
+    fine-tuning steps of a checkpoint whose sharing map adapts parameters (ProtoNet,
+    pretrain, multitask with ``sharing.adapt``)."""
+    if "test_inner_steps" in model.hparams:
+        check_inner_loop(steps, model.hparams.inner_lr, training=False)
+        model.hparams.test_inner_steps = int(steps)
+    elif model.test_time is not None:
+        check_test_steps(steps)
+        model.set_test_setting("sharing.test_steps", int(steps))
+    else:
+        raise SettingError(f"inner_steps={steps} applies to gradient-based regimes (maml, "
+                           "fomaml, anil, metasgd) and to checkpoints whose sharing map "
+                           f"fine-tunes parameters at test time (sharing.adapt); this "
+                           f"{model.regime_name} checkpoint has neither. Drop the override.")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns the results (also written as JSON/CSV)."""
     quiet_known_noise()
@@ -234,12 +252,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.backbone else None
     model = load_regime(ckpt, backbone=backbone)
     if cfg.get("inner_steps") is not None:
-        if "test_inner_steps" not in model.hparams:
-            raise SettingError(f"inner_steps={cfg.inner_steps} applies to gradient-based regimes "
-                               f"(maml, fomaml, anil, metasgd); {model.regime_name} has no inner "
-                               "loop. Drop the override.")
-        check_inner_loop(cfg.inner_steps, model.hparams.inner_lr, training=False)
-        model.hparams.test_inner_steps = int(cfg.inner_steps)
+        set_inner_steps(model, cfg.inner_steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     task, trusted = task_config(cfg, model.run_config or {})
