@@ -131,7 +131,8 @@ def _inject(backbone: nn.Module, kind: str, serves: Callable[[nn.Module], bool],
         raise SettingError(
             f"{KEY}: {kind!r} found no module to adapt in this {type(backbone).__name__}: it "
             f"looks for {looked_for}. Choose another kind ({', '.join(ADAPTER_KINDS)}) or a "
-            "backbone that has them (an mlp gets norm layers with backbone.batch_norm=true).")
+            "backbone that has them" + (" (an mlp gets norm layers with "
+                                        "backbone.batch_norm=true)." if kind == "film" else "."))
     added = []
     for name, module in targets:
         adapt(module)
