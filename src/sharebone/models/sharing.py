@@ -69,7 +69,7 @@ MAP_KEYS = ("adapt", "task", "frozen")
 #: The keys beside the roles: ``adapters`` (task-specific modules added to the backbone,
 #: :mod:`sharebone.models.adapters`) and the test-time fine-tuning of the regimes without an
 #: inner loop (``test_steps``, ``test_lr``: :mod:`sharebone.regimes.test_time`).
-OPTION_KEYS = ("adapters", "test_steps", "test_lr")
+OPTION_KEYS = ("adapters", "test_steps", "test_lr", "branch_at")
 #: Type selectors: a pattern that is one of these words selects by module type, not by name.
 SELECTORS = {
     "norm": "the affine parameters of every BatchNorm/LayerNorm/GroupNorm/InstanceNorm",
@@ -144,8 +144,14 @@ class SharingMap:
     #: ``None`` (the default count), a count ``>= 0``, or ``"auto"`` (chosen on validation).
     test_steps: int | str | None = None
     test_lr: float | None = None
+    #: Multitask: the block after which every task has its own copy of the backbone
+    #: (``"head"`` or ``None``: the whole backbone is shared).
+    branch_at: str | None = None
 
     def __post_init__(self) -> None:
+        if self.branch_at is not None and not isinstance(self.branch_at, str):
+            raise SettingError(f"sharing.branch_at must name a block of the backbone (e.g. "
+                               f"blocks.2) or head, got {self.branch_at!r}.")
         object.__setattr__(self, "adapters", adapter_spec(self.adapters))
         check_test_steps(self.test_steps)
         if self.test_lr is not None:
@@ -181,7 +187,7 @@ class SharingMap:
             raise SettingError(f"sharing.{unknown[0]}: no such key.{hint} A sharing map has "
                                f"the keys {', '.join(MAP_KEYS)} (lists of patterns) and "
                                f"{', '.join(OPTION_KEYS)}.")
-        if all(spec.get(key) is None for key in (*MAP_KEYS, "adapters")):
+        if all(spec.get(key) is None for key in (*MAP_KEYS, "adapters", "branch_at")):
             given = next((k for k in OPTION_KEYS if spec.get(k) is not None), None)
             if given is not None:
                 raise SettingError(f"sharing.{given}={spec[given]!r}, but nothing adapts: it "
@@ -192,7 +198,7 @@ class SharingMap:
         return cls(adapt=spec.get("adapt"), task=spec.get("task") or (),
                    frozen=spec.get("frozen") or (),  # lists: made tuples, checked, below
                    adapters=spec.get("adapters"), test_steps=spec.get("test_steps"),
-                   test_lr=spec.get("test_lr"))
+                   test_lr=spec.get("test_lr"), branch_at=spec.get("branch_at"))
 
     def as_dict(self) -> dict[str, list[str] | None]:
         """Plain data (lists), as configs and checkpoints hold it."""

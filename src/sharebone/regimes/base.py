@@ -92,6 +92,9 @@ class FewShotRegime(pl.LightningModule):
     #: family adapts in its inner loop; the embedding regimes (ProtoNet, pre-training,
     #: multitask) fine-tune the ``adapt`` set on each support set at test time.
     follows_sharing_map: bool = False
+    #: Whether the ``task`` role (and ``sharing.branch_at``) makes per-task copies of backbone
+    #: parameters: multitask's branches (:mod:`sharebone.regimes.branches`).
+    makes_task_copies: bool = False
     #: What the regime trains on; :mod:`sharebone.run.build` makes the data for it:
     #: ``episodes`` (meta-batches of few-shot episodes), ``tasks`` (task-balanced batches of
     #: the family's training tasks, a head each), ``classes`` (batches over every training
@@ -139,7 +142,8 @@ class FewShotRegime(pl.LightningModule):
         an embedding regime's ``__init__``, so a bad map is refused before any data is read."""
         if self.sharing_map is None:
             return
-        roles = resolve_roles(self.sharing_map, self, self.regime_name)
+        roles = resolve_roles(self.sharing_map, self, self.regime_name,
+                              task_copies=self.makes_task_copies)
         own = dict(self.named_parameters())
         for name, role in roles.items():
             if role == "frozen":
@@ -252,9 +256,14 @@ class FewShotRegime(pl.LightningModule):
         if fine_tuning is not None and fine_tuning.steps > 0:
             return finetuned_features(self, episode, fine_tuning)
         images = torch.cat([episode.support, episode.query], dim=1)
-        features = self.backbone(images.flatten(0, 1)).view(*images.shape[:2], -1)
+        features = self.features(images.flatten(0, 1)).view(*images.shape[:2], -1)
         n_support = episode.support.shape[1]
         return features[:, :n_support], features[:, n_support:]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """A new task's features of ``images [B, ...]``: the backbone's (multitask with
+        branches: every task's branch side by side)."""
+        return self.backbone(images)
 
     def prediction_context(self) -> contextlib.AbstractContextManager:
         """``no_grad`` for predicting, unless the regime needs gradients to predict (MAML

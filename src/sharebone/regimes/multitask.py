@@ -65,6 +65,7 @@ class MultiTask(SharedBackboneRegime):
     """
 
     trains_on = "tasks"
+    makes_task_copies = True
 
     def __init__(self, backbone: BackboneArg, heads: dict[str, int] | None = None,
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",

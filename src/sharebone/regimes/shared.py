@@ -21,6 +21,7 @@ from sharebone.models.heads import (
     ridge_predict,
 )
 from sharebone.regimes.base import FewShotRegime, SharingArg
+from sharebone.regimes.branches import Branches
 from sharebone.regimes.weighting import (
     Weighting,
     check_finite,
@@ -114,6 +115,38 @@ class SharedBackboneRegime(FewShotRegime):
         self.conflict_every = conflict_every
         self._conflict_step: int | None = None
         self.lr, self.weight_decay = lr, weight_decay
+        #: Per-task copies of backbone tensors (``sharing.task`` / ``branch_at``), or None.
+        self.branches: Branches | None = None
+
+    def apply_sharing(self) -> None:
+        """The map's roles (:meth:`FewShotRegime.apply_sharing`), and for ``task`` tensors a
+        copy per task (:class:`~sharebone.regimes.branches.Branches`); the backbone's own
+        values of those are what the copies start from and get no gradient."""
+        super().apply_sharing()
+        copied = [n for n, r in (self.sharing_roles or {}).items() if r == "task"]
+        if not copied:
+            return
+        if self.test_time is not None:
+            raise SettingError("sharing.adapt with per-task branches (sharing.task / "
+                               "branch_at): a new task has no branch to fine-tune; use one.")
+        own = dict(self.named_parameters())
+        for name in copied:
+            own[name].requires_grad_(False)
+        self.branches = Branches(self.backbone, copied, self.head_names)
+
+    def task_features(self, inputs: torch.Tensor,
+                      rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each training task's features of its rows of a batch (its branch, if it has one)."""
+        if self.branches is None:
+            features = self.backbone(inputs)
+            return [features[r] for r in rows]
+        return [self.branches.features(self.backbone, name, inputs[r])
+                for name, r in zip(self.task_names, rows, strict=True)]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.branches is None:
+            return self.backbone(images)
+        return self.branches.all_features(self.backbone, images)
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -152,7 +185,6 @@ class SharedBackboneRegime(FewShotRegime):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         inputs, targets, task = batch
         names = self.task_names
-        features = self.backbone(inputs)
         # Each task's rows, with one read of the counts (a GPU sync) for all tasks.
         counts = torch.bincount(task, minlength=len(names)).tolist()
         if len(counts) > len(names):
@@ -164,7 +196,8 @@ class SharedBackboneRegime(FewShotRegime):
             raise SettingError(f"Training batch {batch_idx} has no example of task(s) {missing}; "
                                "task-balanced batches (TaskBatches) always hold every task.")
         heads = [self.heads[_key(name)] for name in names]
-        outputs = [head(features[r]) for head, r in zip(heads, rows, strict=True)]
+        features = self.task_features(inputs, rows)
+        outputs = [head(f) for head, f in zip(heads, features, strict=True)]
         losses = torch.stack([self.task_loss(o, targets[r])
                               for o, r in zip(outputs, rows, strict=True)])
         # Naming the task with a NaN loss reads the losses (the NaN guard still stops the run
@@ -185,8 +218,9 @@ class SharedBackboneRegime(FewShotRegime):
             objective = (weights * losses).sum() + self.weighting.penalty()
         else:  # the weights act on the backbone's gradient only; each head keeps its own
             w = weights.detach()
-            objective = sum(self.task_loss(head(scale_gradient(features[r], w[t])), targets[r])
-                            for t, (head, r) in enumerate(zip(heads, rows, strict=True)))
+            objective = sum(self.task_loss(head(scale_gradient(f, w[t])), targets[r])
+                            for t, (head, f, r) in enumerate(zip(heads, features, rows,
+                                                                 strict=True)))
 
         if logs:
             self.log_dict(self._step_metrics(objective, losses, weights, outputs, targets, rows,
@@ -242,8 +276,10 @@ class SharedBackboneRegime(FewShotRegime):
 
     def parameter_sharing(self) -> ParameterSharing:
         meta = count_parameters(self.weighting) if self.weighting is not None else 0
+        branched = count_parameters(self.branches)
         return ParameterSharing(
-            shared=count_parameters(self.backbone), task_specific=count_parameters(self.heads),
+            shared=count_parameters(self.backbone) - branched // max(len(self.heads), 1),
+            task_specific=count_parameters(self.heads) + branched,
             meta=meta, description=f"{len(self.heads)} trained head(s); few-shot: a fresh "
                                    f"{self.head_fit['method']} head per support set")
 

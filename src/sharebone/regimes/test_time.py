@@ -25,6 +25,7 @@ from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models.heads import prototypes, squared_euclidean
 from sharebone.models.sharing import SharingMap, last_block, norm_parameters
+from sharebone.regimes.branches import NO_BRANCH, after_block
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,28 +95,47 @@ def finetuned_features(model: Any, episode: Episode,
     return torch.stack(supports), torch.stack(queries)
 
 
-def resolve_roles(sharing_map: SharingMap, model: nn.Module, regime: str) -> dict[str, str]:
+def resolve_roles(sharing_map: SharingMap, model: nn.Module, regime: str,
+                  task_copies: bool = False) -> dict[str, str]:
     """Every parameter's role under ``sharing_map``, for a regime without an inner loop.
 
     ``adapt`` patterns select among the backbone's parameters: a task's head is fitted on its
     support set by these regimes, and the heads they train are not used on a new task, so
     ``head.*`` patterns (the presets' head) are skipped. ``frozen`` selects among every
     parameter. Refused, naming the key: a ``task`` role (these regimes make a task's part
-    themselves), a parameter given two roles, a pattern that selects nothing."""
+    themselves), a parameter given two roles, a pattern that selects nothing.
+
+    ``task_copies`` (multitask): ``task`` patterns and ``branch_at`` select backbone
+    parameters of which every training task gets its own copy
+    (:mod:`sharebone.regimes.branches`)."""
     names = [name for name, _ in model.named_parameters()]
     backbone_names = [n for n in names if n.startswith("backbone.")]
     norm = norm_parameters(model.backbone, "backbone.")
     blocks = {"last_block": last_block(model.backbone, "backbone.")}
-    if sharing_map.task:
+    branched = sharing_map.branch_at not in (None, NO_BRANCH)
+    if (sharing_map.task or branched) and not task_copies:
+        key = "task" if sharing_map.task else "branch_at"
         raise SettingError(
-            f"sharing.task: {regime} makes a task's part itself (prototypes, or a head fitted "
-            "on each support set), so no parameter can be a fresh part per task; leave "
-            "sharing.task empty, and use sharing.adapt to fine-tune parameters per task.")
+            f"sharing.{key}: {regime} makes a task's part itself (prototypes, or a head fitted "
+            "on each support set), so no parameter can be a fresh part per task (per-task "
+            "copies are multitask's: regime=multitask). Leave it unset, and use "
+            "sharing.adapt to fine-tune parameters per task.")
     adapt = tuple(p for p in sharing_map.adapt or () if not p.startswith("head."))
     roles = SharingMap(adapt=adapt).resolve(backbone_names, norm, blocks)
+    if task_copies:
+        tasks = SharingMap(task=sharing_map.task).resolve(backbone_names, norm, blocks)
+        for name in after_block(model.backbone, sharing_map.branch_at) if branched else ():
+            tasks[name] = "task"
+        for name, role in tasks.items():
+            if role == "task":
+                if roles.get(name) == "adapt":
+                    raise SettingError(f"sharing.task: {name} is also selected by "
+                                       "sharing.adapt; a parameter has one role.")
+                roles[name] = "task"
     frozen = SharingMap(frozen=sharing_map.frozen).resolve(names, norm, blocks)
     for name, role in frozen.items():
-        if role == "frozen" and roles.get(name) == "adapt":
-            raise SettingError(f"sharing.frozen: {name} is also selected by sharing.adapt; a "
-                               "parameter has one role. Narrow one of the two lists.")
-    return {n: "adapt" if roles.get(n) == "adapt" else frozen[n] for n in names}
+        if role == "frozen" and roles.get(name) in ("adapt", "task"):
+            raise SettingError(f"sharing.frozen: {name} is also selected by sharing."
+                               f"{roles[name]}; a parameter has one role. Narrow one of the "
+                               "two lists.")
+    return {n: roles[n] if roles.get(n) in ("adapt", "task") else frozen[n] for n in names}
