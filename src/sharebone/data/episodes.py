@@ -10,6 +10,7 @@ the very same test episodes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import zlib
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import torch
 from sharebone.errors import SettingError, check_count
 from sharebone.memory import empty_huge
 
-__all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys", "uniform"]
+__all__ = ["Episode", "EpisodeSampler", "RaggedEpisodes", "split_id", "hash_keys", "uniform"]
 
 _MASK = (1 << 64) - 1
 
@@ -161,6 +162,74 @@ class Episode:
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.support, self.support_labels, self.query, self.query_labels, self.classes)
+
+
+@dataclass(frozen=True)
+class RaggedEpisodes:
+    """A meta-batch of episodes of different shapes (ways, shots, queries per task), ragged.
+
+    Each tensor holds every task's rows one after the other, nothing padded: ``support``
+    ``[sum S_t, C, H, W]`` (task by task, each way-major), ``support_labels`` ``[sum S_t]`` in
+    ``0..ways[t]-1``, ``query``/``query_labels`` likewise, ``classes`` ``[sum ways]`` (the
+    dataset class of each way). ``ways``, ``support_sizes`` and ``query_sizes`` (int64
+    ``[T]``, on the CPU: they are the slicing) say where each task's rows are. A meta-batch
+    is one gather for support and one for query (exactly the bytes the tasks hold) and one
+    host-to-device copy; :meth:`tasks` hands each task to a regime as an
+    :class:`Episode` meta-batch of one (views, no copy). ``sources``: the source each task
+    was drawn from (many sources in one run), else None.
+    """
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    classes: torch.Tensor
+    ways: torch.Tensor
+    support_sizes: torch.Tensor
+    query_sizes: torch.Tensor
+    index: torch.Tensor | None = None
+    sources: tuple[str, ...] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.ways.numel())
+
+    def _splits(self) -> tuple[list[int], list[int], list[int]]:
+        return self.ways.tolist(), self.support_sizes.tolist(), self.query_sizes.tolist()
+
+    def tasks(self) -> list[Episode]:
+        """Every task as an :class:`Episode` meta-batch of one (``[1, S_t, ...]``), views."""
+        ways, shots, queries = self._splits()
+        parts = zip(self.support.split(shots), self.support_labels.split(shots),
+                    self.query.split(queries), self.query_labels.split(queries),
+                    self.classes.split(ways), strict=True)
+        index = [None] * len(ways) if self.index is None else self.index.split(1)
+        return [Episode(*(x.unsqueeze(0) for x in part), index=i)
+                for part, i in zip(parts, index, strict=True)]
+
+    def task(self, t: int) -> Episode:
+        """Task ``t`` as a single episode (no tasks dimension), as ``Episode.task`` gives."""
+        return self.tasks()[t].task(0)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedEpisodes:
+        moved = (t.to(device, non_blocking=non_blocking) for t in
+                 (self.support, self.support_labels, self.query, self.query_labels,
+                  self.classes))
+        return RaggedEpisodes(*moved, self.ways, self.support_sizes, self.query_sizes,
+                              self.index, self.sources)
+
+    def to_float(self) -> RaggedEpisodes:
+        """uint8 images -> floats in ``[0, 1]``, in one conversion for the whole meta-batch."""
+        as_float = Episode(self.support, self.support_labels, self.query, self.query_labels,
+                           self.classes).to_float()
+        return dataclasses.replace(self, support=as_float.support, query=as_float.query)
+
+    def map(self, fn: Callable[[Episode], Episode]) -> RaggedEpisodes:
+        """``fn`` (a split's augmentation, say) applied to every task; the results joined."""
+        done = [fn(task) for task in self.tasks()]
+        return dataclasses.replace(
+            self, support=torch.cat([e.support[0] for e in done]),
+            query=torch.cat([e.query[0] for e in done]))
 
 
 class EpisodeSampler:

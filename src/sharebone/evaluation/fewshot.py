@@ -7,10 +7,12 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sharebone.data.tasks import EpisodeSource, TaskFamily, prepare_episode
+from sharebone.data.variable import episode_source
 from sharebone.errors import SettingError, check_count
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
@@ -26,16 +28,25 @@ class TestEpisodes:
     k_shot: int
     q_query: int
     source: EpisodeSource
+    #: ``fixed``, or ``meta_dataset`` (variable ways and shots: ``n_way`` etc. are 0).
+    shape: str = "fixed"
 
     @property
     def name(self) -> str:
-        return f"{self.n_way}w{self.k_shot}s"
+        return self.shape if self.shape != "fixed" else f"{self.n_way}w{self.k_shot}s"
+
+    def summarize(self, scores: torch.Tensor, metric: str) -> FewShotResult:
+        return summarize(scores, self.n_way, self.k_shot, self.q_query, metric=metric,
+                         shape=self.shape)
 
 
 def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_query: int = 15,
-                  seed: int = 0, split: str = "test", prefix: str = "") -> list[TestEpisodes]:
+                  seed: int = 0, split: str = "test", prefix: str = "",
+                  meta_dataset: Mapping[str, Any] | None = None) -> list[TestEpisodes]:
     """The episode source of every ``{"n_way", "k_shot"[, "q_query"]}`` setting, built (and so
-    checked against the split's classes) once, before any training or scoring.
+    checked against the split's classes) once, before any training or scoring. A setting
+    ``{"shape": "meta_dataset"}`` is Meta-Dataset's variable-way, variable-shot episodes
+    (rules: ``meta_dataset``, else the paper's; a setting's own ``meta_dataset`` block wins).
 
     An error names the keys to change as the config spells them: ``settings[0].k_shot``, and
     ``q_query`` (or ``settings[0].q_query`` where the setting has its own), each under
@@ -53,6 +64,11 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
     """
     tests = []
     for i, setting in enumerate(settings):
+        if setting.get("shape", "fixed") != "fixed":
+            source = episode_source(family, split, seed, setting, meta_dataset,
+                                    key=f"{prefix}settings[{i}]")
+            tests.append(TestEpisodes(0, 0, 0, source, shape=str(setting["shape"])))
+            continue
         n_way, k_shot = setting.get("n_way"), setting.get("k_shot")
         q = setting.get("q_query", q_query)
         try:
@@ -121,8 +137,8 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
             for start in range(0, episodes, episodes_per_batch):
                 index = torch.arange(start, min(start + episodes_per_batch, episodes))
                 episode = prepare_episode(test.source, test.source.batch(index).to(model.device))
-                predictions = model.predict_episode(episode).detach()
-                scores.append(model.task_kind.metric(predictions, episode.query_labels).cpu())
+                for predictions, labels in model.task_predictions(episode):
+                    scores.append(model.task_kind.metric(predictions.detach(), labels).cpu())
                 progress.update(int(index[-1]) + 1)
     finally:
         model.train(was_training)
@@ -143,8 +159,7 @@ def scores_by_inner_steps(model: FewShotRegime, test: TestEpisodes, steps: Seque
     for count in steps:
         with model.scoring_with(count):
             per_episode = episode_scores(model, test, episodes, episodes_per_batch)
-        results.append(summarize(per_episode, test.n_way, test.k_shot, test.q_query,
-                                 metric=model.metric_name))
+        results.append(test.summarize(per_episode, model.metric_name))
     return results
 
 
@@ -176,5 +191,5 @@ def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int 
     """
     check_count("episodes", episodes)
     batch_size_for(episodes_per_batch, "cpu")  # checked before any scoring
-    return [summarize(episode_scores(model, test, episodes, episodes_per_batch), test.n_way,
-                      test.k_shot, test.q_query, metric=model.metric_name) for test in tests]
+    return [test.summarize(episode_scores(model, test, episodes, episodes_per_batch),
+                           model.metric_name) for test in tests]

@@ -252,7 +252,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     family = build_family(task["family"], trusted=trusted)
     settings = OmegaConf.to_container(cfg.settings, resolve=True)
-    tests = test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed, split=cfg.split)
+    rules = cfg.get("meta_dataset")
+    tests = test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed, split=cfg.split,
+                          meta_dataset=OmegaConf.to_container(rules) if rules else None)
     results = evaluate(model, tests, episodes=cfg.episodes,
                        episodes_per_batch=cfg.batch_size)
     print(f"\n{model.regime_name} from {ckpt}\n{task['name']} ({cfg.split} episodes, "

@@ -30,7 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from sharebone import tracking
-from sharebone.data.episodes import Episode
+from sharebone.data.episodes import Episode, RaggedEpisodes
 from sharebone.errors import SettingError
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ _DATE, _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}$"), re.compile(r"^\d{2}-\d{2}-\d{
 def training_setting(cfg: Mapping[str, Any]) -> str | None:
     """``<n>w<k>s`` of the training episodes (``sampler.train``), None where there are none."""
     train = ((cfg.get("sampler") or {}).get("train")) or {}
+    if train.get("shape", "fixed") != "fixed":
+        return str(train["shape"])
     n_way, k_shot = train.get("n_way"), train.get("k_shot")
     return f"{n_way}w{k_shot}s" if n_way is not None and k_shot is not None else None
 
@@ -203,6 +205,8 @@ class Dashboard(pl.Callback):
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(batch, RaggedEpisodes) and batch.num_tasks:
+            batch = batch.tasks()[0]  # variable-shape episodes: the first, as a meta-batch
         if (batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Episode)
                 and batch.support.dim() == 5 and self._wanted(trainer, pl_module)):
             b = batch
