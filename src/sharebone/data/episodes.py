@@ -173,10 +173,11 @@ class RaggedEpisodes:
     ``0..ways[t]-1``, ``query``/``query_labels`` likewise, ``classes`` ``[sum ways]`` (the
     dataset class of each way). ``ways``, ``support_sizes`` and ``query_sizes`` (int64
     ``[T]``, on the CPU: they are the slicing) say where each task's rows are. A meta-batch
-    is one gather for support and one for query (exactly the bytes the tasks hold) and one
-    host-to-device copy; :meth:`tasks` hands each task to a regime as an
-    :class:`Episode` meta-batch of one (views, no copy). ``sources``: the source each task
-    was drawn from (many sources in one run), else None.
+    is one gather (exactly the bytes the tasks hold) and one host-to-device copy per
+    tensor; :meth:`tasks` hands each task to a regime as an :class:`Episode` meta-batch of
+    one (views, no copy). ``sources``: the source each task
+    was drawn from (many sources in one run), else None. (``support`` and ``query`` may be
+    views of one buffer: the sampler gathers a meta-batch's rows in one call.)
     """
 
     support: torch.Tensor

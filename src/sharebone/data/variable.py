@@ -23,14 +23,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from sharebone.data.episodes import (
+    _MASK,
     Episode,
     EpisodeSampler,
     RaggedEpisodes,
-    hash_keys,
-    uniform,
+    _splitmix64_int,
+    split_id,
 )
 from sharebone.errors import SettingError
 from sharebone.memory import empty_huge
@@ -41,6 +43,35 @@ __all__ = ["SHAPES", "MetaDatasetShape", "VariableEpisodeSampler", "episode_sour
 SHAPES = ("fixed", "meta_dataset")
 #: ``hash_keys`` streams of the shape's draws (0-3 are the fixed sampler's).
 WAYS_STREAM, WEIGHT_STREAM = 4, 5
+
+
+def _np_splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 on uint64 arrays (numpy wraps modulo 2**64, shifts are logical)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _np_keys(seed: int, split: str, episodes: np.ndarray, stream: int, n: int) -> np.ndarray:
+    base = _splitmix64_int(seed & _MASK)
+    base = _splitmix64_int(_splitmix64_int(base ^ split_id(split)) ^ stream) & _MASK
+    per_episode = _np_splitmix64(episodes.astype(np.int64).view(np.uint64) ^ np.uint64(base))
+    return _np_splitmix64(per_episode[:, None] ^ _np_splitmix64(np.arange(n, dtype=np.uint64)))
+
+
+def np_hash_keys(seed: int, split: str, episodes: np.ndarray, stream: int,
+                 n: int) -> np.ndarray:
+    """:func:`~sharebone.data.episodes.hash_keys` ``[len(episodes), n]`` in numpy, bit for
+    bit (int64), for the shape's handful of numbers per episode."""
+    return _np_keys(seed, split, episodes, stream, n).view(np.int64)
+
+
+def np_uniform(seed: int, split: str, episodes: np.ndarray, stream: int,
+               n: int) -> np.ndarray:
+    """:func:`~sharebone.data.episodes.uniform` in numpy: the same float64 draws."""
+    keys = _np_keys(seed, split, episodes, stream, n)
+    return (keys >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 @dataclass(frozen=True)
@@ -101,7 +132,7 @@ class VariableEpisodeSampler:
 
     Built on a split's :class:`EpisodeSampler` (its images, class counts and offsets; no
     copy), so any image family serves it. ``batch(indices)`` is one hash per draw, one
-    ``topk`` over image keys and one gather each for support and query.
+    ``topk`` over image keys and one gather for the whole meta-batch.
 
     Example:
         >>> images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1)
@@ -126,7 +157,8 @@ class VariableEpisodeSampler:
         self.seed, self.split = base.seed, base.split
         self.transform = base.transform
         self.max_ways = min(shape.max_ways, base.n_classes)
-        self._counts = base.counts.cpu()
+        self._counts_np = base.counts.cpu().numpy()
+        self._offsets_np = base.offsets.cpu().numpy()
         self._class_ids = base.class_ids.cpu()
 
     # what the data module and placement ask of a source
@@ -160,66 +192,84 @@ class VariableEpisodeSampler:
     def draw_shape(self, episodes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(classes [T, W], ways [T], shots [T, W], queries [T])`` on the CPU, ``W`` the
         largest way count (ways past ``ways[t]`` have 0 shots); positions, not class ids."""
+        return tuple(torch.from_numpy(x) for x in self._shape(episodes.cpu().numpy()))
+
+    def _shape(self, index: np.ndarray) -> tuple[np.ndarray, ...]:
+        """:meth:`draw_shape` in numpy: a few hundred numbers, where torch's per-op cost
+        would be most of a meta-batch of one (:func:`np_hash_keys` gives :func:`hash_keys`'
+        very bits)."""
         s, seed, split = self.shape, self.seed, self.split
-        tasks, hi = episodes.numel(), self.max_ways
-        draws = uniform(seed, split, episodes, WAYS_STREAM, (2,))
-        ways = (s.min_ways + (draws[:, 0] * (hi - s.min_ways + 1)).long()).clamp_(max=hi)
-        keys = hash_keys(seed, split, episodes, 0, (self._counts.numel(),))
-        classes = torch.topk(keys, hi, dim=1, largest=False, sorted=True).indices
-        valid = torch.arange(hi).expand(tasks, hi) < ways.unsqueeze(1)
-        counts = torch.where(valid, self._counts[classes], 0)
-        smallest = torch.where(valid, counts, torch.iinfo(torch.int64).max).min(1).values
-        queries = torch.clamp(smallest // 2, max=s.max_query_per_class)
-        remaining = torch.where(valid, counts - queries.unsqueeze(1), 0)
-        contribution = remaining.clamp(max=s.max_support_per_class).double()
-        beta = draws[:, 1].unsqueeze(1)
-        size = torch.where(valid, torch.floor(beta * contribution + 1), 0).sum(1)
-        size = size.clamp(max=s.max_support_set_size)
-        noise = uniform(seed, split, episodes, WEIGHT_STREAM, (hi,))
+        draws = np_uniform(seed, split, index, WAYS_STREAM, 2)
+        span = self.max_ways - s.min_ways + 1
+        ways = np.minimum(s.min_ways + (draws[:, 0] * span).astype(np.int64), self.max_ways)
+        # Only as many columns as this meta-batch's largest episode: the key of way j is the
+        # same whatever the number of columns (the hash counts j * columns' size + slot), so an
+        # episode does not depend on the batch it is drawn in.
+        hi = int(ways.max()) if len(index) else 1
+        keys = np_hash_keys(seed, split, index, 0, len(self._counts_np))
+        classes = np.argsort(keys, axis=1, kind="stable")[:, :hi]
+        valid = np.arange(hi)[None, :] < ways[:, None]
+        counts = np.where(valid, self._counts_np[classes], 0)
+        smallest = np.where(valid, counts, np.iinfo(np.int64).max).min(1)
+        queries = np.minimum(smallest // 2, s.max_query_per_class)
+        remaining = np.where(valid, counts - queries[:, None], 0)
+        contribution = np.minimum(remaining, s.max_support_per_class).astype(np.float64)
+        size = np.where(valid, np.floor(draws[:, 1:2] * contribution + 1), 0).sum(1)
+        size = np.minimum(size, s.max_support_set_size)
+        noise = np_uniform(seed, split, index, WEIGHT_STREAM, hi)
         log_weight = s.min_log_weight + noise * (s.max_log_weight - s.min_log_weight)
-        weight = torch.where(valid, counts.double() * torch.exp(log_weight), 0.0)
-        share = weight / weight.sum(1, keepdim=True)
-        shots = torch.floor(share * (size - ways.double()).unsqueeze(1)).long() + 1
-        shots = torch.where(valid, torch.minimum(shots, remaining), 0)
-        return classes, ways, shots, queries
+        weight = np.where(valid, counts * np.exp(log_weight), 0.0)
+        share = weight / weight.sum(1, keepdims=True)
+        shots = np.floor(share * (size - ways)[:, None]).astype(np.int64) + 1
+        shots = np.where(valid, np.minimum(shots, remaining), 0)
+        return tuple(np.ascontiguousarray(x) for x in (classes, ways, shots, queries))
 
     def batch(self, indices: Any) -> RaggedEpisodes:
-        """The episodes at ``indices`` as one ragged meta-batch (see :class:`RaggedEpisodes`)."""
+        """The episodes at ``indices`` as one ragged meta-batch (see :class:`RaggedEpisodes`).
+
+        Which rows to take is worked out on the host, in numpy (at most ``ways x class size``
+        keys per episode); the one gather runs where the images are."""
         episodes = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if episodes.numel() and int(episodes.min()) < 0:
             raise IndexError("Episode indices must be >= 0.")
-        classes, ways, shots, queries = self.draw_shape(episodes)
+        classes, ways, shots, queries = self._shape(episodes.numpy())
         tasks, hi = classes.shape
-        per_way = shots + torch.where(shots > 0, queries.unsqueeze(1), 0)
-        picked = max(1, int(per_way.max()))
-        base, device = self.base, self.base.device
-        # Per way, the images with the smallest random keys (padded slots sort last).
-        keys = hash_keys(self.seed, self.split, episodes.to(device), 1, (hi, base.max_count))
-        counts = base.counts[classes.to(device)]
-        if base.max_count != base.min_count:
-            slot = torch.arange(base.max_count, device=device)
-            keys = keys.masked_fill(slot >= counts.unsqueeze(-1), torch.iinfo(torch.int64).max)
-        picks = torch.topk(keys, picked, dim=2, largest=False, sorted=True).indices
-        rows = base.offsets[classes.to(device)].unsqueeze(-1) + picks  # [T, W, picked]
-        slot = torch.arange(picked)
-        in_support = slot < shots.unsqueeze(-1)
-        in_query = ~in_support & (slot < per_way.unsqueeze(-1))
         valid = shots > 0
-        way_ids = torch.arange(hi).expand(tasks, hi)[valid]
+        per_way = shots + np.where(valid, queries[:, None], 0)
+        picked = max(1, int(per_way.max()))
+        # Per way, the images with the smallest random keys (padded slots sort last).
+        width = self.base.max_count
+        keys = np_hash_keys(self.seed, self.split, episodes.numpy(), 1, hi * width)
+        keys = keys.reshape(tasks, hi, width)
+        if width != self.base.min_count:
+            beyond = np.arange(width) >= self._counts_np[classes][..., None]
+            keys = np.where(beyond, np.iinfo(np.int64).max, keys)
+        picks = np.argsort(keys, axis=2, kind="stable")[:, :, :picked]
+        rows = self._offsets_np[classes][..., None] + picks  # [T, W, picked]
+        slot = np.arange(picked)
+        in_support = slot < shots[..., None]
+        in_query = ~in_support & (slot < per_way[..., None])
+        way_ids = np.broadcast_to(np.arange(hi), (tasks, hi))[valid]
+        support_rows = rows[in_support]
+        # One gather for the whole meta-batch, support rows then query rows: support and query
+        # are views of one fresh buffer.
+        both = self._gather(torch.from_numpy(np.concatenate([support_rows, rows[in_query]])))
+        device = both.device
+        labels = (np.repeat(way_ids, shots[valid]),
+                  np.repeat(way_ids, np.broadcast_to(queries[:, None], (tasks, hi))[valid]))
         return RaggedEpisodes(
-            support=self._gather(rows[in_support.to(device)]),
-            support_labels=way_ids.repeat_interleave(shots[valid]).to(device),
-            query=self._gather(rows[in_query.to(device)]),
-            query_labels=way_ids.repeat_interleave(
-                queries.unsqueeze(1).expand(tasks, hi)[valid]).to(device),
-            classes=self._class_ids[classes[valid]].to(device),
-            ways=ways, support_sizes=shots.sum(1), query_sizes=queries * ways,
-            index=episodes)
+            support=both[: len(support_rows)],
+            support_labels=torch.from_numpy(labels[0]).to(device),
+            query=both[len(support_rows):],
+            query_labels=torch.from_numpy(labels[1]).to(device),
+            classes=self._class_ids[torch.from_numpy(classes[valid])].to(device),
+            ways=torch.from_numpy(ways), support_sizes=torch.from_numpy(shots.sum(1)),
+            query_sizes=torch.from_numpy(queries * ways), index=episodes)
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         images = self.base.images
         if images.device.type != "cpu":
-            return images.index_select(0, rows)
+            return images.index_select(0, rows.to(images.device))
         out = empty_huge((rows.numel(), *images.shape[1:]), images.dtype)
         return torch.index_select(images, 0, rows, out=out)
 

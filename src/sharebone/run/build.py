@@ -220,9 +220,10 @@ def check_meta_batch_memory(datamodule: EpisodicDataModule, family: Any,
     if available and needed > available:
         raise SettingError(
             f"sampler.meta_batch_size={datamodule.meta_batch_size}: one meta-batch of "
-            f"{_describe(setting_)} episodes is {needed / 2**30:.1f} GiB of float32 inputs alone, more than this "
-            f"machine's {available / 2**30:.1f} GiB. Lower sampler.meta_batch_size (and raise "
-            "trainer.accumulate_grad_batches for the same meta-gradient).")
+            f"{_describe(setting_)} episodes is {needed / 2**30:.1f} GiB of float32 inputs "
+            f"alone, more than this machine's {available / 2**30:.1f} GiB. Lower "
+            "sampler.meta_batch_size (and raise trainer.accumulate_grad_batches for the same "
+            "meta-gradient).")
 
 
 def _describe(setting_: Any) -> str:
