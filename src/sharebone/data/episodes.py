@@ -253,6 +253,8 @@ class EpisodeSampler:
         transform: what :meth:`prepare` applies to an episode on the model's device (data
             augmentation, normalisation; :class:`sharebone.data.augment.EpisodeTransform`);
             None: uint8 pixels become floats in ``[0, 1]``.
+        class_names: the name of every class (indexed by label: a folder's name, an Omniglot
+            ``alphabet/character``), for figures and predictions; None: ``class <label>``.
 
     Episodes are drawn on the device that holds ``images``: :meth:`to` moves a sampler (its
     images and index tables) to a GPU, where a meta-batch then costs no host-to-device copy.
@@ -275,7 +277,9 @@ class EpisodeSampler:
                  q_query: int, seed: int = 0, split: str = "train", *,
                  groups: Sequence[str] | torch.Tensor | None = None,
                  group_episodes: bool = False,
-                 transform: Callable[[Episode], Episode] | None = None) -> None:
+                 transform: Callable[[Episode], Episode] | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
             raise SettingError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
@@ -374,6 +378,11 @@ class EpisodeSampler:
             if value is not None:
                 setattr(moved, name, value.to(device))
         return moved
+
+    def class_name(self, label: int) -> str:
+        """The name of dataset class ``label`` (``Episode.classes`` holds these labels)."""
+        names = self.class_names
+        return names[label] if names is not None and 0 <= label < len(names) else f"class {label}"
 
     def prepare(self, episode: Episode) -> Episode:
         """An episode of this sampler (moved to any device) as the model's float input: the

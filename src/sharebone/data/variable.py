@@ -174,6 +174,13 @@ class VariableEpisodeSampler:
     def images(self) -> torch.Tensor:
         return self.base.images
 
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.base.class_names
+
+    def class_name(self, label: int) -> str:
+        return self.base.class_name(label)
+
     def to(self, device: torch.device | str) -> VariableEpisodeSampler:
         moved = object.__new__(VariableEpisodeSampler)
         moved.__dict__.update(self.__dict__)

@@ -180,12 +180,15 @@ class Dashboard(pl.Callback):
     """
 
     def __init__(self, output_dir: str | Path | None, loggers: Sequence[Any],
-                 title: str = "", val_episode: bool = True) -> None:
+                 title: str = "", val_episode: bool = True, source: str | None = None) -> None:
         self.figures = None if output_dir is None else Path(output_dir) / FIGURES
         self.loggers = list(loggers)
         self.title = title
         self.val_episode = val_episode
+        #: The task the validation episodes come from (an episode's own source wins).
+        self.source = source
         self._episode: Episode | None = None
+        self._episode_source: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
@@ -205,7 +208,10 @@ class Dashboard(pl.Callback):
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._episode_source = self.source
         if isinstance(batch, RaggedEpisodes) and batch.num_tasks:
+            if batch.sources:
+                self._episode_source = batch.sources[0]
             batch = batch.tasks()[0]  # variable-shape episodes: the first, as a meta-batch
         if (batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Episode)
                 and batch.support.dim() == 5 and self._wanted(trainer, pl_module)):
@@ -230,19 +236,36 @@ class Dashboard(pl.Callback):
 
         with model.prediction_context():
             predicted = model.predict_episode(episode).detach().argmax(-1)[0]
-        classes = episode.classes[0].tolist()
-        names = [f"class {c}" for c in classes]
+        names = class_names(trainer, episode.classes[0].tolist())
         true = episode.query_labels[0]
         right, total = int((predicted == true).sum()), true.numel()
         # The step Lightning logs this validation's metrics at.
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-        title = (f"{self.title}\nvalidation episode 0 after epoch {trainer.current_epoch} "
-                 f"({trainer.global_step} optimizer steps): {right}/{total} queries right")
+        source = f" from {self._episode_source}" if self._episode_source else ""
+        title = (f"{self.title}\nvalidation episode 0{source} after epoch "
+                 f"{trainer.current_epoch} ({trainer.global_step} optimizer steps): "
+                 f"{right}/{total} queries right")
         fig = episode_figure(episode.support[0], episode.support_labels[0], episode.query[0],
                              predicted, true, names, title=title)
+        #: What the last figure showed (its classes' names and its title), for a reader.
+        self.last_drawn = {"classes": names, "title": title}
         png = None if self.figures is None else self.figures / "val_episode.png"
         log_figure(self.loggers, "val/episode", fig, png, step=step,
                    caption=f"epoch {trainer.current_epoch}: {right}/{total} right")
+
+
+def class_names(trainer: pl.Trainer, classes: Sequence[int]) -> list[str]:
+    """The names of validation ``classes`` (dataset labels) as the split's source knows them
+    (a folder's name, an Omniglot character), else ``class <label>``."""
+    datamodule = getattr(trainer, "datamodule", None)
+    source = None
+    if datamodule is not None and hasattr(datamodule, "source"):
+        try:
+            source = datamodule.source("val")
+        except Exception:  # noqa: BLE001 - a name is not worth failing a figure for
+            source = None
+    name = getattr(source, "class_name", None)
+    return [name(c) if name is not None else f"class {c}" for c in classes]
 
 
 def callbacks(cfg: Mapping[str, Any], model: Any, output_dir: str | Path,
@@ -251,7 +274,8 @@ def callbacks(cfg: Mapping[str, Any], model: Any, output_dir: str | Path,
     options = figure_options(cfg)
     found: list[pl.Callback] = [Dashboard(
         output_dir, loggers, title=describe(cfg, model.regime_name),
-        val_episode=bool(options["enabled"] and options["val_episode"]))]
+        val_episode=bool(options["enabled"] and options["val_episode"]),
+        source=(cfg.get("task") or {}).get("name"))]
     return found
 
 
