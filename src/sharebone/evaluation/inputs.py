@@ -12,10 +12,13 @@ decided from the backbone spec; the others by one episode of zeros at the task's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
@@ -49,8 +52,9 @@ def check_spec(task: Mapping[str, Any], run_config: Mapping[str, Any] | None,
         raise InputMismatchError(
             f"task.channels={channels} but {source} was trained on {trained}: its backbone "
             f"({spec.get('name', 'a module')}) takes {was_channels}-channel images. Score it on "
-            f"a task of {was_channels}-channel images (task.channels={was_channels}), or pass a "
-            f"checkpoint trained on {channels}-channel ones.")
+            f"a task of {was_channels}-channel images (task.channels={was_channels}), pass a "
+            f"checkpoint trained on {channels}-channel ones, or convert=auto (sharebone-eval: "
+            "grey <-> RGB, resized to the trained size).")
     pixels = int(channels) * int(size) ** 2
     if spec.get("name") == "mlp" and spec.get("in_features") not in (None, pixels):
         raise InputMismatchError(
@@ -101,3 +105,108 @@ def _trained(channels: int | None, size: int | None) -> str:
     shown = f"{channels}-channel" if channels else "its"
     return f"{shown} {size} px images (task.channels={channels}, task.image_size={size})" \
         if size else f"{shown} images (task.channels={channels})"
+
+
+# ----------------------------------------------------------- converting a task's images
+
+#: ``convert`` (sharebone-eval): ``none``, the task's images as they are (other channels are
+#: refused); ``auto``, converted to the checkpoint's channels and size where they differ.
+CONVERSIONS = ("none", "auto")
+#: ITU-R BT.601 luma: RGB -> one grey channel, as Pillow's ``convert("L")`` weighs them.
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class InputConversion:
+    """A task's float images as a checkpoint takes them: grey <-> RGB (grey repeated into
+    three channels; RGB to BT.601 luma), then a bilinear (antialiased) resize to the trained
+    size. Applied to the model's input as the task prepares it (its normalisation included),
+    on the device, to support and query alike."""
+
+    channels: tuple[int, int] | None = None  # (task's, checkpoint's)
+    size: tuple[int, int] | None = None
+
+    def __bool__(self) -> bool:
+        return self.channels is not None or self.size is not None
+
+    def describe(self) -> str:
+        parts = []
+        if self.channels:
+            a, b = self.channels
+            parts.append("RGB -> grey (BT.601 luma)" if (a, b) == (3, 1)
+                         else "grey -> RGB (repeated)")
+        if self.size:
+            parts.append(f"{self.size[0]} px -> {self.size[1]} px (bilinear, antialiased)")
+        return ", ".join(parts) or "none"
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        lead, y = x.shape[:-3], x.reshape(-1, *x.shape[-3:])
+        if self.channels == (3, 1):
+            y = (y * y.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if self.size is not None and y.shape[0]:
+            side = self.size[1]
+            y = F.interpolate(y, size=(side, side), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if self.channels == (1, 3):
+            y = y.expand(-1, 3, -1, -1).contiguous()
+        return y.reshape(*lead, *y.shape[1:])
+
+    def __call__(self, batch: Any) -> Any:
+        return dataclasses.replace(batch, support=self.images(batch.support),
+                                   query=self.images(batch.query))
+
+
+def plan_conversion(task: Mapping[str, Any], run_config: Mapping[str, Any] | None,
+                    backbone: Mapping[str, Any] | None, source: str,
+                    mode: str = "auto") -> InputConversion:
+    """What turns ``task``'s images into the checkpoint's (``mode="auto"``); nothing for
+    ``"none"``. Refused, by ``task.channels``, where no stated conversion exists."""
+    if mode not in CONVERSIONS:
+        raise SettingError(f"convert must be one of {', '.join(CONVERSIONS)}, got {mode!r}. "
+                           "Fix: convert=auto (grey <-> RGB, resize) or convert=none.")
+    size = task.get("image_size")
+    if mode == "none" or size is None:
+        return InputConversion()
+    channels = int(task.get("channels", 1))
+    was_channels, was_size = trained_input(run_config, backbone)
+    pair = None
+    if was_channels is not None and channels != was_channels:
+        pair = (channels, was_channels)
+        if pair not in ((1, 3), (3, 1)):
+            raise InputMismatchError(
+                f"task.channels={channels} but {source} was trained on "
+                f"{_trained(was_channels, was_size)}; convert=auto turns grey into RGB and "
+                f"RGB into grey only. Fix: a task of {was_channels}-channel images, or a "
+                f"checkpoint trained on {channels}-channel ones.")
+    resize = (int(size), was_size) if was_size is not None and int(size) != was_size else None
+    return InputConversion(pair, resize)
+
+
+def converted_task(task: Mapping[str, Any], conversion: InputConversion) -> dict[str, Any]:
+    """``task`` as the model sees it after ``conversion`` (for :func:`check_task_input`)."""
+    seen = dict(task)
+    if conversion.channels:
+        seen["channels"] = conversion.channels[1]
+    if conversion.size:
+        seen["image_size"] = conversion.size[1]
+    return seen
+
+
+class ConvertedSource:
+    """An episode source whose prepared episodes go through an :class:`InputConversion`:
+    the same episodes (``batch``), the model's input converted (``prepare``)."""
+
+    def __init__(self, source: Any, conversion: InputConversion) -> None:
+        self.source, self.conversion = source, conversion
+
+    def batch(self, indices: Any) -> Any:
+        return self.source.batch(indices)
+
+    def prepare(self, batch: Any) -> Any:
+        prepare = getattr(self.source, "prepare", None)
+        return self.conversion(prepare(batch) if prepare is not None else batch.to_float())
+
+    def __getattr__(self, name: str) -> Any:  # class names, device, ...: the source's
+        if name in ("source", "conversion"):
+            raise AttributeError(name)
+        return getattr(self.source, name)
