@@ -129,6 +129,8 @@ class Episode:
     #: augmentation, so an augmented episode is as addressable as the episode itself. None for
     #: an episode that did not come from a sampler (a folder episode).
     index: torch.Tensor | None = None
+    #: The source each task was drawn from (many sources in one run), else None.
+    sources: tuple[str, ...] | None = None
 
     @property
     def n_way(self) -> int:
@@ -140,7 +142,7 @@ class Episode:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
         return Episode(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()),
-                       index=self.index)
+                       index=self.index, sources=self.sources)
 
     def to_float(self) -> Episode:
         """uint8 images in ``[0, 255]`` -> float in ``[0, 1]``; other dtypes unchanged."""
@@ -153,12 +155,13 @@ class Episode:
             return empty_huge(tuple(t.shape), torch.float32).copy_(t).div_(255)  # see _gather
 
         return Episode(convert(self.support), self.support_labels, convert(self.query),
-                       self.query_labels, self.classes, self.index)
+                       self.query_labels, self.classes, self.index, self.sources)
 
     def task(self, t: int) -> Episode:
         """Task ``t`` of a meta-batch, as a single episode."""
         return Episode(*(x[t] for x in self._tensors()),
-                       index=None if self.index is None else self.index[t])
+                       index=None if self.index is None else self.index[t],
+                       sources=None if self.sources is None else (self.sources[t],))
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.support, self.support_labels, self.query, self.query_labels, self.classes)
@@ -205,8 +208,9 @@ class RaggedEpisodes:
                     self.query.split(queries), self.query_labels.split(queries),
                     self.classes.split(ways), strict=True)
         index = [None] * len(ways) if self.index is None else self.index.split(1)
-        return [Episode(*(x.unsqueeze(0) for x in part), index=i)
-                for part, i in zip(parts, index, strict=True)]
+        sources = [None] * len(ways) if self.sources is None else [(n,) for n in self.sources]
+        return [Episode(*(x.unsqueeze(0) for x in part), index=i, sources=n)
+                for part, i, n in zip(parts, index, sources, strict=True)]
 
     def task(self, t: int) -> Episode:
         """Task ``t`` as a single episode (no tasks dimension), as ``Episode.task`` gives."""

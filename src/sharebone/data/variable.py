@@ -302,6 +302,9 @@ def episode_source(family: Any, split: str, seed: int, setting: Mapping[str, Any
         return family.sampler(split, seed=seed, **setting)
     where = f"{key}.meta_dataset" if own else "sampler.meta_dataset"
     rules = MetaDatasetShape.of({**dict(meta_dataset or {}), **dict(own or {})}, key=where)
+    if hasattr(family, "variable_sampler"):  # many sources: each source's own, then mixed
+        return family.variable_sampler(
+            split, seed, lambda base: VariableEpisodeSampler(base, rules, key=where))
     base = family.sampler(split, n_way=1, k_shot=1, q_query=1, seed=seed)
     if not isinstance(base, EpisodeSampler):
         raise SettingError(f"{key}.shape=meta_dataset needs a family of image classes; "

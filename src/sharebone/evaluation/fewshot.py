@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -30,14 +31,31 @@ class TestEpisodes:
     source: EpisodeSource
     #: ``fixed``, or ``meta_dataset`` (variable ways and shots: ``n_way`` etc. are 0).
     shape: str = "fixed"
+    #: The source these episodes come from, in a run of many sources (else None).
+    source_name: str | None = None
 
     @property
     def name(self) -> str:
-        return self.shape if self.shape != "fixed" else f"{self.n_way}w{self.k_shot}s"
+        setting = self.shape if self.shape != "fixed" else f"{self.n_way}w{self.k_shot}s"
+        return setting if self.source_name is None else f"{self.source_name}/{setting}"
 
     def summarize(self, scores: torch.Tensor, metric: str) -> FewShotResult:
         return summarize(scores, self.n_way, self.k_shot, self.q_query, metric=metric,
-                         shape=self.shape)
+                         shape=self.shape, source=self.source_name)
+
+
+def per_source(tests: list[TestEpisodes]) -> list[TestEpisodes]:
+    """A many-source family's test settings, one per source (the episodes of each source's
+    own sampler), so the table has a row per source; :func:`evaluate` adds their average."""
+    out = []
+    for test in tests:
+        named = getattr(test.source, "named", None)
+        if named is None:
+            out.append(test)
+            continue
+        out += [dataclasses.replace(test, source=named(name), source_name=name)
+                for name in test.source.names]
+    return out
 
 
 def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_query: int = 15,
@@ -86,7 +104,7 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
             raise SettingError(f"{first}: ({prefix}settings[{i}], {n_way}w{k_shot}s) "
                                f"{message}") from err
         tests.append(TestEpisodes(int(n_way), int(k_shot), int(q), source))
-    return tests
+    return per_source(tests)
 
 
 def _spell_keys(message: str, keys: Mapping[str, str]) -> str:
@@ -191,5 +209,33 @@ def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int 
     """
     check_count("episodes", episodes)
     batch_size_for(episodes_per_batch, "cpu")  # checked before any scoring
-    return [test.summarize(episode_scores(model, test, episodes, episodes_per_batch),
-                           model.metric_name) for test in tests]
+    results = [test.summarize(episode_scores(model, test, episodes, episodes_per_batch),
+                              model.metric_name) for test in tests]
+    return with_source_averages(results)
+
+
+def with_source_averages(results: list[FewShotResult]) -> list[FewShotResult]:
+    """After each setting's per-source rows, their average (Meta-Dataset's summary: the mean
+    of the sources' means; its 95% CI from theirs, the sources being independent)."""
+    out: list[FewShotResult] = []
+    group: list[FewShotResult] = []
+
+    def close() -> None:
+        if group:
+            out.append(dataclasses.replace(
+                group[0], source="average", episodes=sum(r.episodes for r in group),
+                mean=sum(r.mean for r in group) / len(group),
+                std=sum(r.std for r in group) / len(group),
+                ci95=sum(r.ci95 ** 2 for r in group) ** 0.5 / len(group)))
+            group.clear()
+
+    for result in results:
+        setting = (result.shape, result.n_way, result.k_shot, result.q_query)
+        if group and (result.source is None or setting != (
+                group[0].shape, group[0].n_way, group[0].k_shot, group[0].q_query)):
+            close()
+        out.append(result)
+        if result.source is not None:
+            group.append(result)
+    close()
+    return out

@@ -12,14 +12,12 @@ decided from the backbone spec; the others by one episode of zeros at the task's
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from sharebone.data.convert import InputConversion
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 
@@ -112,50 +110,6 @@ def _trained(channels: int | None, size: int | None) -> str:
 #: ``convert`` (sharebone-eval): ``none``, the task's images as they are (other channels are
 #: refused); ``auto``, converted to the checkpoint's channels and size where they differ.
 CONVERSIONS = ("none", "auto")
-#: ITU-R BT.601 luma: RGB -> one grey channel, as Pillow's ``convert("L")`` weighs them.
-LUMA = (0.299, 0.587, 0.114)
-
-
-@dataclass(frozen=True)
-class InputConversion:
-    """A task's float images as a checkpoint takes them: grey <-> RGB (grey repeated into
-    three channels; RGB to BT.601 luma), then a bilinear (antialiased) resize to the trained
-    size. Applied to the model's input as the task prepares it (its normalisation included),
-    on the device, to support and query alike."""
-
-    channels: tuple[int, int] | None = None  # (task's, checkpoint's)
-    size: tuple[int, int] | None = None
-
-    def __bool__(self) -> bool:
-        return self.channels is not None or self.size is not None
-
-    def describe(self) -> str:
-        parts = []
-        if self.channels:
-            a, b = self.channels
-            parts.append("RGB -> grey (BT.601 luma)" if (a, b) == (3, 1)
-                         else "grey -> RGB (repeated)")
-        if self.size:
-            parts.append(f"{self.size[0]} px -> {self.size[1]} px (bilinear, antialiased)")
-        return ", ".join(parts) or "none"
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        lead, y = x.shape[:-3], x.reshape(-1, *x.shape[-3:])
-        if self.channels == (3, 1):
-            y = (y * y.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        if self.size is not None and y.shape[0]:
-            side = self.size[1]
-            y = F.interpolate(y, size=(side, side), mode="bilinear", antialias=True,
-                              align_corners=False)
-        if self.channels == (1, 3):
-            y = y.expand(-1, 3, -1, -1).contiguous()
-        return y.reshape(*lead, *y.shape[1:])
-
-    def __call__(self, batch: Any) -> Any:
-        return dataclasses.replace(batch, support=self.images(batch.support),
-                                   query=self.images(batch.query))
-
-
 def plan_conversion(task: Mapping[str, Any], run_config: Mapping[str, Any] | None,
                     backbone: Mapping[str, Any] | None, source: str,
                     mode: str = "auto") -> InputConversion:

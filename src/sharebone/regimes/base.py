@@ -212,6 +212,11 @@ class FewShotRegime(pl.LightningModule):
             loss, scores = self.loss_and_scores(episode)
         self.log_dict({"val/loss": loss.detach(), f"val/{self.metric_name}": scores.mean()},
                       prog_bar=True, batch_size=episode.num_tasks, sync_dist=True)
+        sources = getattr(episode, "sources", None)
+        for name in dict.fromkeys(sources or ()):  # many sources: each one's score too
+            mine = torch.tensor([s == name for s in sources], device=scores.device)
+            self.log(f"val/{name}/{self.metric_name}", scores[mine].mean(),
+                     batch_size=int(mine.sum()), sync_dist=True)
 
     # -- optimisation -----------------------------------------------------------------------
     def optimizer_param_groups(self) -> list[Any]:

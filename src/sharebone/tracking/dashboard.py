@@ -209,9 +209,9 @@ class Dashboard(pl.Callback):
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._episode_source = self.source
+        if getattr(batch, "sources", None):
+            self._episode_source = batch.sources[0]  # many sources: the episode's own
         if isinstance(batch, RaggedEpisodes) and batch.num_tasks:
-            if batch.sources:
-                self._episode_source = batch.sources[0]
             batch = batch.tasks()[0]  # variable-shape episodes: the first, as a meta-batch
         if (batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Episode)
                 and batch.support.dim() == 5 and self._wanted(trainer, pl_module)):
@@ -236,7 +236,7 @@ class Dashboard(pl.Callback):
 
         with model.prediction_context():
             predicted = model.predict_episode(episode).detach().argmax(-1)[0]
-        names = class_names(trainer, episode.classes[0].tolist())
+        names = class_names(trainer, episode.classes[0].tolist(), self._episode_source)
         true = episode.query_labels[0]
         right, total = int((predicted == true).sum()), true.numel()
         # The step Lightning logs this validation's metrics at.
@@ -254,9 +254,11 @@ class Dashboard(pl.Callback):
                    caption=f"epoch {trainer.current_epoch}: {right}/{total} right")
 
 
-def class_names(trainer: pl.Trainer, classes: Sequence[int]) -> list[str]:
+def class_names(trainer: pl.Trainer, classes: Sequence[int],
+                episode_source: str | None = None) -> list[str]:
     """The names of validation ``classes`` (dataset labels) as the split's source knows them
-    (a folder's name, an Omniglot character), else ``class <label>``."""
+    (a folder's name, an Omniglot character), else ``class <label>``; with many sources,
+    as the episode's own source knows them."""
     datamodule = getattr(trainer, "datamodule", None)
     source = None
     if datamodule is not None and hasattr(datamodule, "source"):
@@ -264,6 +266,11 @@ def class_names(trainer: pl.Trainer, classes: Sequence[int]) -> list[str]:
             source = datamodule.source("val")
         except Exception:  # noqa: BLE001 - a name is not worth failing a figure for
             source = None
+    if episode_source is not None and hasattr(source, "named"):
+        try:
+            source = source.named(episode_source)
+        except ValueError:
+            pass
     name = getattr(source, "class_name", None)
     return [name(c) if name is not None else f"class {c}" for c in classes]
 

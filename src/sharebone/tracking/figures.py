@@ -256,7 +256,8 @@ def accuracy_vs_shots(results: Sequence[Any], title: str = "") -> Figure | None:
     in %, from zero, with each ``n_way``'s chance level. ``results`` are
     :class:`~sharebone.evaluation.stats.FewShotResult`; None when there are none. Variable-
     shape results (``meta_dataset``: no one ``n_way``/``k_shot``) are left to the tables."""
-    results = [r for r in results if getattr(r, "shape", "fixed") == "fixed"]
+    results = [r for r in results if getattr(r, "shape", "fixed") == "fixed"
+               and getattr(r, "source", None) in (None, "average")]  # many sources: the mean
     if not results:
         return None
     metric = results[0].metric
