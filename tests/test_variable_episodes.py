@@ -196,3 +196,23 @@ def test_ragged_batches_reach_the_model_as_floats(tmp_path):
     assert isinstance(batch, RaggedEpisodes) and batch.num_tasks == 1
     prepared = data.on_after_batch_transfer(batch, 0)
     assert prepared.support.dtype == torch.float32
+
+
+MD_COUNTS = {"ilsvrc_2012": (712, 158, 130), "aircraft": (70, 15, 15),
+             "cu_birds": (140, 30, 30), "dtd": (33, 7, 7), "quickdraw": (241, 52, 52),
+             "fungi": (994, 200, 200), "vgg_flower": (71, 15, 16), "traffic_sign": (0, 0, 43),
+             "mscoco": (0, 40, 40)}
+
+
+@pytest.mark.parametrize("source", sorted(MD_COUNTS))
+def test_meta_datasets_class_splits_ship_with_the_papers_counts(source):
+    from sharebone.config import CONFIG_DIR
+
+    folder = CONFIG_DIR / "task" / "splits" / "meta_dataset" / source
+    splits = []
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.txt"
+        splits.append(path.read_text().split("\n")[:-1] if path.exists() else [])
+    assert tuple(len(s) for s in splits) == MD_COUNTS[source]
+    names = [n for s in splits for n in s]
+    assert len(set(names)) == len(names), "splits are disjoint, no class twice"
