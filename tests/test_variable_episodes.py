@@ -216,3 +216,22 @@ def test_meta_datasets_class_splits_ship_with_the_papers_counts(source):
     assert tuple(len(s) for s in splits) == MD_COUNTS[source]
     names = [n for s in splits for n in s]
     assert len(set(names)) == len(names), "splits are disjoint, no class twice"
+
+
+def test_a_meta_dataset_source_trains_and_tests_on_its_own_layout(tmp_path):
+    """md_dtd on a generated dtd/images/<texture>/ folder holding every class of Meta-Dataset's
+    DTD split: variable-shape training, validation and the meta_dataset test row."""
+    from helpers.data import make_image_folder
+
+    from sharebone.config import CONFIG_DIR
+    from sharebone.run.train import run
+
+    splits = CONFIG_DIR / "task" / "splits" / "meta_dataset" / "dtd"
+    names = [n for s in ("train", "val", "test") for n in
+             (splits / f"{s}.txt").read_text().split("\n")[:-1]]
+    root = make_image_folder(tmp_path / "data" / "dtd" / "images", dict.fromkeys(names, 4),
+                             size=(12, 12))
+    metrics = run(compose_train(tmp_path / "run", FAST + VARIABLE[:-1] + [
+        "task=md_dtd", f"task.root={root}", "task.family.cache_dir=false",
+        "test.settings=[{shape: meta_dataset}]"]))
+    assert 0.0 < metrics["test/meta_dataset/acc"] <= 1.0
