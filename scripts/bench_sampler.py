@@ -33,8 +33,17 @@ is recorded before and after every measurement.
 
 Goals: sharebone >= 20x learn2learn, and >= 10,000 episodes/s for 20-way 1-shot on 2 cores.
 
+``--variable``: Meta-Dataset-shaped episodes instead (``VariableEpisodeSampler``, the paper's
+rules: 5-50 ways, support up to 500, queries up to 10 per class) on a random uint8
+``[classes * per_class, 3, 84, 84]`` tensor: meta-batches/s of ``sampler.batch`` (ragged: one
+gather for the whole meta-batch) against a plain memory copy of the same bytes, call by call
+the same sizes: a contiguous block of the same images (at a moving offset) copied into fresh
+huge-page memory (what the sampler writes into), and into one reused buffer (the copy
+alone). Goal: within 2x of the fresh copy.
+
 Usage:
     .venv/bin/python scripts/bench_sampler.py [--data-dir DIR] [--threads 1] [--json out.json]
+    .venv/bin/python scripts/bench_sampler.py --variable [--classes 64 --per-class 200]
     .venv/bin/python scripts/bench_sampler.py --random-data --quick      # seconds, for tests
 """
 
@@ -58,6 +67,8 @@ from typing import Any
 import torch
 
 from sharebone.data.episodes import EpisodeSampler
+from sharebone.data.variable import MetaDatasetShape, VariableEpisodeSampler
+from sharebone.memory import empty_huge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLIT_SPEC = {
@@ -227,6 +238,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="tiny run (0.02 s per run, 0.01 s warm-up): checks that it works only")
     p.add_argument("--no-l2l", action="store_true", help="skip learn2learn even if installed")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--variable", action="store_true",
+                   help="Meta-Dataset-shaped meta-batches at 84x84x3 vs a memory copy instead")
+    p.add_argument("--classes", type=int, default=64, help="--variable: classes (default 64)")
+    p.add_argument("--per-class", type=int, default=200,
+                   help="--variable: images per class (default 200)")
+    p.add_argument("--meta-batches", default="1,8",
+                   help="--variable: meta-batch sizes, comma-separated (default 1,8)")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup = 0.02, 0.01
@@ -286,9 +304,124 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _run_variable(args) if args.variable else _run(args)
     finally:
         torch.set_num_threads(old_threads)
+
+
+# ----------------------------------------------------------- Meta-Dataset-shaped episodes
+
+VARIABLE_SIZE = 84
+GOAL_VARIABLE = 2.0  # the sampler within 2x of a plain copy of the same bytes
+
+
+def timed(calls: Callable[[int], Any], n: int, repeats: int) -> list[float]:
+    """Seconds of ``calls(0..n-1)``, ``repeats`` times (after one warm-up pass of 3 calls)."""
+    for i in range(min(3, n)):
+        calls(i)
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(n):
+            calls(i)
+        runs.append(time.perf_counter() - t0)
+    return runs
+
+
+def variable_rows(images: torch.Tensor, labels: torch.Tensor, meta_batch: int,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """One meta-batch size: the sampler, then copies of the very same byte counts."""
+    base = EpisodeSampler(images, labels, 1, 1, 1, seed=0, split="train")
+    sampler = VariableEpisodeSampler(base, MetaDatasetShape())
+    per_image = images[0].numel()
+    probe = sampler.batch(range(meta_batch))
+    t0 = time.perf_counter()
+    sampler.batch(range(meta_batch, 2 * meta_batch))
+    n = max(3, int(args.seconds / max(time.perf_counter() - t0, 1e-6)))
+    sizes = []  # images per meta-batch (support + query), call by call
+    for i in range(n + 3):
+        _, ways, shots, queries = sampler.draw_shape(
+            torch.arange(i * meta_batch, (i + 1) * meta_batch))
+        sizes.append(int(shots.sum() + (queries * ways).sum()))
+    # The copies read the same images, a contiguous block of the call's size at a moving
+    # offset (as the sampler, they read memory the previous call did not just bring into
+    # the caches); the images repeated where one meta-batch holds more than the split.
+    repeat = -(-max(sizes) * 2 // images.shape[0])
+    flat = (images if repeat <= 1 else images.repeat(repeat, 1, 1, 1)).view(-1)
+    reused = torch.zeros(max(sizes) * per_image, dtype=images.dtype)
+    starts = [(i * 7919 * per_image) % (flat.numel() - max(sizes) * per_image + 1)
+              for i in range(len(sizes))]
+
+    def fresh(i: int) -> torch.Tensor:
+        count, start = sizes[i] * per_image, starts[i]
+        return empty_huge((count,), images.dtype).copy_(flat[start:start + count])
+
+    def into_reused(i: int) -> torch.Tensor:
+        count, start = sizes[i] * per_image, starts[i]
+        return reused[:count].copy_(flat[start:start + count])
+
+    runs = {
+        "sampler": timed(lambda i: sampler.batch(range(i * meta_batch, (i + 1) * meta_batch)),
+                         n, args.repeats),
+        "copy, fresh memory": timed(fresh, n, args.repeats),
+        "copy, reused buffer": timed(into_reused, n, args.repeats),
+    }
+    seconds = {k: statistics.median(v) for k, v in runs.items()}
+    bytes_moved = sum(sizes[:n]) * per_image
+    return {
+        "meta_batch": meta_batch, "calls": n, "mean_images": sum(sizes[:n]) / n,
+        "mean_mb": bytes_moved / n / 2**20, "example_ways": probe.ways.tolist()[:8],
+        "meta_batches_per_s": {k: n / v for k, v in seconds.items()},
+        "gb_per_s": {k: bytes_moved / v / 1e9 for k, v in seconds.items()},
+        "runs_s": runs,
+        "sampler_over_fresh_copy": seconds["sampler"] / seconds["copy, fresh memory"],
+        "sampler_over_reused_copy": seconds["sampler"] / seconds["copy, reused buffer"],
+    }
+
+
+def _run_variable(args: argparse.Namespace) -> dict[str, Any]:
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+    g = torch.Generator().manual_seed(0)
+    count = args.classes * args.per_class
+    images = torch.randint(0, 256, (count, 3, VARIABLE_SIZE, VARIABLE_SIZE), dtype=torch.uint8,
+                           generator=g)
+    labels = torch.arange(args.classes).repeat_interleave(args.per_class)
+    batches = [int(b) for b in str(args.meta_batches).split(",")]
+    rows = [variable_rows(images, labels, b, args) for b in batches]
+    result = {"meta": {"images_shape": list(images.shape), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                       "loadavg_start": loadavg_start,
+                       "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                       "repeats": args.repeats, "quick": args.quick,
+                       "goal_sampler_over_copy": GOAL_VARIABLE},
+              "variable": rows}
+    lines = ["## Meta-Dataset-shaped meta-batches vs a memory copy of the same bytes", "",
+             f"- random uint8 {list(images.shape)}, torch threads {torch.get_num_threads()}, "
+             f"load {loadavg_start} -> {result['meta']['loadavg_end']}"
+             + (" (--quick: numbers meaningless)" if args.quick else ""), "",
+             "| meta-batch | mean images (MB) | sampler | copy, fresh | copy, reused | "
+             "sampler / fresh copy | sampler / reused copy |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rate = r["meta_batches_per_s"]
+        lines.append(f"| {r['meta_batch']} | {r['mean_images']:.0f} ({r['mean_mb']:.1f}) | "
+                     f"{rate['sampler']:.1f}/s | {rate['copy, fresh memory']:.1f}/s | "
+                     f"{rate['copy, reused buffer']:.1f}/s | "
+                     f"{r['sampler_over_fresh_copy']:.2f}x | "
+                     f"{r['sampler_over_reused_copy']:.2f}x |")
+    verdicts = [f"meta-batch {r['meta_batch']} "
+                + ("MET" if r["sampler_over_fresh_copy"] <= GOAL_VARIABLE else "NOT met")
+                for r in rows]
+    lines += ["", f"Goal: sampler within {GOAL_VARIABLE:.0f}x of the fresh-memory copy: "
+              + ", ".join(verdicts)]
+    print("\n".join(lines), flush=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(result, f, indent=2)
+        os.replace(f.name, path)
+    return result
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

@@ -93,3 +93,19 @@ def test_bench_image_folder_reports_the_ceiling_beside_the_sampler(tmp_path: Pat
     assert result["sampler_over_ceiling"] == pytest.approx(ratio)
     assert json.loads(out.read_text())["sampler_over_ceiling"] == pytest.approx(ratio)
     assert result["rss"] == []
+
+
+def test_variable_shapes_are_timed_against_a_copy_of_the_same_bytes(bench, tmp_path: Path):
+    """--variable: Meta-Dataset-shaped meta-batches and the two copies, as ratios."""
+    out = tmp_path / "variable.json"
+    result = bench.main(["--variable", "--quick", "--classes", "8", "--per-class", "12",
+                         "--meta-batches", "1,2", "--repeats", "1", "--json", str(out)])
+    rows = result["variable"]
+    assert [r["meta_batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r["meta_batches_per_s"]) == {"sampler", "copy, fresh memory",
+                                                "copy, reused buffer"}
+        assert r["sampler_over_fresh_copy"] == pytest.approx(
+            r["meta_batches_per_s"]["copy, fresh memory"] / r["meta_batches_per_s"]["sampler"])
+        assert 5 <= min(r["example_ways"]) and max(r["example_ways"]) <= 8
+    assert json.loads(out.read_text())["variable"][0]["calls"] == rows[0]["calls"]

@@ -7,7 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from sharebone.data.episodes import Episode
+from sharebone.data.episodes import Episode, RaggedEpisodes
 from sharebone.data.placement import check_policy, place_source
 from sharebone.data.tasks import (
     EpisodeSource,
@@ -16,6 +16,7 @@ from sharebone.data.tasks import (
     TaskFamily,
     prepare_episode,
 )
+from sharebone.data.variable import episode_source
 from sharebone.errors import check_count
 
 
@@ -60,7 +61,10 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     Args:
         family: the task family (e.g. :class:`~sharebone.data.tasks.OmniglotTasks`).
-        train, val: ``{"n_way", "k_shot", "q_query"}`` for the split's episodes.
+        train, val: ``{"n_way", "k_shot", "q_query"}`` for the split's episodes, or
+            ``{"shape": "meta_dataset"}`` for Meta-Dataset's variable-way, variable-shot
+            episodes (:mod:`sharebone.data.variable`; ``shape: fixed`` is N-way K-shot).
+        meta_dataset: the rules of ``shape: meta_dataset`` episodes (the paper's if None).
         meta_batch_size: episodes (tasks) per optimizer step.
         batches_per_epoch: training meta-batches per epoch.
         val_episodes: fixed validation episodes, scored after each epoch.
@@ -72,8 +76,10 @@ class EpisodicDataModule(pl.LightningDataModule):
     def __init__(self, family: TaskFamily, train: dict[str, int], val: dict[str, int],
                  meta_batch_size: int = 1, batches_per_epoch: int = 100, val_episodes: int = 100,
                  seed: int = 0, eval_seed: int = 0, num_workers: int = 0,
-                 images_on_device: str | bool = "auto") -> None:
+                 images_on_device: str | bool = "auto",
+                 meta_dataset: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.meta_dataset = dict(meta_dataset or {})
         self.family = family
         self.train_setting, self.val_setting = dict(train), dict(val)
         self.meta_batch_size = check_count("meta_batch_size", meta_batch_size)
@@ -90,7 +96,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         if split not in self._sources:
             setting, seed = ((self.train_setting, self.seed) if split == "train"
                              else (self.val_setting, self.eval_seed))
-            self._sources[split] = self.family.sampler(split, seed=seed, **setting)
+            self._sources[split] = episode_source(self.family, split, seed, setting,
+                                                  self.meta_dataset, key=f"sampler.{split}")
         return self._sources[split]
 
     def placed_source(self, split: str) -> EpisodeSource:
@@ -106,7 +113,7 @@ class EpisodicDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Episodes travel as uint8 and become floats on the model's device: augmented and
         # normalised there, one call per meta-batch, by the split's own source.
-        if not isinstance(batch, Episode):
+        if not isinstance(batch, Episode | RaggedEpisodes):
             return batch
         return prepare_episode(self._sources.get(self.stage_split()), batch)
 

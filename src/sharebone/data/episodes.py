@@ -10,6 +10,7 @@ the very same test episodes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import zlib
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import torch
 from sharebone.errors import SettingError, check_count
 from sharebone.memory import empty_huge
 
-__all__ = ["Episode", "EpisodeSampler", "split_id", "hash_keys", "uniform"]
+__all__ = ["Episode", "EpisodeSampler", "RaggedEpisodes", "split_id", "hash_keys", "uniform"]
 
 _MASK = (1 << 64) - 1
 
@@ -128,6 +129,8 @@ class Episode:
     #: augmentation, so an augmented episode is as addressable as the episode itself. None for
     #: an episode that did not come from a sampler (a folder episode).
     index: torch.Tensor | None = None
+    #: The source each task was drawn from (many sources in one run), else None.
+    sources: tuple[str, ...] | None = None
 
     @property
     def n_way(self) -> int:
@@ -139,7 +142,7 @@ class Episode:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
         return Episode(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()),
-                       index=self.index)
+                       index=self.index, sources=self.sources)
 
     def to_float(self) -> Episode:
         """uint8 images in ``[0, 255]`` -> float in ``[0, 1]``; other dtypes unchanged."""
@@ -152,15 +155,86 @@ class Episode:
             return empty_huge(tuple(t.shape), torch.float32).copy_(t).div_(255)  # see _gather
 
         return Episode(convert(self.support), self.support_labels, convert(self.query),
-                       self.query_labels, self.classes, self.index)
+                       self.query_labels, self.classes, self.index, self.sources)
 
     def task(self, t: int) -> Episode:
         """Task ``t`` of a meta-batch, as a single episode."""
         return Episode(*(x[t] for x in self._tensors()),
-                       index=None if self.index is None else self.index[t])
+                       index=None if self.index is None else self.index[t],
+                       sources=None if self.sources is None else (self.sources[t],))
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.support, self.support_labels, self.query, self.query_labels, self.classes)
+
+
+@dataclass(frozen=True)
+class RaggedEpisodes:
+    """A meta-batch of episodes of different shapes (ways, shots, queries per task), ragged.
+
+    Each tensor holds every task's rows one after the other, nothing padded: ``support``
+    ``[sum S_t, C, H, W]`` (task by task, each way-major), ``support_labels`` ``[sum S_t]`` in
+    ``0..ways[t]-1``, ``query``/``query_labels`` likewise, ``classes`` ``[sum ways]`` (the
+    dataset class of each way). ``ways``, ``support_sizes`` and ``query_sizes`` (int64
+    ``[T]``, on the CPU: they are the slicing) say where each task's rows are. A meta-batch
+    is one gather (exactly the bytes the tasks hold) and one host-to-device copy per
+    tensor; :meth:`tasks` hands each task to a regime as an :class:`Episode` meta-batch of
+    one (views, no copy). ``sources``: the source each task
+    was drawn from (many sources in one run), else None. (``support`` and ``query`` may be
+    views of one buffer: the sampler gathers a meta-batch's rows in one call.)
+    """
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    classes: torch.Tensor
+    ways: torch.Tensor
+    support_sizes: torch.Tensor
+    query_sizes: torch.Tensor
+    index: torch.Tensor | None = None
+    sources: tuple[str, ...] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.ways.numel())
+
+    def _splits(self) -> tuple[list[int], list[int], list[int]]:
+        return self.ways.tolist(), self.support_sizes.tolist(), self.query_sizes.tolist()
+
+    def tasks(self) -> list[Episode]:
+        """Every task as an :class:`Episode` meta-batch of one (``[1, S_t, ...]``), views."""
+        ways, shots, queries = self._splits()
+        parts = zip(self.support.split(shots), self.support_labels.split(shots),
+                    self.query.split(queries), self.query_labels.split(queries),
+                    self.classes.split(ways), strict=True)
+        index = [None] * len(ways) if self.index is None else self.index.split(1)
+        sources = [None] * len(ways) if self.sources is None else [(n,) for n in self.sources]
+        return [Episode(*(x.unsqueeze(0) for x in part), index=i, sources=n)
+                for part, i, n in zip(parts, index, sources, strict=True)]
+
+    def task(self, t: int) -> Episode:
+        """Task ``t`` as a single episode (no tasks dimension), as ``Episode.task`` gives."""
+        return self.tasks()[t].task(0)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedEpisodes:
+        moved = (t.to(device, non_blocking=non_blocking) for t in
+                 (self.support, self.support_labels, self.query, self.query_labels,
+                  self.classes))
+        return RaggedEpisodes(*moved, self.ways, self.support_sizes, self.query_sizes,
+                              self.index, self.sources)
+
+    def to_float(self) -> RaggedEpisodes:
+        """uint8 images -> floats in ``[0, 1]``, in one conversion for the whole meta-batch."""
+        as_float = Episode(self.support, self.support_labels, self.query, self.query_labels,
+                           self.classes).to_float()
+        return dataclasses.replace(self, support=as_float.support, query=as_float.query)
+
+    def map(self, fn: Callable[[Episode], Episode]) -> RaggedEpisodes:
+        """``fn`` (a split's augmentation, say) applied to every task; the results joined."""
+        done = [fn(task) for task in self.tasks()]
+        return dataclasses.replace(
+            self, support=torch.cat([e.support[0] for e in done]),
+            query=torch.cat([e.query[0] for e in done]))
 
 
 class EpisodeSampler:
@@ -183,6 +257,8 @@ class EpisodeSampler:
         transform: what :meth:`prepare` applies to an episode on the model's device (data
             augmentation, normalisation; :class:`sharebone.data.augment.EpisodeTransform`);
             None: uint8 pixels become floats in ``[0, 1]``.
+        class_names: the name of every class (indexed by label: a folder's name, an Omniglot
+            ``alphabet/character``), for figures and predictions; None: ``class <label>``.
 
     Episodes are drawn on the device that holds ``images``: :meth:`to` moves a sampler (its
     images and index tables) to a GPU, where a meta-batch then costs no host-to-device copy.
@@ -205,7 +281,9 @@ class EpisodeSampler:
                  q_query: int, seed: int = 0, split: str = "train", *,
                  groups: Sequence[str] | torch.Tensor | None = None,
                  group_episodes: bool = False,
-                 transform: Callable[[Episode], Episode] | None = None) -> None:
+                 transform: Callable[[Episode], Episode] | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
             raise SettingError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
@@ -304,6 +382,11 @@ class EpisodeSampler:
             if value is not None:
                 setattr(moved, name, value.to(device))
         return moved
+
+    def class_name(self, label: int) -> str:
+        """The name of dataset class ``label`` (``Episode.classes`` holds these labels)."""
+        names = self.class_names
+        return names[label] if names is not None and 0 <= label < len(names) else f"class {label}"
 
     def prepare(self, episode: Episode) -> Episode:
         """An episode of this sampler (moved to any device) as the model's float input: the

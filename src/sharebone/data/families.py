@@ -28,7 +28,8 @@ FAMILIES: Registry[Any] = Registry("family")
 #: Modules that define sharebone's own families (imported on first lookup, so that this module
 #: stays at the bottom of the import graph).
 BUILTIN_FAMILY_MODULES = ("sharebone.data.tasks", "sharebone.data.sinusoid",
-                          "sharebone.data.multitask", "sharebone.data.image_folder")
+                          "sharebone.data.multitask", "sharebone.data.image_folder",
+                          "sharebone.data.sources")
 
 #: Values a family may be built from when its config is untrusted.
 PLAIN_TYPES = (str, int, float, bool, type(None))

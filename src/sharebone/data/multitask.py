@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sharebone.data.datamodule import EpisodicDataModule
-from sharebone.data.episodes import Episode, split_id
+from sharebone.data.episodes import Episode, RaggedEpisodes, split_id
 from sharebone.data.families import register_family
 from sharebone.data.tasks import EpochOffsetSampler, OmniglotTasks, SyntheticImageTasks, TaskFamily
 from sharebone.errors import SettingError, UnknownNameError, check_count
@@ -338,7 +338,7 @@ class TaskBatches(torch.utils.data.Dataset):
 
 
 def _to_float(batch: Any) -> Any:
-    if isinstance(batch, Episode):
+    if isinstance(batch, Episode | RaggedEpisodes):
         return batch.to_float()
     if isinstance(batch, (tuple, list)) and batch and batch[0].dtype == torch.uint8:
         return (batch[0].float().div_(255), *batch[1:])
@@ -362,10 +362,11 @@ class TaskBatchDataModule(EpisodicDataModule):
     def __init__(self, family: TaskFamily, data: TaskSet, per_task: int, val: dict[str, int],
                  batches_per_epoch: int = 100, val_episodes: int = 100, seed: int = 0,
                  eval_seed: int = 0, num_workers: int = 0, val_data: TaskSet | None = None,
-                 val_batch_size: int = 256) -> None:
+                 val_batch_size: int = 256, meta_dataset: dict[str, Any] | None = None) -> None:
         super().__init__(family, train={}, val=val, meta_batch_size=1,
                          batches_per_epoch=batches_per_epoch, val_episodes=val_episodes,
-                         seed=seed, eval_seed=eval_seed, num_workers=num_workers)
+                         seed=seed, eval_seed=eval_seed, num_workers=num_workers,
+                         meta_dataset=meta_dataset)
         self.data, self.per_task = data, per_task
         self.val_data, self.val_batch_size = val_data, val_batch_size
 
@@ -382,7 +383,7 @@ class TaskBatchDataModule(EpisodicDataModule):
         return make(split, self.seed if split == "train" else self.eval_seed)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, Episode):
+        if isinstance(batch, Episode | RaggedEpisodes):
             return super().on_after_batch_transfer(batch, dataloader_idx)
         if not (isinstance(batch, tuple | list) and batch and batch[0].dtype == torch.uint8):
             return _to_float(batch)

@@ -102,7 +102,8 @@ class OmniglotTasks:
         data = self.images(split)
         return EpisodeSampler(data.images, data.labels, n_way, k_shot, q_query, seed=seed,
                               split=split, groups=data.class_groups,
-                              group_episodes=split in self.group_splits)
+                              group_episodes=split in self.group_splits,
+                              class_names=data.class_names)
 
 
 def group_splits(group_episodes: bool | Sequence[str], splits: Sequence[str]) -> set[str]:

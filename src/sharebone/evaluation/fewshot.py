@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sharebone.data.tasks import EpisodeSource, TaskFamily, prepare_episode
+from sharebone.data.variable import episode_source
 from sharebone.errors import SettingError, check_count
 from sharebone.evaluation.stats import FewShotResult, summarize
 from sharebone.regimes.base import FewShotRegime
@@ -26,16 +29,42 @@ class TestEpisodes:
     k_shot: int
     q_query: int
     source: EpisodeSource
+    #: ``fixed``, or ``meta_dataset`` (variable ways and shots: ``n_way`` etc. are 0).
+    shape: str = "fixed"
+    #: The source these episodes come from, in a run of many sources (else None).
+    source_name: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.n_way}w{self.k_shot}s"
+        setting = self.shape if self.shape != "fixed" else f"{self.n_way}w{self.k_shot}s"
+        return setting if self.source_name is None else f"{self.source_name}/{setting}"
+
+    def summarize(self, scores: torch.Tensor, metric: str) -> FewShotResult:
+        return summarize(scores, self.n_way, self.k_shot, self.q_query, metric=metric,
+                         shape=self.shape, source=self.source_name)
+
+
+def per_source(tests: list[TestEpisodes]) -> list[TestEpisodes]:
+    """A many-source family's test settings, one per source (the episodes of each source's
+    own sampler), so the table has a row per source; :func:`evaluate` adds their average."""
+    out = []
+    for test in tests:
+        named = getattr(test.source, "named", None)
+        if named is None:
+            out.append(test)
+            continue
+        out += [dataclasses.replace(test, source=named(name), source_name=name)
+                for name in test.source.names]
+    return out
 
 
 def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_query: int = 15,
-                  seed: int = 0, split: str = "test", prefix: str = "") -> list[TestEpisodes]:
+                  seed: int = 0, split: str = "test", prefix: str = "",
+                  meta_dataset: Mapping[str, Any] | None = None) -> list[TestEpisodes]:
     """The episode source of every ``{"n_way", "k_shot"[, "q_query"]}`` setting, built (and so
-    checked against the split's classes) once, before any training or scoring.
+    checked against the split's classes) once, before any training or scoring. A setting
+    ``{"shape": "meta_dataset"}`` is Meta-Dataset's variable-way, variable-shot episodes
+    (rules: ``meta_dataset``, else the paper's; a setting's own ``meta_dataset`` block wins).
 
     An error names the keys to change as the config spells them: ``settings[0].k_shot``, and
     ``q_query`` (or ``settings[0].q_query`` where the setting has its own), each under
@@ -53,6 +82,11 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
     """
     tests = []
     for i, setting in enumerate(settings):
+        if setting.get("shape", "fixed") != "fixed":
+            source = episode_source(family, split, seed, setting, meta_dataset,
+                                    key=f"{prefix}settings[{i}]")
+            tests.append(TestEpisodes(0, 0, 0, source, shape=str(setting["shape"])))
+            continue
         n_way, k_shot = setting.get("n_way"), setting.get("k_shot")
         q = setting.get("q_query", q_query)
         try:
@@ -70,7 +104,7 @@ def test_episodes(family: TaskFamily, settings: Iterable[Mapping[str, int]], q_q
             raise SettingError(f"{first}: ({prefix}settings[{i}], {n_way}w{k_shot}s) "
                                f"{message}") from err
         tests.append(TestEpisodes(int(n_way), int(k_shot), int(q), source))
-    return tests
+    return per_source(tests)
 
 
 def _spell_keys(message: str, keys: Mapping[str, str]) -> str:
@@ -121,8 +155,8 @@ def episode_scores(model: FewShotRegime, test: TestEpisodes, episodes: int,
             for start in range(0, episodes, episodes_per_batch):
                 index = torch.arange(start, min(start + episodes_per_batch, episodes))
                 episode = prepare_episode(test.source, test.source.batch(index).to(model.device))
-                predictions = model.predict_episode(episode).detach()
-                scores.append(model.task_kind.metric(predictions, episode.query_labels).cpu())
+                for predictions, labels in model.task_predictions(episode):
+                    scores.append(model.task_kind.metric(predictions.detach(), labels).cpu())
                 progress.update(int(index[-1]) + 1)
     finally:
         model.train(was_training)
@@ -143,8 +177,7 @@ def scores_by_inner_steps(model: FewShotRegime, test: TestEpisodes, steps: Seque
     for count in steps:
         with model.scoring_with(count):
             per_episode = episode_scores(model, test, episodes, episodes_per_batch)
-        results.append(summarize(per_episode, test.n_way, test.k_shot, test.q_query,
-                                 metric=model.metric_name))
+        results.append(test.summarize(per_episode, model.metric_name))
     return results
 
 
@@ -176,5 +209,33 @@ def evaluate(model: FewShotRegime, tests: Sequence[TestEpisodes], episodes: int 
     """
     check_count("episodes", episodes)
     batch_size_for(episodes_per_batch, "cpu")  # checked before any scoring
-    return [summarize(episode_scores(model, test, episodes, episodes_per_batch), test.n_way,
-                      test.k_shot, test.q_query, metric=model.metric_name) for test in tests]
+    results = [test.summarize(episode_scores(model, test, episodes, episodes_per_batch),
+                              model.metric_name) for test in tests]
+    return with_source_averages(results)
+
+
+def with_source_averages(results: list[FewShotResult]) -> list[FewShotResult]:
+    """After each setting's per-source rows, their average (Meta-Dataset's summary: the mean
+    of the sources' means; its 95% CI from theirs, the sources being independent)."""
+    out: list[FewShotResult] = []
+    group: list[FewShotResult] = []
+
+    def close() -> None:
+        if group:
+            out.append(dataclasses.replace(
+                group[0], source="average", episodes=sum(r.episodes for r in group),
+                mean=sum(r.mean for r in group) / len(group),
+                std=sum(r.std for r in group) / len(group),
+                ci95=sum(r.ci95 ** 2 for r in group) ** 0.5 / len(group)))
+            group.clear()
+
+    for result in results:
+        setting = (result.shape, result.n_way, result.k_shot, result.q_query)
+        if group and (result.source is None or setting != (
+                group[0].shape, group[0].n_way, group[0].k_shot, group[0].q_query)):
+            close()
+        out.append(result)
+        if result.source is not None:
+            group.append(result)
+    close()
+    return out

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sharebone.data.convert import InputConversion
 from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 
@@ -49,8 +50,9 @@ def check_spec(task: Mapping[str, Any], run_config: Mapping[str, Any] | None,
         raise InputMismatchError(
             f"task.channels={channels} but {source} was trained on {trained}: its backbone "
             f"({spec.get('name', 'a module')}) takes {was_channels}-channel images. Score it on "
-            f"a task of {was_channels}-channel images (task.channels={was_channels}), or pass a "
-            f"checkpoint trained on {channels}-channel ones.")
+            f"a task of {was_channels}-channel images (task.channels={was_channels}), pass a "
+            f"checkpoint trained on {channels}-channel ones, or convert=auto (sharebone-eval: "
+            "grey <-> RGB, resized to the trained size).")
     pixels = int(channels) * int(size) ** 2
     if spec.get("name") == "mlp" and spec.get("in_features") not in (None, pixels):
         raise InputMismatchError(
@@ -101,3 +103,64 @@ def _trained(channels: int | None, size: int | None) -> str:
     shown = f"{channels}-channel" if channels else "its"
     return f"{shown} {size} px images (task.channels={channels}, task.image_size={size})" \
         if size else f"{shown} images (task.channels={channels})"
+
+
+# ----------------------------------------------------------- converting a task's images
+
+#: ``convert`` (sharebone-eval): ``none``, the task's images as they are (other channels are
+#: refused); ``auto``, converted to the checkpoint's channels and size where they differ.
+CONVERSIONS = ("none", "auto")
+def plan_conversion(task: Mapping[str, Any], run_config: Mapping[str, Any] | None,
+                    backbone: Mapping[str, Any] | None, source: str,
+                    mode: str = "auto") -> InputConversion:
+    """What turns ``task``'s images into the checkpoint's (``mode="auto"``); nothing for
+    ``"none"``. Refused, by ``task.channels``, where no stated conversion exists."""
+    if mode not in CONVERSIONS:
+        raise SettingError(f"convert must be one of {', '.join(CONVERSIONS)}, got {mode!r}. "
+                           "Fix: convert=auto (grey <-> RGB, resize) or convert=none.")
+    size = task.get("image_size")
+    if mode == "none" or size is None:
+        return InputConversion()
+    channels = int(task.get("channels", 1))
+    was_channels, was_size = trained_input(run_config, backbone)
+    pair = None
+    if was_channels is not None and channels != was_channels:
+        pair = (channels, was_channels)
+        if pair not in ((1, 3), (3, 1)):
+            raise InputMismatchError(
+                f"task.channels={channels} but {source} was trained on "
+                f"{_trained(was_channels, was_size)}; convert=auto turns grey into RGB and "
+                f"RGB into grey only. Fix: a task of {was_channels}-channel images, or a "
+                f"checkpoint trained on {channels}-channel ones.")
+    resize = (int(size), was_size) if was_size is not None and int(size) != was_size else None
+    return InputConversion(pair, resize)
+
+
+def converted_task(task: Mapping[str, Any], conversion: InputConversion) -> dict[str, Any]:
+    """``task`` as the model sees it after ``conversion`` (for :func:`check_task_input`)."""
+    seen = dict(task)
+    if conversion.channels:
+        seen["channels"] = conversion.channels[1]
+    if conversion.size:
+        seen["image_size"] = conversion.size[1]
+    return seen
+
+
+class ConvertedSource:
+    """An episode source whose prepared episodes go through an :class:`InputConversion`:
+    the same episodes (``batch``), the model's input converted (``prepare``)."""
+
+    def __init__(self, source: Any, conversion: InputConversion) -> None:
+        self.source, self.conversion = source, conversion
+
+    def batch(self, indices: Any) -> Any:
+        return self.source.batch(indices)
+
+    def prepare(self, batch: Any) -> Any:
+        prepare = getattr(self.source, "prepare", None)
+        return self.conversion(prepare(batch) if prepare is not None else batch.to_float())
+
+    def __getattr__(self, name: str) -> Any:  # class names, device, ...: the source's
+        if name in ("source", "conversion"):
+            raise AttributeError(name)
+        return getattr(self.source, name)

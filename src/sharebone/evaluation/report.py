@@ -20,10 +20,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(results: Sequence[FewShotResult], output_dir: str | Path,
-                  extra: Mapping[str, Any] | None = None, stem: str = "fewshot") -> dict[str, Path]:
-    """``<stem>.json`` (results plus run metadata) and ``<stem>.csv`` (a row per setting)."""
+                  extra: Mapping[str, Any] | None = None, stem: str = "fewshot",
+                  row_columns: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+    """``<stem>.json`` (results plus run metadata) and ``<stem>.csv`` (a row per setting);
+    ``row_columns``: columns put before each result's own (a task name, a conversion)."""
     output_dir = Path(output_dir)
-    rows = [r.as_dict() for r in results]
+    columns = list(row_columns) if row_columns is not None else [{}] * len(results)
+    rows = [{**dict(c), **r.as_dict()} for c, r in zip(columns, results, strict=True)]
     paths = {"json": output_dir / f"{stem}.json", "csv": output_dir / f"{stem}.csv"}
     # NaN is not JSON: a score that is not a number is written as null.
     document = finite_or_none({**dict(extra or {}), "results": rows})

@@ -26,10 +26,16 @@ class FewShotResult:
     std: float
     ci95: float
     metric: str = "acc"
+    #: ``fixed`` (N-way K-shot), or ``meta_dataset`` (variable ways and shots; ``n_way``,
+    #: ``k_shot`` and ``q_query`` are then 0: they differ per episode).
+    shape: str = "fixed"
+    #: The source of the episodes in a run of many sources (``average``: their mean).
+    source: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.n_way}w{self.k_shot}s"
+        setting = self.shape if self.shape != "fixed" else f"{self.n_way}w{self.k_shot}s"
+        return setting if self.source is None else f"{self.source}/{setting}"
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {"setting": self.name, **asdict(self)}
@@ -41,7 +47,8 @@ class FewShotResult:
 
 
 def summarize(scores: torch.Tensor, n_way: int, k_shot: int, q_query: int,
-              metric: str = "acc") -> FewShotResult:
+              metric: str = "acc", shape: str = "fixed",
+              source: str | None = None) -> FewShotResult:
     """Mean and 95% CI of per-episode scores (accuracies, or MSE for regression)."""
     acc = scores.double().flatten()
     n = acc.numel()
@@ -50,7 +57,7 @@ def summarize(scores: torch.Tensor, n_way: int, k_shot: int, q_query: int,
     std = acc.std(unbiased=False).item() if n > 1 else 0.0
     return FewShotResult(n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=n,
                          mean=acc.mean().item(), std=std, ci95=1.96 * std / math.sqrt(n),
-                         metric=metric)
+                         metric=metric, shape=shape, source=source)
 
 
 def format_table(results: list[FewShotResult]) -> str:

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from sharebone.callbacks.cadence import logs_this_step
-from sharebone.data.episodes import Episode
+from sharebone.data.episodes import Episode, RaggedEpisodes
 from sharebone.errors import SettingError
 from sharebone.models import BackboneArg, ParameterSharing, build_backbone
 from sharebone.models.adapters import inject_adapters
@@ -270,12 +270,32 @@ class FewShotRegime(pl.LightningModule):
         adapts on the support set even at test time)."""
         return torch.no_grad() if self.predicts_without_grad else torch.enable_grad()
 
-    # -- Lightning hooks shared by all regimes -------------------------------------------------
-    def training_step(self, episode: Episode, batch_idx: int) -> torch.Tensor:
+    def loss_and_scores(self, episode: Episode | RaggedEpisodes
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta-batch's outer loss and per-task scores ``[T]``. A ragged meta-batch
+        (variable-shape episodes, :class:`~sharebone.data.episodes.RaggedEpisodes`) is one
+        :meth:`episode_loss` per task, averaged: the mean of the task losses, as a fixed
+        meta-batch's is (MAML's per-task meta-gradients included)."""
+        if isinstance(episode, RaggedEpisodes):
+            parts = [self.loss_and_scores(task) for task in episode.tasks()]
+            return (torch.stack([loss for loss, _ in parts]).mean(),
+                    torch.cat([scores for _, scores in parts]))
         loss, logits = self.episode_loss(episode)
+        return loss, self.episode_metric(logits.detach(), episode.query_labels)
+
+    def task_predictions(self, episode: Episode | RaggedEpisodes
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(query predictions, query labels)`` of each part of a meta-batch: the whole
+        meta-batch, or each task of a ragged one (their shapes differ)."""
+        parts = episode.tasks() if isinstance(episode, RaggedEpisodes) else [episode]
+        return [(self.predict_episode(part), part.query_labels) for part in parts]
+
+    # -- Lightning hooks shared by all regimes -------------------------------------------------
+    def training_step(self, episode: Episode | RaggedEpisodes, batch_idx: int) -> torch.Tensor:
+        loss, scores = self.loss_and_scores(episode)
         if self.logs_this_step(batch_idx):
-            score = self.episode_metric(logits.detach(), episode.query_labels).mean()
-            self.log_dict({"train/loss": loss.detach(), f"train/{self.metric_name}": score},
+            self.log_dict({"train/loss": loss.detach(),
+                           f"train/{self.metric_name}": scores.mean()},
                           batch_size=episode.num_tasks)
         return loss
 
@@ -286,12 +306,16 @@ class FewShotRegime(pl.LightningModule):
         the host at every step, a GPU sync; the bars show what the loggers got instead."""
         return self._trainer is not None and logs_this_step(self._trainer, batch_idx)
 
-    def validation_step(self, episode: Episode, batch_idx: int) -> None:
+    def validation_step(self, episode: Episode | RaggedEpisodes, batch_idx: int) -> None:
         with self.prediction_context():
-            loss, logits = self.episode_loss(episode)
-        score = self.episode_metric(logits.detach(), episode.query_labels).mean()
-        self.log_dict({"val/loss": loss.detach(), f"val/{self.metric_name}": score},
+            loss, scores = self.loss_and_scores(episode)
+        self.log_dict({"val/loss": loss.detach(), f"val/{self.metric_name}": scores.mean()},
                       prog_bar=True, batch_size=episode.num_tasks, sync_dist=True)
+        sources = getattr(episode, "sources", None)
+        for name in dict.fromkeys(sources or ()):  # many sources: each one's score too
+            mine = torch.tensor([s == name for s in sources], device=scores.device)
+            self.log(f"val/{name}/{self.metric_name}", scores[mine].mean(),
+                     batch_size=int(mine.sum()), sync_dist=True)
 
     # -- optimisation -----------------------------------------------------------------------
     def optimizer_param_groups(self) -> list[Any]:

@@ -38,7 +38,7 @@ from sharebone.checkpoint_io import (
     find_checkpoint,
     read_checkpoint,
 )
-from sharebone.data.episodes import Episode
+from sharebone.data.episodes import Episode, RaggedEpisodes
 from sharebone.errors import SettingError
 from sharebone.models import (
     BackboneArg,
@@ -350,7 +350,7 @@ class FineTune(FewShotRegime):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        if isinstance(batch, Episode):
+        if isinstance(batch, Episode | RaggedEpisodes):
             return super().validation_step(batch, batch_idx)
         loss, acc = self._scores(batch)
         self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True,

@@ -58,7 +58,7 @@ def setting(key: str) -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        if str(err).startswith(f"{key}."):
+        if str(err).startswith((f"{key}.", f"{key.split('.')[0]}.meta_dataset")):
             raise
         raise SettingError(f"{key}: {err}") from err
 
@@ -86,7 +86,7 @@ def build_run(cfg: DictConfig) -> RunParts:
         check_count("episodes", t.episodes)
         batch_size_for(t.batch_size, "cpu")  # "auto" or a count
         tests = test_episodes(family, t.settings, q_query=t.q_query, seed=t.seed,
-                             prefix="test.")
+                             prefix="test.", meta_dataset=_plain(meta_dataset_rules(cfg)))
     regime = instantiate(cfg.regime, **from_data, **sharing, _convert_="all")
     regime.optimizer_factory = partial_from(cfg, "optimizer")
     regime.scheduler_factory = partial_from(cfg, "scheduler")
@@ -112,6 +112,12 @@ def validation_for_auto(cfg: DictConfig, family: Any, regime: FewShotRegime,
         raise SettingError(f"{key}=auto chooses on validation episodes of the test settings, "
                            f"which task {cfg.task.name!r} cannot give ({err}). Set {key} to "
                            "a value instead.") from None
+
+
+def meta_dataset_rules(cfg: DictConfig) -> Any:
+    """The run's Meta-Dataset episode rules (``sampler.meta_dataset``), for test settings
+    with ``shape: meta_dataset``."""
+    return cfg.sampler.get("meta_dataset") if cfg.get("sampler") is not None else None
 
 
 def sharing_for(cfg: DictConfig) -> dict[str, Any]:
@@ -176,7 +182,9 @@ def episodes(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict
             family, train=dict(s.train), val=dict(s.val), meta_batch_size=s.meta_batch_size,
             batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes, seed=s.seed,
             eval_seed=s.eval_seed, num_workers=s.num_workers,
-            images_on_device=s.get("images_on_device", "auto"))
+            images_on_device=s.get("images_on_device", "auto"),
+            meta_dataset=_plain(s.get("meta_dataset")))
+    check_variable_ways(cfg)
     for split in ("train", "val"):
         with setting(f"sampler.{split}"):
             datamodule.source(split)
@@ -184,22 +192,68 @@ def episodes(cfg: DictConfig, family: Any) -> tuple[pl.LightningDataModule, dict
     return datamodule, {}
 
 
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def check_variable_ways(cfg: DictConfig) -> None:
+    """Variable-way training needs a head sized per episode: a MAML-family model whose head
+    is meta-learned for one ``n_way`` is refused before any data is decoded."""
+    if cfg.sampler.train.get("shape", "fixed") != "meta_dataset":
+        return
+    cls = regime_class(cfg.regime)
+    if not hasattr(cls, "adapted_shapes"):  # not the MAML family: nothing sized per way
+        return
+    head = cfg.regime.get("head", "learned")
+    step_sizes = cfg.regime.get("learn_step_sizes")
+    if step_sizes is None:
+        step_sizes = getattr(cls, "preset", {}).get("learn_step_sizes", False)
+    if head != "none" and head != "learned" and step_sizes:
+        raise SettingError(
+            "regime.learn_step_sizes: Meta-SGD learns the head's step sizes for one n_way, "
+            "and sampler.train.shape=meta_dataset draws a different number of ways per "
+            "episode. Fix: regime.learn_step_sizes=false, or sampler.train.shape=fixed.")
+    if head == "learned":
+        raise SettingError(
+            "regime.head=learned: sampler.train.shape=meta_dataset draws a different number "
+            "of ways per episode, and a meta-learned head has rows for one n_way. Fix: "
+            "regime.head=zero (a zero head sized per episode, Triantafillou et al.'s "
+            "zero-init) or regime.head=proto (Proto-MAML).")
+
+
+def _per_task_images(setting_: Any, meta_dataset: Any) -> int:
+    if setting_.get("shape", "fixed") == "meta_dataset":
+        from sharebone.data.variable import MetaDatasetShape
+
+        rules = MetaDatasetShape.of({**dict(meta_dataset or {}),
+                                     **dict(setting_.get("meta_dataset") or {})})
+        return rules.max_support_set_size + rules.max_ways * rules.max_query_per_class
+    return int(setting_["n_way"]) * (int(setting_["k_shot"]) + int(setting_["q_query"]))
+
+
 def check_meta_batch_memory(datamodule: EpisodicDataModule, family: Any,
                             available: int | None = None) -> None:
     """Refuse a meta-batch whose float inputs alone exceed the machine's memory: it would
-    fail deep inside an allocation after minutes, or take the machine down with it."""
+    fail deep inside an allocation after minutes, or take the machine down with it
+    (Meta-Dataset-shaped episodes at their largest)."""
     setting_ = datamodule.train_setting
-    per_task = (int(setting_["n_way"]) * (int(setting_["k_shot"]) + int(setting_["q_query"]))
+    per_task = (_per_task_images(setting_, getattr(datamodule, "meta_dataset", None))
                 * math.prod(getattr(family, "input_shape", (1,))))
     needed = 4 * per_task * datamodule.meta_batch_size
     available = available if available is not None else physical_memory()
     if available and needed > available:
         raise SettingError(
             f"sampler.meta_batch_size={datamodule.meta_batch_size}: one meta-batch of "
-            f"{setting_['n_way']}-way {setting_['k_shot']}-shot {setting_['q_query']}-query "
-            f"episodes is {needed / 2**30:.1f} GiB of float32 inputs alone, more than this "
-            f"machine's {available / 2**30:.1f} GiB. Lower sampler.meta_batch_size (and raise "
-            "trainer.accumulate_grad_batches for the same meta-gradient).")
+            f"{_describe(setting_)} episodes is {needed / 2**30:.1f} GiB of float32 inputs "
+            f"alone, more than this machine's {available / 2**30:.1f} GiB. Lower "
+            "sampler.meta_batch_size (and raise trainer.accumulate_grad_batches for the same "
+            "meta-gradient).")
+
+
+def _describe(setting_: Any) -> str:
+    if setting_.get("shape", "fixed") == "meta_dataset":
+        return "Meta-Dataset-shaped (at their largest)"
+    return f"{setting_['n_way']}-way {setting_['k_shot']}-shot {setting_['q_query']}-query"
 
 
 def physical_memory() -> int:
@@ -217,7 +271,8 @@ def _task_batches(cfg: DictConfig, family: Any, data: TaskSet,
         datamodule = TaskBatchDataModule(
             family, data, per_task=check_count("regime.batch_size", cfg.regime.batch_size),
             val=dict(s.val), batches_per_epoch=s.batches_per_epoch, val_episodes=s.val_episodes,
-            seed=s.seed, eval_seed=s.eval_seed, num_workers=s.num_workers, val_data=val_data)
+            seed=s.seed, eval_seed=s.eval_seed, num_workers=s.num_workers, val_data=val_data,
+            meta_dataset=_plain(s.get("meta_dataset")))
     if val_data is None:
         with setting("sampler.val"):
             datamodule.source("val")

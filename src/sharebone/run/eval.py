@@ -10,11 +10,13 @@ the training run's project and grouped by its id: :mod:`sharebone.tracking.eval_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,13 @@ from sharebone.data.families import build_family, check_plain, family_name, regi
 from sharebone.errors import SettingError, ShareboneError
 from sharebone.evaluation.fewshot import evaluate, test_episodes
 from sharebone.evaluation.folder import display_name, load_episode_folder
-from sharebone.evaluation.inputs import check_task_input
+from sharebone.evaluation.inputs import (
+    ConvertedSource,
+    InputConversion,
+    check_task_input,
+    converted_task,
+    plan_conversion,
+)
 from sharebone.evaluation.report import write_results
 from sharebone.evaluation.stats import format_table
 from sharebone.files import DiskFullError, atomic_write
@@ -59,6 +67,106 @@ def task_config(cfg: DictConfig, trained: dict[str, Any]) -> tuple[dict[str, Any
             family[key] = cfg[key]
     task["family"] = family
     return task, trusted
+
+
+def checked_input(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
+                  source: str, key: str = "task") -> InputConversion:
+    """The conversion of ``task``'s images to the checkpoint's (``convert=auto``; none for
+    ``convert=none``), and the converted input checked against the model, before scoring."""
+    spec = model.hparams.get("backbone")
+    conversion = plan_conversion(task, model.run_config, dict(spec) if isinstance(spec, Mapping)
+                                 else None, source, cfg.get("convert", "none"))
+    try:
+        check_task_input(model, converted_task(task, conversion), source)
+    except SettingError as err:
+        if key == "task":
+            raise
+        raise type(err)(f"{key} ({task.get('name')}): {err}") from err
+    if conversion:
+        print(f"[sharebone] {task.get('name')}: images converted for the checkpoint: "
+              f"{conversion.describe()}")
+    return conversion
+
+
+def converted(tests: list[Any], conversion: InputConversion) -> list[Any]:
+    """``tests`` with their episodes' model input converted (the same episodes)."""
+    if not conversion:
+        return tests
+    return [dataclasses.replace(t, source=ConvertedSource(t.source, conversion)) for t in tests]
+
+
+def compose_task(name: str, key: str) -> dict[str, Any]:
+    """Task config ``name`` from ``tasks/`` as ``task=<name>`` would compose it (the running
+    app's config search path; sharebone's configs when called from Python)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from sharebone.config import CONFIG_DIR
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            composed = compose(config_name="eval", overrides=[f"task={name}"])
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                composed = compose(config_name="eval", overrides=[f"task={name}"])
+    except HydraException as err:
+        known = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
+        raise SettingError(f"{key}: no task config {name!r} (known: {', '.join(known)}). Fix: "
+                           f"name tasks from tasks/.") from err
+    return OmegaConf.to_container(composed.task, resolve=True)
+
+
+def score_tasks(model: FewShotRegime, cfg: DictConfig, ckpt: Path) -> dict[str, Any]:
+    """``tasks=[a, b, ...]``: the checkpoint scored on every task (each through its stated
+    input conversion), one table and one result file. Every task is composed and checked
+    before the first episode is scored."""
+    if cfg.get("task") or cfg.episode_dir:
+        raise SettingError("tasks: give tasks=[...] alone, not with task= or episode_dir=. "
+                           "Fix: drop task=/episode_dir=, or tasks=.")
+    names = [str(n) for n in cfg.tasks]
+    planned = []
+    for i, name in enumerate(names):
+        task = compose_task(name, f"tasks[{i}]")
+        task["family"] = {**task["family"], **{k: cfg[k] for k in ("data_dir", "cache_dir")
+                                               if cfg.get(k) and k in task["family"]}}
+        conversion = checked_input(model, cfg, task, f"the checkpoint {ckpt}", f"tasks[{i}]")
+        planned.append((name, task, conversion))
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir_of(ckpt) / "eval"
+    check_writable(output_dir)
+    settings = OmegaConf.to_container(cfg.settings, resolve=True)
+    rules = OmegaConf.to_container(cfg.meta_dataset) if cfg.get("meta_dataset") else None
+    results, columns = [], []
+    for name, task, conversion in planned:
+        family = build_family(task["family"], trusted=True)
+        tests = converted(test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed,
+                                        split=cfg.split, meta_dataset=rules), conversion)
+        for result in evaluate(model, tests, episodes=cfg.episodes,
+                               episodes_per_batch=cfg.batch_size):
+            results.append(result)
+            columns.append({"task": name, "conversion": conversion.describe()})
+    print(f"\n{model.regime_name} from {ckpt} ({cfg.split} episodes, seed {cfg.seed}):\n"
+          f"{tasks_table(results, columns)}\n")
+    stem = unique_stem(output_dir, f"fewshot_tasks_{cfg.split}_seed{cfg.seed}_{cfg.episodes}ep_"
+                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+    paths = write_results(results, output_dir, stem=stem, row_columns=columns,
+                          extra={"checkpoint": str(ckpt), "regime": model.regime_name,
+                                 "tasks": names, "split": cfg.split, "seed": cfg.seed})
+    print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
+    return {"results": [{**c, **r.as_dict()} for c, r in zip(columns, results, strict=True)],
+            "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def tasks_table(results: list[Any], columns: list[dict[str, Any]]) -> str:
+    """One Markdown row per (task, setting), with the input conversion each task went
+    through (accuracy in %)."""
+    lines = ["| task | input conversion | setting | episodes | metric | score | 95% CI |",
+             "|---|---|---|---|---|---|---|"]
+    for c, r in zip(columns, results, strict=True):
+        scale, digits = (100, 2) if r.metric == "acc" else (1, 4)
+        lines.append(f"| {c['task']} | {c['conversion']} | {r.name} | {r.episodes} | "
+                     f"{r.metric} | {scale * r.mean:.{digits}f} | ± {scale * r.ci95:.{digits}f} |")
+    return "\n".join(lines)
 
 
 def score_folder(model: FewShotRegime, cfg: DictConfig, task: dict[str, Any],
@@ -255,8 +363,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         set_inner_steps(model, cfg.inner_steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
+    if cfg.get("tasks"):
+        return score_tasks(model, cfg, ckpt)
     task, trusted = task_config(cfg, model.run_config or {})
-    check_task_input(model, task, f"the checkpoint {ckpt}")  # before scoring, by task.* keys
+    conversion = checked_input(model, cfg, task, f"the checkpoint {ckpt}")
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir_of(ckpt) / "eval"
     check_writable(output_dir)  # now, not after scoring thousands of episodes
 
@@ -265,7 +375,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     family = build_family(task["family"], trusted=trusted)
     settings = OmegaConf.to_container(cfg.settings, resolve=True)
-    tests = test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed, split=cfg.split)
+    rules = cfg.get("meta_dataset")
+    tests = converted(test_episodes(family, settings, q_query=cfg.q_query, seed=cfg.seed,
+                                    split=cfg.split,
+                                    meta_dataset=OmegaConf.to_container(rules) if rules else None),
+                      conversion)
     results = evaluate(model, tests, episodes=cfg.episodes,
                        episodes_per_batch=cfg.batch_size)
     print(f"\n{model.regime_name} from {ckpt}\n{task['name']} ({cfg.split} episodes, "

@@ -30,7 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from sharebone import tracking
-from sharebone.data.episodes import Episode
+from sharebone.data.episodes import Episode, RaggedEpisodes
 from sharebone.errors import SettingError
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ _DATE, _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}$"), re.compile(r"^\d{2}-\d{2}-\d{
 def training_setting(cfg: Mapping[str, Any]) -> str | None:
     """``<n>w<k>s`` of the training episodes (``sampler.train``), None where there are none."""
     train = ((cfg.get("sampler") or {}).get("train")) or {}
+    if train.get("shape", "fixed") != "fixed":
+        return str(train["shape"])
     n_way, k_shot = train.get("n_way"), train.get("k_shot")
     return f"{n_way}w{k_shot}s" if n_way is not None and k_shot is not None else None
 
@@ -178,12 +180,15 @@ class Dashboard(pl.Callback):
     """
 
     def __init__(self, output_dir: str | Path | None, loggers: Sequence[Any],
-                 title: str = "", val_episode: bool = True) -> None:
+                 title: str = "", val_episode: bool = True, source: str | None = None) -> None:
         self.figures = None if output_dir is None else Path(output_dir) / FIGURES
         self.loggers = list(loggers)
         self.title = title
         self.val_episode = val_episode
+        #: The task the validation episodes come from (an episode's own source wins).
+        self.source = source
         self._episode: Episode | None = None
+        self._episode_source: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
@@ -203,6 +208,11 @@ class Dashboard(pl.Callback):
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._episode_source = self.source
+        if getattr(batch, "sources", None):
+            self._episode_source = batch.sources[0]  # many sources: the episode's own
+        if isinstance(batch, RaggedEpisodes) and batch.num_tasks:
+            batch = batch.tasks()[0]  # variable-shape episodes: the first, as a meta-batch
         if (batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Episode)
                 and batch.support.dim() == 5 and self._wanted(trainer, pl_module)):
             b = batch
@@ -226,19 +236,43 @@ class Dashboard(pl.Callback):
 
         with model.prediction_context():
             predicted = model.predict_episode(episode).detach().argmax(-1)[0]
-        classes = episode.classes[0].tolist()
-        names = [f"class {c}" for c in classes]
+        names = class_names(trainer, episode.classes[0].tolist(), self._episode_source)
         true = episode.query_labels[0]
         right, total = int((predicted == true).sum()), true.numel()
         # The step Lightning logs this validation's metrics at.
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-        title = (f"{self.title}\nvalidation episode 0 after epoch {trainer.current_epoch} "
-                 f"({trainer.global_step} optimizer steps): {right}/{total} queries right")
+        source = f" from {self._episode_source}" if self._episode_source else ""
+        title = (f"{self.title}\nvalidation episode 0{source} after epoch "
+                 f"{trainer.current_epoch} ({trainer.global_step} optimizer steps): "
+                 f"{right}/{total} queries right")
         fig = episode_figure(episode.support[0], episode.support_labels[0], episode.query[0],
                              predicted, true, names, title=title)
+        #: What the last figure showed (its classes' names and its title), for a reader.
+        self.last_drawn = {"classes": names, "title": title}
         png = None if self.figures is None else self.figures / "val_episode.png"
         log_figure(self.loggers, "val/episode", fig, png, step=step,
                    caption=f"epoch {trainer.current_epoch}: {right}/{total} right")
+
+
+def class_names(trainer: pl.Trainer, classes: Sequence[int],
+                episode_source: str | None = None) -> list[str]:
+    """The names of validation ``classes`` (dataset labels) as the split's source knows them
+    (a folder's name, an Omniglot character), else ``class <label>``; with many sources,
+    as the episode's own source knows them."""
+    datamodule = getattr(trainer, "datamodule", None)
+    source = None
+    if datamodule is not None and hasattr(datamodule, "source"):
+        try:
+            source = datamodule.source("val")
+        except Exception:  # noqa: BLE001 - a name is not worth failing a figure for
+            source = None
+    if episode_source is not None and hasattr(source, "named"):
+        try:
+            source = source.named(episode_source)
+        except ValueError:
+            pass
+    name = getattr(source, "class_name", None)
+    return [name(c) if name is not None else f"class {c}" for c in classes]
 
 
 def callbacks(cfg: Mapping[str, Any], model: Any, output_dir: str | Path,
@@ -247,7 +281,8 @@ def callbacks(cfg: Mapping[str, Any], model: Any, output_dir: str | Path,
     options = figure_options(cfg)
     found: list[pl.Callback] = [Dashboard(
         output_dir, loggers, title=describe(cfg, model.regime_name),
-        val_episode=bool(options["enabled"] and options["val_episode"]))]
+        val_episode=bool(options["enabled"] and options["val_episode"]),
+        source=(cfg.get("task") or {}).get("name"))]
     return found
 
 

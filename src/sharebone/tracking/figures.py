@@ -254,7 +254,10 @@ def learning_curves(rows: Sequence[Mapping[str, float]], metric: str = "acc",
 def accuracy_vs_shots(results: Sequence[Any], title: str = "") -> Figure | None:
     """Test score against ``k_shot``, one line per ``n_way``, error bars the 95% CI; accuracy
     in %, from zero, with each ``n_way``'s chance level. ``results`` are
-    :class:`~sharebone.evaluation.stats.FewShotResult`; None when there are none."""
+    :class:`~sharebone.evaluation.stats.FewShotResult`; None when there are none. Variable-
+    shape results (``meta_dataset``: no one ``n_way``/``k_shot``) are left to the tables."""
+    results = [r for r in results if getattr(r, "shape", "fixed") == "fixed"
+               and getattr(r, "source", None) in (None, "average")]  # many sources: the mean
     if not results:
         return None
     metric = results[0].metric
@@ -310,8 +313,9 @@ def score_vs_inner_steps(steps: Sequence[int], results: Sequence[Any], trained_s
     ax.axvline(test_steps, color="C3", linestyle=":", linewidth=1,
                label=f"configured test steps ({test_steps})")
     if percent:
-        ax.axhline(100 / first.n_way, color="gray", linestyle="--", linewidth=1,
-                   label=f"chance (1/{first.n_way})")
+        if first.n_way:  # variable-way episodes (n_way 0) have no one chance level
+            ax.axhline(100 / first.n_way, color="gray", linestyle="--", linewidth=1,
+                       label=f"chance (1/{first.n_way})")
         ax.set_ylim(0, 100)
         ax.set_ylabel("test accuracy (%), mean ± 95% CI")
     else:

@@ -155,7 +155,8 @@ class ImageFolderTasks:
         return EpisodeSampler(data.images, data.labels, n_way, k_shot, q_query, seed=seed,
                               split=split, groups=data.class_groups,
                               group_episodes=self._group_check(split, data),
-                              transform=self.input_transform(split, seed))
+                              transform=self.input_transform(split, seed),
+                              class_names=data.class_names)
 
     def _group_check(self, split: str, data: ImageSet) -> bool:
         if split not in self.group_splits:
