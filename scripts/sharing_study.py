@@ -118,7 +118,7 @@ def rescore(checkpoint: Path, preset: str, args: argparse.Namespace,
     saved = read_checkpoint(checkpoint)
     hparams = dict(saved["sharebone"]["hparams"])
     hparams["sharing"] = OmegaConf.to_container(cfg.sharing, resolve=True)
-    hparams["sharing"]["test_steps"] = "auto"
+    hparams["sharing"]["test_steps"] = args.test_steps
     model = create_regime("protonet", **hparams)
     model.load_state_dict(saved["state_dict"])
     family = build_family(cfg.task.family)
@@ -155,7 +155,7 @@ def study(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             kind = ADAPTERS.get(preset)
             if kind not in trained:
                 first = preset if kind else "none"
-                auto = ["sharing.test_steps=auto"] if kind else []
+                auto = [f"sharing.test_steps={args.test_steps}"] if kind else []
                 row, trained[kind] = train_and_score("protonet", first, [*PROTONET, *auto],
                                                      args, out)
                 if first == preset:
@@ -242,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auto-episodes", type=int, default=100,
                    help="validation episodes per setting that choose the test-time settings")
     p.add_argument("--val-episodes", type=int, default=50)
+    p.add_argument("--test-steps", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="ProtoNet's test-time fine-tuning steps: auto (chosen on validation) "
+                        "or a count for every preset")
     p.add_argument("--batches-per-epoch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=0)
