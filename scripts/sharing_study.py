@@ -180,7 +180,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
               f"the same for every row), mean ± 95% CI. Test-time settings chosen on "
               f"{args.auto_episodes} validation episodes per setting. Task-specific params: "
               "those that adapt per task (the inner loop, or ProtoNet's test-time "
-              "fine-tuning)."]
+              "fine-tuning)." + ("" if args.test_steps == "auto" else
+                                 f" ProtoNet: {args.test_steps} test-time Adam steps for "
+                                 "every preset (not chosen).")]
     return "\n".join(lines) + "\n"
 
 
