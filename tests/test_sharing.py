@@ -281,7 +281,7 @@ def test_regimes_that_cannot_adapt_yet_refuse_a_map_and_say_which_can(regime, mo
                                                                         tmp_path):
     text = _refused_before_data(monkeypatch, tmp_path, [f"regime={regime}", "sharing=head"])
     assert text.startswith(f"sharing.adapt: regime '{regime}' has no way")
-    assert all(name in text for name in ("anil", "fomaml", "maml", "metasgd", "reptile"))
+    assert all(name in text for name in ("anil", "fomaml", "imaml", "maml", "metasgd", "reptile"))
 
 
 def test_a_run_prints_logs_and_checkpoints_its_sharing_map(tmp_path, capsys):
