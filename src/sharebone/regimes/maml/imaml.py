@@ -189,12 +189,19 @@ class IMAML(MAML):
                                                                                 strict=True)]
 
             v = [t.detach() for t in conjugate_gradient(matvec, g, h.cg_steps)]
-            needs = [s is not None and s.requires_grad for s in support_grad]
-            mixed = (torch.autograd.grad([s for s, n in zip(support_grad, needs, strict=True)
-                                          if n], params,
-                                         grad_outputs=[t for t, n in zip(v, needs, strict=True)
-                                                       if n], allow_unused=True)
-                     if any(needs) else [None] * len(params))
+            # Only parameters outside phi (shared, or a fixed head's source) can appear in the
+            # support loss at phi: with every parameter adapting there is no mixed term.
+            adapted = {id(t) for t in start.values()}
+            outside = [i for i, p in enumerate(params) if id(p) not in adapted]
+            mixed: list[torch.Tensor | None] = [None] * len(params)
+            carried = [(s, t) for s, t in zip(support_grad, v, strict=True) if s.requires_grad]
+            if outside and carried:
+                found = torch.autograd.grad([s for s, _ in carried],
+                                            [params[i] for i in outside],
+                                            grad_outputs=[t for _, t in carried],
+                                            allow_unused=True)
+                for i, term in zip(outside, found, strict=True):
+                    mixed[i] = term
             # theta itself, and whatever it was built from (a proto head: the backbone).
             begun = [(start[k], t) for k, t in zip(names, v, strict=True)
                      if start[k].requires_grad]
