@@ -104,3 +104,12 @@ def test_a_bad_lambda_from_the_command_line_names_the_key(tmp_path):
     with pytest.raises(Exception) as err:
         build_run(compose_train(tmp_path, [*FAST, "regime=r2d2", "regime.lam=-2"]))
     assert str(user_error(err.value)).startswith("regime.lam must be > 0")
+
+
+def test_a_regression_task_is_refused_with_the_fix():
+    episode = EpisodeSampler(torch.randn(40, 6), torch.arange(40) // 8, 3, 2, 3).batch([0])
+    episode = type(episode)(episode.support, episode.support_labels.float().unsqueeze(-1),
+                            episode.query, episode.query_labels.float().unsqueeze(-1),
+                            episode.classes)
+    with pytest.raises(SettingError, match=r"regime=r2d2 classifies .* Fix: a classification"):
+        R2D2(TINY_MLP).predict_episode(episode)

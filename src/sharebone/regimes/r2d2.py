@@ -55,6 +55,11 @@ class R2D2(FewShotRegime):
         self.save_hyperparameters()
 
     def predict_episode(self, episode: Episode) -> torch.Tensor:
+        if episode.support_labels.is_floating_point():
+            raise SettingError(
+                "regime=r2d2 classifies (its ridge head regresses one-hot class labels); this "
+                "task has real-valued targets. Fix: a classification task, or a regime with "
+                "loss=mse for regression (e.g. regime=maml regime.loss=mse).")
         support, query = self.embed_episode(episode)
         return self.head(support, episode.support_labels, query, episode.n_way)
 
