@@ -177,8 +177,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
               f"per way (seed {args.test_seed}, "
               f"identical for every row: fingerprint {rows[0]['episodes_sha']}); mean ± 95% CI "
               "(1.96 std / sqrt(episodes)). Task-specific params: trained heads (pretrain, "
-              "multitask; few-shot uses a fresh head fitted per support set), or the adapted "
-              "copy (MAML family)."]
+              "multitask; few-shot uses a fresh head fitted per support set), the adapted "
+              "copy (MAML family), or the ridge weights solved per support set (r2d2)."]
     return "\n".join(lines) + "\n"
 
 
