@@ -16,5 +16,6 @@ from sharebone.regimes.multitask import MultiTask
 from sharebone.regimes.protonet import ProtoNet
 from sharebone.regimes.r2d2 import R2D2
 
-__all__ = ["ANIL", "FOMAML", "IMAML", "MAML", "REGIMES", "FewShotRegime", "FineTune", "MetaSGD", "MultiTask",
-           "Pretrain", "ProtoNet", "R2D2", "Reptile", "accuracy", "create_regime", "load_regime", "register_regime"]
+__all__ = ["ANIL", "FOMAML", "IMAML", "MAML", "R2D2", "REGIMES", "FewShotRegime", "FineTune",
+           "MetaSGD", "MultiTask", "Pretrain", "ProtoNet", "Reptile", "accuracy", "create_regime",
+           "load_regime", "register_regime"]
