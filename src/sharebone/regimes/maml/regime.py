@@ -17,6 +17,10 @@ The four regimes are presets of :class:`MAML` (their classes only change default
   adapts, on backbone features computed once per task.
 - :class:`MetaSGD` (Li et al. 2017, arXiv:1707.09835): ``learn_step_sizes=True``, every adapted
   parameter has its own learned step size (initialised to ``inner_lr``).
+
+Reptile and iMAML (:mod:`~sharebone.regimes.maml.reptile`, :mod:`~sharebone.regimes.maml.imaml`)
+are subclasses that take another outer step on the same inner problem
+(:meth:`MAML.task_problem`).
 """
 
 from __future__ import annotations
