@@ -4,7 +4,8 @@
     python scripts/compare_regimes.py --budget-seconds 120 --episodes 600
     python scripts/compare_regimes.py --quick                       # seconds: generated images, MLP
 
-Regimes: protonet, maml/fomaml/anil/metasgd (those registered at run time), pretrain, multitask
+Regimes: protonet, r2d2, maml/fomaml/anil/metasgd/reptile/imaml (those registered at run time),
+pretrain, baseline_pp (``regime=pretrain regime.classifier=cosine``: Baseline++), multitask
 (multitask trains on the same training classes split into tasks: one per alphabet on Omniglot).
 Each is trained by ``sharebone.run.train.run`` for ``--steps`` optimizer steps and/or
 ``--budget-seconds`` of wall time, then scored on 5w1s, 5w5s, 20w1s and 20w5s test episodes fixed
@@ -42,14 +43,20 @@ from sharebone.data.families import build_family
 from sharebone.regimes import REGIMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["protonet", "maml", "fomaml", "anil", "metasgd", "pretrain", "multitask"]
+ORDER = ["protonet", "r2d2", "maml", "fomaml", "anil", "metasgd", "reptile", "imaml", "pretrain",
+         "baseline_pp", "multitask"]
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 MAML_LIKE = ["sampler.meta_batch_size=4", "++trainer.gradient_clip_val=10.0"]
 #: Per-regime settings within the shared budget (the papers' choices, scaled to a short run).
 REGIME_OVERRIDES: dict[str, list[str]] = {
     "protonet": ["sampler.train.n_way=20", "sampler.train.q_query=5"],
     "maml": MAML_LIKE, "fomaml": MAML_LIKE, "anil": MAML_LIKE, "metasgd": MAML_LIKE,
+    "reptile": MAML_LIKE, "imaml": MAML_LIKE, "r2d2": ["sampler.train.q_query=5"],
     "pretrain": [], "multitask": [],
+}
+#: Rows that are a regime with options, not a regime of their own: row -> (regime, overrides).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "baseline_pp": ("pretrain", ["regime.classifier=cosine"]),
 }
 #: How multitask sees each task family: the same training classes, split into tasks.
 MULTITASK_VIEW: dict[str, list[str]] = {
@@ -77,7 +84,7 @@ def episodes_fingerprint(cfg: DictConfig) -> str:
 
 
 def available_regimes(requested: list[str] | None) -> list[str]:
-    names = [r for r in ORDER if r in REGIMES]
+    names = [r for r in ORDER if VARIANTS.get(r, (r,))[0] in REGIMES]
     if requested:
         unknown = [r for r in requested if r not in names]
         if unknown:
@@ -127,8 +134,9 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def train_one(regime: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from sharebone.run.train import run
 
-    overrides = (base_overrides(args) + logger_overrides(args, regime) + [f"regime={regime}"]
-                 + REGIME_OVERRIDES.get(regime, []))
+    name, variant = VARIANTS.get(regime, (regime, []))
+    overrides = (base_overrides(args) + logger_overrides(args, regime) + [f"regime={name}"]
+                 + REGIME_OVERRIDES.get(regime, []) + variant)
     if regime == "multitask":
         if args.task not in MULTITASK_VIEW:
             raise SystemExit(f"No multitask view of task {args.task}; "
@@ -169,8 +177,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
               f"per way (seed {args.test_seed}, "
               f"identical for every row: fingerprint {rows[0]['episodes_sha']}); mean ± 95% CI "
               "(1.96 std / sqrt(episodes)). Task-specific params: trained heads (pretrain, "
-              "multitask; few-shot uses a fresh head fitted per support set), or the adapted "
-              "copy (MAML family)."]
+              "multitask; few-shot uses a fresh head fitted per support set), the adapted "
+              "copy (MAML family), or the ridge weights solved per support set (r2d2)."]
     return "\n".join(lines) + "\n"
 
 

@@ -86,3 +86,8 @@ m = json.loads((Path(sys.argv[1]) / "metrics.json").read_text())
 print({k: v for k, v in m.items() if k.startswith("test/5w1s") or k == "train_seconds"})
 PY
 done 2>&1 | tee "$OUT/precision.txt"
+
+# 6. Issue 23: iMAML's peak memory flat in inner_steps, MAML's growing; time per meta-batch.
+if [ "${SMOKE:-0}" = 1 ]; then IMAML=(--device cpu --hidden 8 --steps 1,2 --iters 1 --warmup 0)
+else IMAML=(--device cuda --steps 1,5,10,20 --iters 10 --warmup 2 --meta-batch 32); fi
+$PY scripts/bench_imaml.py "${IMAML[@]}" --out "$OUT/imaml.json" 2>&1 | tee "$OUT/bench_imaml.txt"

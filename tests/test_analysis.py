@@ -211,3 +211,23 @@ def test_multitask_relatedness_quick(tmp_path):
         (r, m) for r in (0.0, 1.0) for m in ("single-task", "equal", "pcgrad")}
     assert all(r["test_mse"] > 0 for r in rows)
     assert (tmp_path / "relatedness.md").read_text().startswith("| relatedness | single-task MSE")
+
+
+def test_compare_regimes_has_a_row_for_each_method_papers_compare_against(tmp_path):
+    """Reptile, iMAML, R2D2 and Baseline++ (a pretrain variant: its own row, its own run).
+    Reptile and iMAML rows run as MAML's do; R2D2 and the variant are run here."""
+    pytest.importorskip("matplotlib")
+    script = load_script("compare_regimes")
+    assert {"reptile", "imaml", "r2d2", "baseline_pp"} <= set(script.available_regimes(None))
+    assert script.REGIME_OVERRIDES["reptile"] == script.REGIME_OVERRIDES["imaml"] == \
+        script.MAML_LIKE
+    rows = script.main(["--quick", "--steps", "2", "--episodes", "2", "--regimes",
+                        "r2d2,baseline_pp", "--out", str(tmp_path), "--wandb", "disabled"])
+    assert [r["regime"] for r in rows] == ["r2d2", "baseline_pp"]
+    assert len({r["episodes_sha"] for r in rows}) == 1
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| r2d2 | " in table and "| baseline_pp | " in table
+    from sharebone.regimes import load_regime
+
+    baseline_pp = load_regime(tmp_path / "baseline_pp" / "checkpoints" / "last.ckpt")
+    assert baseline_pp.hparams.classifier == "cosine"

@@ -41,7 +41,7 @@ def uint8_sampler(n_way: int = 3, seed: int = 0) -> EpisodeSampler:
 
 
 def regime_kwargs(name: str) -> dict:
-    return {"n_way": 3} if name in ("maml", "fomaml", "anil", "metasgd") else {}
+    return {"n_way": 3} if name in ("maml", "fomaml", "anil", "metasgd", "reptile", "imaml") else {}
 
 
 # -- the public surface -------------------------------------------------------------------------
@@ -74,7 +74,8 @@ def test_every_public_name_is_the_object_its_module_defines():
 
 
 # -- a backbone given as a module ----------------------------------------------------------------
-@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "protonet"])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "protonet", "reptile",
+                                  "imaml", "r2d2"])
 def test_episodic_regimes_train_a_module_backbone_with_a_lightning_trainer(name, tmp_path):
     torch.manual_seed(0)
     backbone = TinyConv()

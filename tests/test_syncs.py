@@ -63,7 +63,9 @@ LOOP = ["task=synthetic_images", "logger=csv", f"sampler.batches_per_epoch={STEP
 @pytest.mark.parametrize("overrides", [
     ["regime=maml"], ["regime=maml", "regime.vmap=true", "regime.vmap_chunk_size=2"],
     ["regime=fomaml"], ["regime=anil"], ["regime=metasgd"], ["regime=protonet"],
-    ["regime=finetune"],
+    ["regime=finetune"], ["regime=reptile", "backbone=mlp", "regime.inner_steps=1"],
+    ["regime=imaml", "backbone=mlp", "regime.inner_steps=1", "regime.cg_steps=1"],
+    ["regime=r2d2", "backbone=mlp"],
 ], ids=lambda o: "-".join(v.split("=")[1] for v in o))
 def test_only_logging_steps_read_values_from_the_device(tmp_path, overrides, caplog):
     with caplog.at_level(logging.INFO, logger="sharebone.callbacks.syncs"):

@@ -77,6 +77,45 @@ class LinearHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, init={self.init}"
 
 
+CLASSIFIERS = ("linear", "cosine")
+
+
+class CosineClassifier(nn.Module):
+    """Baseline++'s classifier (Chen, Liu, Kira, Wang & Huang, ICLR 2019, arXiv:1904.04232):
+    logits are ``scale * cos(f, w_k)``, the cosine similarity of a feature to each class's
+    weight vector, times a learned ``scale``. Normalising both sides removes the features'
+    norm from the decision, which the paper credits for less intra-class variation.
+
+    Args:
+        in_features: the backbone's ``num_features``.
+        out_features: classes.
+        scale: the initial scale (learned; > 0).
+
+    Example:
+        >>> head = CosineClassifier(4, 3, scale=10.0)
+        >>> bool(head(torch.randn(2, 4)).abs().max() <= 10.0)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 10.0) -> None:
+        super().__init__()
+        check_scale(scale)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+def check_scale(scale: float) -> None:
+    """A cosine classifier's scale must be > 0 (the logits would be flat or inverted)."""
+    if isinstance(scale, bool) or not scale > 0:
+        raise SettingError(f"regime.scale must be > 0 (the cosine classifier's initial logit "
+                           f"scale), got {scale!r}. Fix: regime.scale=10.0.")
+
+
 def prototype_head(features: torch.Tensor, labels: torch.Tensor,
                    n_way: int) -> dict[str, torch.Tensor]:
     """Proto-MAML's head for one task: support features ``[S, D]``, labels ``[S]`` ->
@@ -138,16 +177,27 @@ class LinearClassifier:
     weight: torch.Tensor
     bias: torch.Tensor
     normalize: bool = True
+    #: Baseline++'s cosine classifier: ``scale * cos(f, w_k)``, no bias.
+    cosine_scale: torch.Tensor | float | None = None
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.cosine_scale is not None:
+            return cosine_logits(features, self.weight, self.cosine_scale)
         if self.normalize:
             features = F.normalize(features, dim=-1)
         return features @ self.weight.transpose(1, 2) + self.bias.unsqueeze(1)
 
 
+def cosine_logits(features: torch.Tensor, weight: torch.Tensor,
+                  scale: torch.Tensor | float) -> torch.Tensor:
+    """``scale * cos(f, w_k)`` per task: ``features [T, M, D]``, ``weight [T, n_way, D]``."""
+    return scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(1, 2)
+
+
 def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: int,
                           method: str = "logistic", steps: int = 100, lr: float = 0.5,
-                          l2: float = 0.01, normalize: bool = True) -> LinearClassifier:
+                          l2: float = 0.01, normalize: bool = True,
+                          cosine_scale: torch.Tensor | float | None = None) -> LinearClassifier:
     """Fit one multinomial logistic-regression head per task on support features.
 
     ``features [T, S, D]``, ``labels [T, S]``; minimises mean cross-entropy plus
@@ -155,6 +205,9 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: i
     2020's RFS recipe). ``method="logistic"`` runs L-BFGS for up to ``steps`` iterations (the
     convex problem, solved); ``"sgd"`` takes ``steps`` plain gradient steps of size ``lr`` (a
     fine-tuned head's few steps). Gradients are enabled inside, so it works under ``no_grad``.
+    ``cosine_scale``: fit Baseline++'s cosine classifier instead (``scale * cos(f, w_k)``, no
+    bias; Chen et al. 2019), its rows starting from the class means (a zero row has no
+    direction).
 
     Example:
         >>> x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])           # one task, two ways
@@ -168,16 +221,25 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: i
     if normalize:
         features = F.normalize(features, dim=-1)
     tasks, _, dim = features.shape
-    weight = torch.zeros(tasks, n_way, dim, device=features.device, dtype=features.dtype,
-                         requires_grad=True)
+    if cosine_scale is None:
+        weight = torch.zeros(tasks, n_way, dim, device=features.device, dtype=features.dtype,
+                             requires_grad=True)
+    else:
+        cosine_scale = (cosine_scale.detach().to(features.dtype)
+                        if isinstance(cosine_scale, torch.Tensor) else float(cosine_scale))
+        one_hot = F.one_hot(labels, n_way).to(features.dtype)
+        weight = (one_hot.transpose(1, 2) @ features).requires_grad_()
     bias = torch.zeros(tasks, n_way, device=features.device, dtype=features.dtype,
                        requires_grad=True)
 
     def objective() -> torch.Tensor:
-        logits = features @ weight.transpose(1, 2) + bias.unsqueeze(1)
+        logits = (features @ weight.transpose(1, 2) + bias.unsqueeze(1)
+                  if cosine_scale is None else cosine_logits(features, weight, cosine_scale))
         # Sum of per-task mean losses: separable, so one solve fits every task's own head.
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        return ce.view(tasks, -1).mean(1).sum() + 0.5 * l2 * weight.pow(2).sum()
+        # A cosine classifier's logits ignore the rows' norms: no penalty on them.
+        penalty = 0.5 * l2 * weight.pow(2).sum() if cosine_scale is None else 0.0
+        return ce.view(tasks, -1).mean(1).sum() + penalty
 
     with torch.enable_grad():
         if method == "logistic":
@@ -197,7 +259,7 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, n_way: i
                 optimizer.zero_grad()
                 objective().backward()
                 optimizer.step()
-    return LinearClassifier(weight.detach(), bias.detach(), normalize)
+    return LinearClassifier(weight.detach(), bias.detach(), normalize, cosine_scale)
 
 
 def ridge_predict(support: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,

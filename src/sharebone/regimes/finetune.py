@@ -22,6 +22,7 @@ callback rather than hand-rolled freezing:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +50,13 @@ from sharebone.models import (
 )
 from sharebone.models.analysis import layer_groups
 from sharebone.models.backbones import backbone_differences, skip_pretrained_weights
-from sharebone.models.heads import DEFAULT_HEAD_FIT, fit_linear_classifier
+from sharebone.models.heads import (
+    CLASSIFIERS,
+    DEFAULT_HEAD_FIT,
+    CosineClassifier,
+    check_scale,
+    fit_linear_classifier,
+)
 from sharebone.models.sharing import is_norm
 from sharebone.regimes.base import FewShotRegime, SharingArg, register_regime
 from sharebone.regimes.shared import SharedBackboneRegime
@@ -61,12 +68,15 @@ __all__ = ["FINETUNE_MODES", "FineTune", "FrozenBackbone", "GradualUnfreezing", 
 
 @register_regime("pretrain")
 class Pretrain(SharedBackboneRegime):
-    """Baseline/RFS pre-training: backbone + one linear classifier over all training classes.
+    """Baseline/RFS pre-training: backbone + one classifier over all training classes.
 
     Shared: the backbone. Task-specific: the classifier (a fresh head per support set at
     few-shot time, fitted as ``head_fit`` says: logistic regression on normalised features,
     RFS's choice, or a few SGD steps, Baseline's). The training task is the family's whole
     train split as one task; ``num_classes`` is filled from it by ``sharebone-train``.
+    ``classifier="cosine"`` is Baseline++ (Chen et al. 2019): the classifier is
+    ``scale * cos(f, w_k)`` with a learned scale, in pre-training and in each support set's
+    fresh head (which takes the trained scale).
 
     Args:
         backbone: registry spec of the backbone.
@@ -74,6 +84,8 @@ class Pretrain(SharedBackboneRegime):
         lr, weight_decay: Adam.
         batch_size: images per step.
         head_fit: see :class:`~sharebone.regimes.multitask.MultiTask`.
+        classifier: ``"linear"`` (Baseline, RFS) or ``"cosine"`` (Baseline++).
+        scale: the cosine classifier's initial scale (learned; > 0).
 
     Example:
         >>> model = Pretrain({"name": "mlp", "in_features": 4, "hidden": [8]}, num_classes=5)
@@ -88,13 +100,40 @@ class Pretrain(SharedBackboneRegime):
 
     def __init__(self, backbone: BackboneArg, num_classes: int | None = None,
                  lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 64,
-                 head_fit: dict[str, Any] | None = None, sharing: SharingArg = None) -> None:
+                 head_fit: dict[str, Any] | None = None, classifier: str = "linear",
+                 scale: float = 10.0, sharing: SharingArg = None) -> None:
+        if classifier not in CLASSIFIERS:
+            raise SettingError(f"regime.classifier must be one of {CLASSIFIERS}, got "
+                               f"{classifier!r}. Fix: regime.classifier=cosine (Baseline++).")
+        check_scale(scale)
+        builder = (functools.partial(CosineClassifier, scale=scale)
+                   if classifier == "cosine" else None)
         super().__init__(backbone, heads={"classes": num_classes} if num_classes else None,
                          weighting={"name": "equal"}, loss="cross_entropy", lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, conflict_every=0,
-                         head_fit=head_fit, sharing=sharing)
+                         head_fit=head_fit, head_builder=builder, sharing=sharing)
         self.save_hyperparameters()
         self.apply_sharing()
+
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        """A fresh head on each support set: Baseline++ fits a cosine classifier with the
+        trained scale; otherwise the linear head ``head_fit`` says."""
+        if self.hparams.classifier != "cosine":
+            return super().predict_episode(episode)
+        support, query = (f.detach() for f in self.embed_episode(episode))
+        trained = self.heads[next(iter(self.heads))].scale if len(self.heads) else None
+        scale = self.hparams.scale if trained is None else trained.detach()
+        head = fit_linear_classifier(support, episode.support_labels, episode.n_way,
+                                     **self.head_fit, cosine_scale=scale)
+        return head(query)
+
+    def parameter_sharing(self) -> ParameterSharing:
+        sharing = super().parameter_sharing()
+        if self.hparams.classifier != "cosine":
+            return sharing
+        return dataclasses.replace(sharing, description=(
+            "Baseline++: 1 trained cosine classifier (learned scale); few-shot: a fresh cosine "
+            f"head ({self.head_fit['method']}) per support set"))
 
 
 # ------------------------------------------------------------------------------- transfer

@@ -5,6 +5,7 @@ multitask regime (:mod:`sharebone.regimes.multitask`) and pre-training / fine-tu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,6 +91,7 @@ class SharedBackboneRegime(FewShotRegime):
                  weighting: dict[str, Any] | None = None, loss: str = "cross_entropy",
                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 16,
                  conflict_every: int = 10, head_fit: dict[str, Any] | None = None,
+                 head_builder: Callable[[int, int], nn.Module] | None = None,
                  sharing: SharingArg = None) -> None:
         super().__init__(backbone, sharing)
         self.task_kind = task_kind(loss)
@@ -98,7 +100,8 @@ class SharedBackboneRegime(FewShotRegime):
         if bad:
             raise SettingError(f"Every head needs a positive int output size; got {bad}.")
         width = feature_width(self.backbone)
-        self.heads = nn.ModuleDict({_key(name): nn.Linear(width, n) for name, n in heads.items()})
+        build = head_builder or nn.Linear  # (features, outputs) -> a task's head
+        self.heads = nn.ModuleDict({_key(name): build(width, n) for name, n in heads.items()})
         self.head_names = list(heads)
         spec = dict(weighting or {"name": "equal"})
         self.weighting: Weighting | None = (

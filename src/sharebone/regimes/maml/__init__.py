@@ -1,3 +1,3 @@
-"""The MAML family (MAML, first-order MAML, ANIL, Meta-SGD): the regime, its options, the
-meta-batch chunking, precision checks, and
-learn2learn as an optional backend (``l2l``)."""
+"""The MAML family (MAML, first-order MAML, ANIL, Meta-SGD, Reptile, iMAML): the regime, its
+options, the meta-batch chunking, precision checks, and learn2learn as an optional backend
+(``l2l``)."""

@@ -17,6 +17,10 @@ The four regimes are presets of :class:`MAML` (their classes only change default
   adapts, on backbone features computed once per task.
 - :class:`MetaSGD` (Li et al. 2017, arXiv:1707.09835): ``learn_step_sizes=True``, every adapted
   parameter has its own learned step size (initialised to ``inner_lr``).
+
+Reptile and iMAML (:mod:`~sharebone.regimes.maml.reptile`, :mod:`~sharebone.regimes.maml.imaml`)
+are subclasses that take another outer step on the same inner problem
+(:meth:`MAML.task_problem`).
 """
 
 from __future__ import annotations
@@ -160,6 +164,11 @@ class MAML(FewShotRegime):
         if learn_step_sizes:
             for name, shape in self.adapted_shapes().items():
                 self.step_sizes[dict_key(name)] = nn.Parameter(torch.full(shape, float(inner_lr)))
+        self.check_family_options()
+
+    def check_family_options(self) -> None:
+        """Refuse what a member of the family cannot run (Reptile, iMAML override it); called
+        once the options and the sharing roles are known."""
 
     # -- the sharing map ---------------------------------------------------------------------
     def mapped_shapes(self, n_way: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -404,19 +413,19 @@ class MAML(FewShotRegime):
         return adapted, {k: v for k, v in head.items() if k not in adapted}
 
     # -- one task ---------------------------------------------------------------------------
-    def adapt_task(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
-                   steps: int, first_order: bool, functional: bool = False,
-                   checkpoint: bool = False) -> tuple[Params, torch.Tensor | None]:
-        """Adapted parameters of one task (the ``adapt`` role; ANIL: the head only), with the
-        task's head entries that do not adapt, and, when no backbone parameter adapts (ANIL),
-        the support features they act on. ``support [S, *input]``, ``support_labels [S]``
-        (regression targets: ``[S, 1]``)."""
+    def task_problem(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                     twice_differentiable: bool = False,
+                     ) -> tuple[Params, Params, Callable[[Params, int], torch.Tensor],
+                                torch.Tensor | None]:
+        """A task's inner problem: the parameters adaptation starts from (the ``adapt`` role),
+        the task's head entries that do not adapt, ``support_loss(params, step)`` and, when no
+        backbone parameter adapts (ANIL), the support features it acts on. What every inner
+        loop of the family (MAML's, Reptile's, iMAML's proximal one) descends on."""
         fixed_features = None
         if not self.adapts_backbone:
             fixed_features = self.features({}, support, 0)
         params, fixed = self._task_start(support, support_labels, n_way, fixed_features,
-                                         twice_differentiable=not first_order)
-        step_sizes = self.inner_step_sizes(params, n_way)
+                                         twice_differentiable=twice_differentiable)
         if fixed_features is not None:
             def support_loss(p: Params, step: int) -> torch.Tensor:
                 p = p | fixed
@@ -425,11 +434,32 @@ class MAML(FewShotRegime):
         else:
             def support_loss(p: Params, step: int) -> torch.Tensor:
                 predictions = self.forward_with(p | fixed, support, step,
-                                                twice_differentiable=not first_order)
+                                                twice_differentiable=twice_differentiable)
                 return self.task_loss(predictions, support_labels)
+        return params, fixed, support_loss, fixed_features
+
+    def adapt_task(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                   steps: int, first_order: bool, functional: bool = False,
+                   checkpoint: bool = False) -> tuple[Params, torch.Tensor | None]:
+        """Adapted parameters of one task (the ``adapt`` role; ANIL: the head only), with the
+        task's head entries that do not adapt, and, when no backbone parameter adapts (ANIL),
+        the support features they act on. ``support [S, *input]``, ``support_labels [S]``
+        (regression targets: ``[S, 1]``)."""
+        params, fixed, support_loss, fixed_features = self.task_problem(
+            support, support_labels, n_way, twice_differentiable=not first_order)
+        step_sizes = self.inner_step_sizes(params, n_way)
         adapted = adapt(support_loss, params, steps, step_sizes, first_order=first_order,
                         functional=functional, checkpoint=checkpoint)
         return adapted | fixed, fixed_features
+
+    def predict_with(self, adapted: Params, query: torch.Tensor, step: int,
+                     twice_differentiable: bool = False) -> torch.Tensor:
+        """Query predictions under a task's adapted parameters (ANIL: on the fixed backbone's
+        features)."""
+        if not self.adapts_backbone:
+            features = self.features({}, query, 0)
+            return F.linear(features, adapted["head.weight"], adapted["head.bias"])
+        return self.forward_with(adapted, query, step, twice_differentiable)
 
     def _task_predictions(self, support: torch.Tensor, support_labels: torch.Tensor,
                           query: torch.Tensor, n_way: int, steps: int, first_order: bool,
@@ -440,10 +470,7 @@ class MAML(FewShotRegime):
         # Without a meta-gradient to take, the query pass keeps no graph: evaluating a
         # meta-batch then needs one task's activations at a time, not all of them.
         with contextlib.nullcontext() if meta_gradient else torch.no_grad():
-            if not self.adapts_backbone:
-                features = self.features({}, query, 0)
-                return F.linear(features, adapted["head.weight"], adapted["head.bias"])
-            return self.forward_with(adapted, query, steps)
+            return self.predict_with(adapted, query, steps)
 
     def _task_function(self, n_way: int) -> Callable[..., torch.Tensor]:
         """``(support, support_labels, query) -> query predictions`` of one task, with the
