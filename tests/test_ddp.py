@@ -17,6 +17,7 @@ import torch
 from helpers.configs import FAST, compose_train
 
 from sharebone.data.families import build_family
+from sharebone.data.variable import episode_source
 from sharebone.run.train import launch_rank, run
 
 META_BATCH, BATCHES, EPOCHS = 4, 8, 2
@@ -88,7 +89,7 @@ def test_ranks_draw_disjoint_shares_of_the_episodes_one_process_would(trained_dd
     assert [r["world_size"] for r in ranks] == [2, 2]
     family = build_family(cfg.task.family)
     s = cfg.sampler
-    source = family.sampler("train", seed=s.seed, **dict(s.train))
+    source = episode_source(family, "train", s.seed, dict(s.train))  # as the data module does
     share = META_BATCH // 2
     for rank, record in enumerate(ranks):
         assert len(record["seen"]) == BATCHES * EPOCHS
