@@ -175,7 +175,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         cells += [f"{100 * r[s]:.2f} ± {100 * r[f'{s}_ci95']:.2f}" for s in names]
         cells.append(r["chosen"] or "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Task {args.task}, backbone {args.backbone}, {args.steps} optimizer steps per "
+    extra = f" ({' '.join(args.override)})" if args.override else ""
+    lines += ["", f"Task {args.task}, backbone {args.backbone}{extra}, {args.steps} optimizer "
+              "steps per "
               f"training run; {args.episodes} test episodes per setting (seed {args.test_seed}, "
               f"the same for every row), mean ± 95% CI. Test-time settings chosen on "
               f"{args.auto_episodes} validation episodes per setting. Task-specific params: "
