@@ -76,7 +76,7 @@ def test_the_wheel_ships_the_configs_and_task_families(installed, tmp_path):
 def test_help_and_cfg_job_from_another_folder(installed, tmp_path):
     helped = run(installed / "sharebone-train", "--help", cwd=tmp_path).stdout
     assert helped.startswith("sharebone-train: train a shared backbone")
-    assert "regime: anil, finetune, fomaml, maml, metasgd" in helped
+    assert "regime: anil, finetune, fomaml, imaml, maml, metasgd" in helped
     assert "sharebone-train debug=fast task=synthetic_images" in helped
     assert "sharebone-eval: score any checkpoint" in run(installed / "sharebone-eval", "--help",
                                                          cwd=tmp_path).stdout
