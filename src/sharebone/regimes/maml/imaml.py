@@ -29,6 +29,7 @@ from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import ParameterSharing
 from sharebone.regimes.base import register_regime
+from sharebone.regimes.maml.options import refuse_inapplicable
 from sharebone.regimes.maml.regime import MAML
 
 Vectors = list[torch.Tensor]
@@ -121,7 +122,7 @@ class IMAML(MAML):
 
     def check_family_options(self) -> None:
         options = self.options
-        for key, bad, why in (
+        refuse_inapplicable(options, "iMAML", (
                 ("first_order", options.first_order, "its meta-gradient is implicit; "
                                                      "first order is regime=fomaml"),
                 ("learn_step_sizes", options.learn_step_sizes, "the implicit gradient does not "
@@ -130,10 +131,7 @@ class IMAML(MAML):
                 ("checkpoint_inner_steps", options.checkpoint_inner_steps,
                  "no inner step is kept for the backward: memory is flat in inner_steps"),
                 ("vmap_chunk_size", options.vmap_chunk_size is not None,
-                 "meta-training loops over tasks, one task's memory at a time")):
-            if bad:
-                raise SettingError(f"regime.{key}={getattr(options, key)!r} does not apply to "
-                                   f"iMAML ({why}). Fix: drop regime.{key}.")
+                 "meta-training loops over tasks, one task's memory at a time")))
 
     # -- the inner problem ---------------------------------------------------------------------
     def _proximal_solve(self, support_loss: Callable[[Params, int], torch.Tensor],

@@ -8,6 +8,7 @@ from there, typed, and refuses, with the reason and the fix, every setting that 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -252,3 +253,13 @@ class MAMLOptions:
 
 #: The MAML constructor's arguments that are inner-loop options (all but ``backbone``, ``lr``).
 OPTION_NAMES = tuple(f.name for f in fields(MAMLOptions))
+
+
+def refuse_inapplicable(options: MAMLOptions, method: str,
+                        rows: Iterable[tuple[str, bool, str]]) -> None:
+    """Refuse the first ``(key, set, why)`` row whose option is set: ``regime.<key>`` does not
+    apply to ``method``, and why (the options a MAML subclass cannot honour)."""
+    for key, bad, why in rows:
+        if bad:
+            raise SettingError(f"regime.{key}={getattr(options, key)!r} does not apply to "
+                               f"{method} ({why}). Fix: drop regime.{key}.")

@@ -25,6 +25,7 @@ from sharebone.data.episodes import Episode
 from sharebone.errors import SettingError
 from sharebone.models import ParameterSharing
 from sharebone.regimes.base import register_regime
+from sharebone.regimes.maml.options import refuse_inapplicable
 from sharebone.regimes.maml.regime import MAML
 
 OUTER_STEPS = ("interpolate", "optimizer")
@@ -86,17 +87,14 @@ class Reptile(MAML):
                 "regime.first_order=false: Reptile is first order by construction (its outer "
                 "step is theta - phi, nothing is differentiated through the inner loop). Fix: "
                 "leave regime.first_order=true, or use regime=maml for second order.")
-        for key, bad, why in (
+        refuse_inapplicable(options, "Reptile", (
                 ("learn_step_sizes", options.learn_step_sizes, "theta - phi gives step sizes "
                                                                "no gradient"),
                 ("backend", options.backend != "torch_func", "its inner loop is sharebone's"),
                 ("checkpoint_inner_steps", options.checkpoint_inner_steps,
                  "no inner step is kept for a backward anyway"),
                 ("vmap_chunk_size", options.vmap_chunk_size is not None,
-                 "meta-training loops over tasks, one task's memory at a time")):
-            if bad:
-                raise SettingError(f"regime.{key}={getattr(options, key)!r} does not apply to "
-                                   f"Reptile ({why}). Fix: drop regime.{key}.")
+                 "meta-training loops over tasks, one task's memory at a time")))
         own = dict(self.named_parameters())
         idle = [n for n, role in self.sharing_roles.items()
                 if role == "shared" and n in own and own[n].requires_grad]
