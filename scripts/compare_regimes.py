@@ -218,16 +218,24 @@ def log_to_wandb(rows: list[dict[str, Any]], out: Path, png: Path,
     """The summary run of the comparison's W&B group: its config, the table, the plot."""
     if args.wandb == "disabled":
         return []
+    return summary_run(out, {"name": f"{args.name}-summary", "mode": args.wandb,
+                             "group": args.name, "tags": ["comparison"]}, "comparison",
+                       {**comparison_config(args), "regimes": [r["regime"] for r in rows]},
+                       rows, {"accuracy_vs_shots": png})
+
+
+def summary_run(out: Path, options: dict[str, Any], key: str, config: dict[str, Any],
+                rows: list[dict[str, Any]], images: dict[str, Path]) -> list[str]:
+    """A W&B run of ``job_type`` summary (``options``: name, mode, group, tags): ``config``
+    under ``key``, the table ``key`` of ``rows``, and ``images`` by key; what finishing said."""
     loggers = tracking.wandb_loggers(tracking.build_loggers(
-        {"wandb": {"project": "sharebone", "name": f"{args.name}-summary", "mode": args.wandb,
-                   "group": args.name, "job_type": "summary", "tags": ["comparison"]}}, out))
+        {"wandb": {"project": "sharebone", "job_type": "summary", **options}}, out))
     for logger in loggers:
-        tracking.safely(logger.log_hyperparams,
-                        {"comparison": {**comparison_config(args),
-                                        "regimes": [r["regime"] for r in rows]}})
-    tracking.log_table(loggers, "comparison", rows)
+        tracking.safely(logger.log_hyperparams, {key: config})
+    tracking.log_table(loggers, key, rows)
     for logger in loggers:
-        tracking.safely(logger.log_image, key="accuracy_vs_shots", images=[str(png)])
+        for name, png in images.items():
+            tracking.safely(logger.log_image, key=name, images=[str(png)])
     return tracking.finish(loggers)
 
 

@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compare_regimes import MAML_LIKE, compose_run, write_csv
+from compare_regimes import MAML_LIKE, compose_run, summary_run, write_csv
 from omegaconf import OmegaConf
 
-from sharebone import tracking
 from sharebone.checkpoint_io import read_checkpoint
 from sharebone.data.families import build_family
 from sharebone.evaluation.fewshot import evaluate, test_episodes
@@ -220,17 +219,10 @@ def log_to_wandb(rows: list[dict[str, Any]], out: Path, png: Path,
                  args: argparse.Namespace) -> list[str]:
     if args.wandb == "disabled":
         return []
-    loggers = tracking.wandb_loggers(tracking.build_loggers(
-        {"wandb": {"project": "sharebone", "name": args.name, "mode": args.wandb,
-                   "job_type": "summary", "tags": ["sharing_study"]}}, out))
-    for logger in loggers:
-        tracking.safely(logger.log_hyperparams, {"sharing_study": {
-            "task": args.task, "backbone": args.backbone, "steps": args.steps,
-            "episodes": args.episodes, "presets": args.presets, "regimes": args.regimes}})
-    tracking.log_table(loggers, "sharing_study", rows)
-    for logger in loggers:
-        tracking.safely(logger.log_image, key="accuracy_vs_task_params", images=[str(png)])
-    return tracking.finish(loggers)
+    config = {"task": args.task, "backbone": args.backbone, "steps": args.steps,
+              "episodes": args.episodes, "presets": args.presets, "regimes": args.regimes}
+    return summary_run(out, {"name": args.name, "mode": args.wandb, "tags": ["sharing_study"]},
+                       "sharing_study", config, rows, {"accuracy_vs_task_params": png})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
