@@ -57,7 +57,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -68,6 +67,7 @@ import torch
 
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.variable import MetaDatasetShape, VariableEpisodeSampler
+from sharebone.files import atomic_write
 from sharebone.memory import empty_huge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -416,12 +416,14 @@ def _run_variable(args: argparse.Namespace) -> dict[str, Any]:
               + ", ".join(verdicts)]
     print("\n".join(lines), flush=True)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(result, f, indent=2)
-        os.replace(f.name, path)
+        write_json(Path(args.json), result)
     return result
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """The results, written all at once or not at all."""
+    with atomic_write(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -468,11 +470,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(render(result), flush=True)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(result, f, indent=2)
-        os.replace(f.name, path)
+        write_json(Path(args.json), result)
     return result
 
 
