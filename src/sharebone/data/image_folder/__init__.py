@@ -24,7 +24,9 @@ A relative split file is looked up under ``root``, then in sharebone's ``tasks/`
 ``root/<split>_images_png.pkl`` and ``root/<split>_labels.pkl``:
 :mod:`sharebone.data.image_folder.tiered_release`; its 34 categories are the groups), ``cifar100``
 (``root/cifar-100-python.tar.gz``, downloaded and md5-checked when missing; CIFAR-FS and FC100
-take their classes from both of its batches), or ``auto`` (the miniImageNet pickles when
+take their classes from both of its batches), Meta-Dataset's releases in their own layouts
+(``aircraft``, ``vgg_flower``, ``fungi``, ``quickdraw``, ``traffic_sign``, ``mscoco``:
+:mod:`sharebone.data.image_folder.md_releases`), or ``auto`` (the miniImageNet pickles when
 present, else the tieredImageNet release, else Ravi's ``<split>.csv`` files, else a folder).
 Pickles are read with a restricted unpickler (numpy arrays, dicts, lists and str only) and tar
 members in memory, never extracted.
@@ -42,8 +44,9 @@ The package, by concern: :mod:`~sharebone.data.image_folder.family` (the family,
 :class:`ImageFolderTasks`), :mod:`~sharebone.data.image_folder.sources` (the sources above),
 :mod:`~sharebone.data.image_folder.splits` (split specs, their disjointness),
 :mod:`~sharebone.data.image_folder.classes` (class folders, their images and groups),
-:mod:`~sharebone.data.image_folder.cache` (the memory-mapped cache and its record) and
-:mod:`~sharebone.data.image_folder.tiered_release` (tieredImageNet's pickles).
+:mod:`~sharebone.data.image_folder.cache` (the memory-mapped cache and its record),
+:mod:`~sharebone.data.image_folder.tiered_release` (tieredImageNet's pickles) and
+:mod:`~sharebone.data.image_folder.md_releases` (Meta-Dataset's releases).
 """
 
 from sharebone.data.image_folder.family import ImageFolderTasks

@@ -39,7 +39,8 @@ class ImageFolderTasks:
         interpolation: resampling filter (``lanczos``, ``bicubic``, ``bilinear``, ...).
         invert: invert intensities (dark drawings on white become bright on black).
         source: ``folder``, ``mini_imagenet_pickle``, ``tiered_imagenet_pickle``,
-            ``cifar100`` or ``auto``.
+            ``cifar100``, a Meta-Dataset release (``aircraft``, ``vgg_flower``, ``fungi``,
+            ``quickdraw``, ``traffic_sign``, ``mscoco``) or ``auto``.
         cache_dir: where decoded splits are cached (None: ``$SHAREBONE_CACHE_DIR``, else
             ``~/.cache/sharebone``); ``false`` decodes into memory, without a cache.
         corrupt: an image that cannot be decoded: ``refuse`` (an error listing them) or
@@ -51,6 +52,10 @@ class ImageFolderTasks:
         augment: split -> augmentation (:mod:`sharebone.data.augment`), applied on the device.
         normalize: ``{mean: [...], std: [...]}`` for every split.
         download: fetch a missing CIFAR-100 archive (``source: cifar100``).
+        max_per_class: ``source: quickdraw`` only: the first this many drawings of each class
+            (None: all, as Meta-Dataset).
+        roi: ``source: traffic_sign`` only: crop each sign to its box in ``GT-<class>.csv``
+            (False: the whole image, as Meta-Dataset).
     """
 
     def __init__(self, root: str, splits: Mapping[str, Any] | None = None, image_size: int = 84,
@@ -60,7 +65,8 @@ class ImageFolderTasks:
                  workers: int | None = None, split_seed: int = 0,
                  group_episodes: bool | Sequence[str] = False,
                  augment: Mapping[str, Any] | None = None,
-                 normalize: Mapping[str, Any] | None = None, download: bool = True) -> None:
+                 normalize: Mapping[str, Any] | None = None, download: bool = True,
+                 max_per_class: int | None = None, roi: bool = False) -> None:
         from sharebone.data.tasks import default_cache_dir, group_splits
 
         if not root or str(root) == "???":
@@ -86,8 +92,13 @@ class ImageFolderTasks:
         self.split_seed = int(split_seed)
         self._decoding = Decoding(image_size, channels, resize, interpolation, self.invert,
                                   corrupt)
+        for key, value, owner in (("max_per_class", max_per_class, "quickdraw"),
+                                  ("roi", roi, "traffic_sign")):
+            if value not in (None, False) and source != owner:
+                raise SettingError(f"task.family.{key} applies to source {owner} only; this "
+                                   f"task's source is {source!r}. Remove it.")
         self._sources = Sources(self.root, splits, source, self.split_seed, download,
-                                self._decoding)
+                                self._decoding, {"max_per_class": max_per_class, "roi": roi})
         if cache_dir is False:
             self.cache_dir = None
         else:

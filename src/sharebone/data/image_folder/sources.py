@@ -5,8 +5,11 @@
 [N, 84, 84, 3] uint8 and ``class_dict`` name -> indices), ``tiered_imagenet_pickle`` (Ren et
 al.'s release, :mod:`~sharebone.data.image_folder.tiered_release`), ``cifar100``
 (``root/cifar-100-python.tar.gz``, downloaded and md5-checked when missing) or ``auto``
-(resolved by what ``root`` holds). Each source makes a :class:`~.cache.Plan` per split: its
-classes, its cache key and how to decode one of its items.
+(resolved by what ``root`` holds), or one of Meta-Dataset's releases (``aircraft``,
+``vgg_flower``, ``fungi``, ``quickdraw``, ``traffic_sign``, ``mscoco``:
+:mod:`~sharebone.data.image_folder.md_releases`). Each source makes a
+:class:`~.cache.Plan` per split: its classes, its cache key and how to decode one of its
+items.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from sharebone.data.archives import (
 )
 from sharebone.data.image_folder.cache import Decoding, Plan
 from sharebone.data.image_folder.classes import ClassEntry, check_root
+from sharebone.data.image_folder.md_releases import (
+    MD_RELEASES,
+    Release,
+    read_md_release,
+    release_splits,
+)
 from sharebone.data.image_folder.splits import (
     SplitSpec,
     check_disjoint,
@@ -56,7 +65,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CIFAR100", "MINI_IMAGENET_PICKLE", "SOURCES", "Sources"]
 
-SOURCES = ("folder", "mini_imagenet_pickle", "tiered_imagenet_pickle", "cifar100", "auto")
+SOURCES = ("folder", "mini_imagenet_pickle", "tiered_imagenet_pickle", "cifar100",
+           *MD_RELEASES, "auto")
 MINI_IMAGENET_PICKLE = "mini-imagenet-cache-{split}.pkl"
 
 #: The CIFAR-100 python archive (Krizhevsky 2009), as torchvision's ``CIFAR100`` checks it.
@@ -73,11 +83,14 @@ class Sources:
     first use; a folder's split classes matched once)."""
 
     def __init__(self, root: Path, splits: dict[str, Any], source: str, split_seed: int,
-                 download: bool, decoding: Decoding) -> None:
+                 download: bool, decoding: Decoding,
+                 release_options: Mapping[str, Any] | None = None) -> None:
         self.root, self.splits, self.source = root, splits, source
         self.split_seed, self.download, self.decoding = split_seed, download, decoding
+        self.release_options = dict(release_options or {})
         self._resolved: dict[str, list[ClassEntry]] | None = None
         self._source: str | None = None
+        self._release: tuple[Release, dict[str, list[ClassEntry]]] | None = None
 
     def resolved(self) -> str:
         """``source``, with ``auto`` resolved by what ``root`` holds."""
@@ -110,6 +123,8 @@ class Sources:
             return self._plan_tiered(split)
         if source == "cifar100":
             return self._plan_cifar(split)
+        if source in MD_RELEASES:
+            return self._plan_release(split)
         classes = self.folder_classes()[split]
         key = {**self.decoding.settings(), "source": "folder",
                "root": os.path.realpath(self.root),
@@ -128,6 +143,25 @@ class Sources:
 
     def _decode_png(self, item: Any) -> np.ndarray:
         return self.decoding.decode(png_bytes(item))
+
+    # ------------------------------------------------------- Meta-Dataset's releases
+
+    def release(self) -> tuple[Release, dict[str, list[ClassEntry]]]:
+        """The release's classes and every split's (read once, before any decoding)."""
+        if self._release is None:
+            release = read_md_release(self.source, self.root, self.decoding, self.splits,
+                                      self.release_options)
+            self._release = release, release_splits(release, self.splits, self.root,
+                                                    self.split_seed, self.source)
+        return self._release
+
+    def _plan_release(self, split: str) -> Plan:
+        release, classes = self.release()
+        key = {**self.decoding.settings(), "source": self.source,
+               "root": os.path.realpath(self.root), **release.key,
+               "classes": [[c.name, c.items] for c in classes[split]]}
+        return Plan(split, classes[split], key, release.decode, release.describe,
+                    f"{self.source}-{self.root.name}")
 
     # ------------------------------------------------------------------ miniImageNet
 
