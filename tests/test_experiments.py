@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 from helpers.configs import compose_train
-from helpers.data import SHARED_DATA, make_image_folder
+from helpers.data import SHARED_DATA, make_image_folder, omniglot_zip_bytes, write_archive
+from helpers.md_releases import (
+    OMNIGLOT_BACKGROUND,
+    make_aircraft,
+    make_fungi,
+    make_quickdraw,
+    make_vgg_flower,
+)
 
 from sharebone.config import CONFIG_DIR
+from sharebone.data import omniglot
 from sharebone.run.train import run
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -24,18 +32,37 @@ MD_ROOTS = {"ilsvrc_2012": "ILSVRC2012/train", "dtd": "dtd/images",
             "cu_birds": "CUB_200_2011/images"}
 
 
-def meta_dataset_layout(data_dir: Path) -> Path:
-    """``data_dir`` holding a few tiny images of every class of each source's split files."""
-    splits = CONFIG_DIR / "task" / "splits" / "meta_dataset"
+def md_names(source: str) -> list[str]:
+    """Every class of a source's published split files."""
+    folder = CONFIG_DIR / "task" / "splits" / "meta_dataset" / source
+    return [line.strip() for s in ("train", "val", "test") if (folder / f"{s}.txt").is_file()
+            for line in (folder / f"{s}.txt").read_text().splitlines() if line.strip()]
+
+
+def meta_dataset_layout(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                        all_sources: bool) -> Path:
+    """``data_dir`` holding a few tiny images of every class of each source's split files,
+    each source in its release's layout (with ``all_sources``: md_all's eight)."""
     for source, root in MD_ROOTS.items():
-        names = [n for s in ("train", "val", "test")
-                 for n in (splits / source / f"{s}.txt").read_text().split()]
-        make_image_folder(data_dir / root, dict.fromkeys(names, 3), size=(8, 8))
+        make_image_folder(data_dir / root, dict.fromkeys(md_names(source), 3), size=(8, 8))
+    if not all_sources:
+        return data_dir
+    make_aircraft(data_dir / "fgvc-aircraft-2013b", dict.fromkeys(md_names("aircraft"), 3))
+    make_vgg_flower(data_dir / "vgg_flower",
+                    [int(n[:3]) for n in md_names("vgg_flower") for _ in range(3)])
+    make_fungi(data_dir / "fungi", {int(n[:4]): (n[5:], 3) for n in md_names("fungi")})
+    make_quickdraw(data_dir / "quickdraw", dict.fromkeys(md_names("quickdraw"), 3))
+    # The full Omniglot archives, generated: the registry points at them (their md5s).
+    for name, alphabets in (("images_background", OMNIGLOT_BACKGROUND),
+                            ("images_evaluation", [f"Eval_{i}" for i in range(5)])):
+        spec = write_archive(data_dir / "omniglot", name, omniglot_zip_bytes(
+            name, dict.fromkeys(alphabets, 1), n_images=3))
+        monkeypatch.setitem(omniglot.OMNIGLOT_ARCHIVES, name, spec)
     return data_dir
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_preset_trains_and_scores(experiment, tmp_path):
+def test_every_experiment_preset_trains_and_scores(experiment, tmp_path, monkeypatch):
     overrides = [f"experiment={experiment}", *SHORT]
     if experiment.startswith("omniglot"):
         if not (SHARED_DATA / "omniglot" / "images_background_small1.zip").is_file():
@@ -46,7 +73,9 @@ def test_every_experiment_preset_trains_and_scores(experiment, tmp_path):
         # Meta-Dataset's sources are not in the shared data (nor downloadable here): the
         # preset runs on generated folders in each source's real layout, every class of the
         # published splits present.
-        overrides += [f"data_dir={meta_dataset_layout(tmp_path / 'data')}",
+        data_dir = meta_dataset_layout(tmp_path / "data", monkeypatch,
+                                       all_sources=experiment == "meta_dataset_all")
+        overrides += [f"data_dir={data_dir}",
                       f"cache_dir={tmp_path / 'cache'}"]
     cfg = compose_train(tmp_path, overrides)
     metrics = run(cfg)
