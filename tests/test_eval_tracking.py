@@ -150,3 +150,25 @@ def test_a_checkpoint_trained_without_wandb_is_evaluated_on_wandb_unlinked(tmp_p
     assert record["project"] == "sharebone" and not record.get("run_group")
     config = json.loads(inspect(run_dir, "--summary", "--json"))["config"]
     assert config["train_run_id"] is None and config["train_run_name"] is None
+
+
+def test_a_list_of_tasks_is_one_eval_run_with_a_row_per_task(trained, tmp_path):
+    out, train_id = trained
+    summary, results = evaluate(tmp_path, out, "convert=auto",
+                                "tasks=[synthetic_images,synthetic_images_rgb84]")
+    run_dir = only_run(results)
+    record = run_record(run_dir)
+    assert record["job_type"] == "eval" and record["run_group"] == train_id
+    assert record["display_name"].startswith("eval-protonet-tasks-test-")
+    assert {"synthetic_images", "synthetic_images_rgb84"} <= set(record["tags"])
+    logged = json.loads(inspect(run_dir, "--summary", "--json"))
+    assert logged["config"]["tasks"] == ["synthetic_images", "synthetic_images_rgb84"]
+    for r in summary["results"]:
+        assert logged["summary"][f"test/{r['task']}/{r['setting']}/acc"] == \
+            pytest.approx(r["mean"])
+    table = logged["summary"]["test/results"]
+    saved = json.loads((run_dir / "files" / table["path"]).read_text())
+    rows = [dict(zip(saved["columns"], row, strict=True)) for row in saved["data"]]
+    assert [(r["task"], r["setting"]) for r in rows] == [
+        (r["task"], r["setting"]) for r in summary["results"]]
+    assert "RGB -> grey" in rows[-1]["conversion"]

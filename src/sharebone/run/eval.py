@@ -153,8 +153,27 @@ def score_tasks(model: FewShotRegime, cfg: DictConfig, ckpt: Path) -> dict[str, 
                           extra={"checkpoint": str(ckpt), "regime": model.regime_name,
                                  "tasks": names, "split": cfg.split, "seed": cfg.seed})
     print(f"[sharebone] results: {paths['json']} and {paths['csv']}")
+    track_tasks(cfg, model, ckpt, names, results, columns)
     return {"results": [{**c, **r.as_dict()} for c, r in zip(columns, results, strict=True)],
             "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def track_tasks(cfg: DictConfig, model: FewShotRegime, ckpt: Path, names: list[str],
+                results: list[Any], columns: list[dict[str, Any]]) -> None:
+    """``tasks=[...]`` as one W&B run (:mod:`sharebone.tracking.eval_run`): a row per task and
+    setting, linked to the checkpoint's training run as a single task's evaluation is."""
+    logger = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    link = training_run(ckpt, model.run_config, getattr(model, "wandb_run_id", None))
+    options = wandb_options(logger, link, model.regime_name, "tasks", cfg.split)
+    if options is not None:
+        options["tags"] = list(dict.fromkeys([*options["tags"], *names]))
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir_of(ckpt) / "eval"
+    config = {**OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(ckpt),
+              "regime": model.regime_name, "tasks": names,
+              **{k: v for k, v in link.items() if k != "train_tags"}}
+    config.pop("logger", None)
+    for note in log_evaluation(start(options, output_dir), config, results, tasks=columns):
+        print(f"[sharebone] {note}")
 
 
 def tasks_table(results: list[Any], columns: list[dict[str, Any]]) -> str:

@@ -14,6 +14,11 @@ credentials, never fatal) writes one run per evaluation:
   to look the training run up with, so the link is these values;
 - summary: ``test/<n>w<k>s/<metric>`` and ``test/<n>w<k>s/ci95``, the names training uses;
   the table ``test/results`` (a row per setting) and the figure ``test/<metric>_vs_shots``.
+
+``sharebone-eval tasks=[a, b]`` is one such run for all its tasks (name
+``eval-<regime>-tasks-<split>-<time>``, tagged with every task): ``test/<task>/<setting>/...``
+and one table ``test/results`` with a row per task and setting, its input conversion beside
+it.
 """
 
 from __future__ import annotations
@@ -92,19 +97,27 @@ def start(options: Mapping[str, Any] | None, output_dir: str | Path) -> list[Any
 
 def log_evaluation(loggers: Sequence[Any], config: Mapping[str, Any],
                    results: Sequence[FewShotResult], figure: Path | None = None,
-                   title: str = "") -> list[str]:
+                   title: str = "", tasks: Sequence[Mapping[str, Any]] | None = None
+                   ) -> list[str]:
     """Config, summary metrics, result table and score-vs-shots figure (also written to
     ``figure`` as a PNG, with or without W&B); closes the runs and returns the lines saying
-    how to upload runs written offline."""
+    how to upload runs written offline.
+
+    ``tasks`` (``sharebone-eval tasks=[...]``): each result's ``{"task", "conversion"}``; the
+    metrics are then ``test/<task>/<setting>/<metric>``, the table has a row per task and
+    setting, and there is no figure (its settings are one task's)."""
     for logger in loggers:
         tracking.safely(logger.log_hyperparams, dict(config))
+    columns = list(tasks) if tasks is not None else [{} for _ in results]
     metrics: dict[str, float] = {}
-    for r in results:
-        metrics[f"test/{r.name}/{r.metric}"] = r.mean
-        metrics[f"test/{r.name}/ci95"] = r.ci95
+    for c, r in zip(columns, results, strict=True):
+        name = f"{c['task']}/{r.name}" if c else r.name
+        metrics[f"test/{name}/{r.metric}"] = r.mean
+        metrics[f"test/{name}/ci95"] = r.ci95
     tracking.log_summary(loggers, metrics)
-    tracking.log_table(loggers, "test/results", [r.as_dict() for r in results])
-    if results and (figure is not None or loggers):
+    tracking.log_table(loggers, "test/results",
+                       [{**c, **r.as_dict()} for c, r in zip(columns, results, strict=True)])
+    if results and tasks is None and (figure is not None or loggers):
         try:
             from sharebone.tracking.figures import accuracy_vs_shots
 
