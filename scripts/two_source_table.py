@@ -34,7 +34,7 @@ SOURCES = ("omniglot_small", "natural")
 TRAIN_ON = {"omniglot_small": [1.0, 0.0], "natural": [0.0, 1.0], "both": [1.0, 1.0]}
 REGIMES = {"protonet": ["regime=protonet"],
            "maml_zero_head": ["regime=maml", "regime.head=zero", "regime.inner_steps=1",
-                              "regime.test_inner_steps=3", "regime.first_order=true",
+                              "regime.test_inner_steps=3",
                               "sampler.meta_batch_size=4", "++trainer.gradient_clip_val=10.0"]}
 
 
@@ -70,7 +70,7 @@ def sources_block(natural: Path, cache_dir: Path, weights: list[float],
     omniglot.update(data_dir="${data_dir}", cache_dir=str(cache_dir), image_size=28)
     if quick:  # generated grey classes stand in for Omniglot
         omniglot = {"name": "synthetic_images", "classes": {"train": 16, "val": 8, "test": 8},
-                    "images_per_class": 12, "image_size": 28, "channels": 1, "seed": 0}
+                    "images_per_class": 20, "image_size": 28, "channels": 1, "seed": 0}
     folder = {"name": "image_folder", "root": str(natural), "image_size": 28, "channels": 3,
               "cache_dir": str(cache_dir), "source": "folder",
               "splits": {"train": 0.5, "val": 0.2, "test": 0.3}, "split_seed": 0}
@@ -91,7 +91,7 @@ def train_and_score(regime: str, train_on: str, args: argparse.Namespace, out: P
                  f"++trainer.max_time='00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}'",
                  "trainer.enable_progress_bar=false", f"sampler.batches_per_epoch={args.every}",
                  f"sampler.val_episodes={args.val_episodes}", "test.settings=[{n_way: 5, "
-                 "k_shot: 1}]", f"test.episodes={args.episodes}", "test.q_query=15",
+                 "k_shot: 1}]", f"test.episodes={args.episodes}", "test.q_query=10",
                  f"test.seed={args.test_seed}", *REGIMES[regime]]
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
@@ -146,8 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    natural = natural_folder(out / "natural", n_classes=12 if args.quick else 60,
-                             per_class=12 if args.quick else 20)
+    natural = natural_folder(out / "natural", n_classes=30 if args.quick else 60,
+                             per_class=20)
     rows = []
     for regime in args.regimes.split(","):
         for train_on in TRAIN_ON:

@@ -246,3 +246,17 @@ def test_release_options_belong_to_their_source(tmp_path):
 
 def test_coco_box_is_clipped_to_the_image():
     assert coco_box([0.0, 0.0, 10.0, 10.0], (8, 8)) == (0, 0, 8, 8)
+
+
+def test_md_all_trains_on_meta_datasets_eight_training_sources(tmp_path):
+    cfg = compose_train(tmp_path, ["task=md_all"])
+    sources = cfg.task.family.sources
+    assert [s.name for s in sources] == ["ilsvrc_2012", "omniglot", "aircraft", "cu_birds",
+                                         "dtd", "quickdraw", "fungi", "vgg_flower"]
+    for source in sources:  # each block builds (touching no data) as its md_<source> does
+        family = build_family(source.family)
+        assert family.input_shape == (source.channels, source.image_size, source.image_size)
+        if source.name not in ("omniglot", "ilsvrc_2012"):
+            alone = compose_train(tmp_path, [f"task=md_{source.name}"]).task.family
+            assert alone.source == source.family.source
+            assert dict(alone.splits) == dict(source.family.splits)
