@@ -14,8 +14,9 @@ its real config (``backbone=conv4``): the peak tensor memory
 
 and, with ``--settings``, the same at the settings that cut it (a smaller support cap, a
 smaller image), so a user can read off what to set. (Minutes on a CPU: every step is a
-50-way episode of 1,000 images at 84 px, measured under the profiler.) One meta-batch of such episodes costs ``meta_batch_size`` times
-this (MAML looped on a CPU frees each task's graph; vmapped, a chunk's: ``vmap_chunk_size``).
+50-way episode of 1,000 images at 84 px, measured under the profiler.) One meta-batch of such
+episodes costs ``meta_batch_size`` times this (MAML looped on a CPU frees each task's graph;
+vmapped, a chunk's: ``vmap_chunk_size``).
 """
 
 from __future__ import annotations
