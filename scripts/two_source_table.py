@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="outputs/two_source")
     parser.add_argument("--data-dir", default=None, help="holds omniglot/ (the small sets)")
     parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--train-on", default=",".join(TRAIN_ON),
+                        help="which of omniglot_small, natural, both to train on")
     parser.add_argument("--backbone", default="conv4")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--budget-seconds", type=int, default=240)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              per_class=20)
     rows = []
     for regime in args.regimes.split(","):
-        for train_on in TRAIN_ON:
+        for train_on in args.train_on.split(","):
             rows.append(train_and_score(regime, train_on, args, out, natural))
             print(json.dumps(rows[-1]), flush=True)
     (out / "two_source.json").write_text(json.dumps(rows, indent=1))
