@@ -310,7 +310,47 @@ def test_augmentation_runs_on_the_gpu_with_the_cpus_numbers():
                                atol=2e-4, rtol=1e-4)
 
 
+AFFINE = {"degrees": 30, "translate": [0.1, 0.2], "scale": [0.8, 1.2], "shear": 20}
+
+
+def test_random_affine_is_torchvisions_affine_with_each_images_parameters():
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from sharebone.data.augment import N_DRAWS
+
+    images = torch.rand(6, 1, 28, 20, generator=torch.Generator().manual_seed(0))
+    draws = torch.rand(6, N_DRAWS + 5, generator=torch.Generator().manual_seed(1))
+    out = augment_images(images, draws, check_augment({"random_affine": AFFINE}))
+    for x, u, ours in zip(images, draws[:, N_DRAWS:].tolist(), out, strict=True):
+        expected = TF.affine(x, angle=(2 * u[0] - 1) * 30,
+                             translate=[round((2 * u[1] - 1) * 0.1 * 20),
+                                        round((2 * u[2] - 1) * 0.2 * 28)],
+                             scale=0.8 + 0.4 * u[3], shear=[(2 * u[4] - 1) * 20, 0.0],
+                             interpolation=InterpolationMode.BILINEAR)
+        assert not torch.allclose(expected, x)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_random_affine_changes_no_other_operations_draws():
+    flip = {"horizontal_flip": 0.5, "random_crop": 2}
+    identity = {"degrees": 0, "translate": 0, "scale": [1, 1], "shear": 0}
+    plain = sampler_with(flip).prepare(sampler_with().batch(range(4)))
+    with_identity = sampler_with({**flip, "random_affine": identity}).prepare(
+        sampler_with().batch(range(4)))
+    torch.testing.assert_close(with_identity.support, plain.support, atol=1e-5, rtol=0)
+    moved = sampler_with({**flip, "random_affine": AFFINE}).prepare(sampler_with().batch([0]))
+    assert not torch.allclose(moved.support, plain.support[:1])
+
+
 def test_augment_settings_are_checked_naming_the_key():
+    with pytest.raises(ValueError, match=r"augment.train.random_affine.translate must be "
+                                         r"\[fx, fy\]"):
+        check_augment({"random_affine": {"translate": 1.5}}, "augment.train")
+    with pytest.raises(ValueError, match=r"random_affine: unknown key\(s\) \['rotate'\]"):
+        check_augment({"random_affine": {"rotate": 10}})
+    with pytest.raises(ValueError, match=r"random_affine.scale must be \[low, high\]"):
+        check_augment({"random_affine": {"scale": [1.2, 0.8]}})
     with pytest.raises(ValueError, match=r"augment.train.color_jitter.hue must be a number in "
                                          r"\[0.0, 0.5\]"):
         check_augment({"color_jitter": {"hue": 0.9}}, "augment.train")

@@ -200,6 +200,22 @@ def test_load_split_rotations_are_classes_of_their_own(fake_omniglot):
             assert torch.equal(block, torch.rot90(original, r, dims=(2, 3)))
 
 
+def test_omniglot_tasks_augment_only_the_splits_named(tmp_path):
+    from sharebone.data.augment import AUGMENT_KEYS
+    from sharebone.data.tasks import OmniglotTasks
+
+    splits = {"train": {"archives": ["images_background_small1"]},
+              "val": {"archives": ["images_background_small2"]}}
+    affine = {"random_affine": {"degrees": 10, "scale": [0.9, 1.1]}}
+    family = OmniglotTasks(splits, data_dir=str(tmp_path), augment={"train": affine})
+    assert family.input_transform("train", 0).augment["random_affine"]["degrees"] == 10
+    assert family.input_transform("val", 0) is None  # scored on the drawings as they are
+    assert "random_affine" in AUGMENT_KEYS
+    with pytest.raises(ValueError, match=r"augment names split\(s\) \['tain'\]"):
+        OmniglotTasks(splits, data_dir=str(tmp_path), augment={"tain": affine})
+    assert list(tmp_path.iterdir()) == []  # refused or not, nothing was read or written
+
+
 def test_load_split_accepts_a_hydra_config(fake_omniglot):
     spec = OmegaConf.create({"archives": BOTH, "characters": [0, 2], "rotations": [0, 180]})
     split = load(fake_omniglot, spec)

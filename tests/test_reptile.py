@@ -128,3 +128,71 @@ def test_reptile_is_refused_with_second_order_from_the_command_line(tmp_path):
     with pytest.raises(Exception) as err:  # Hydra's instantiate wraps it; the CLI prints it
         build_run(compose_train(tmp_path, [*FAST, "regime=reptile", "regime.first_order=false"]))
     assert str(user_error(err.value)).startswith("regime.first_order=false: Reptile is first")
+
+
+def example_update(model: Reptile, episode, outer_lr: float) -> dict[str, torch.Tensor]:
+    """theta after one outer step as learn2learn's Reptile example makes it
+    (examples/vision/reptile_miniimagenet.py): per task a deep copy of the network is trained
+    by a torch optimizer on the support set, ``p.grad`` accumulates ``theta - phi``, is
+    averaged over the meta-batch, and plain SGD steps. The example's inner optimizer is Adam
+    on random minibatches; sharebone's inner loop is SGD on the whole support set, so SGD is
+    used here. Nothing of sharebone's inner loop runs."""
+    import copy
+
+    from sharebone.models import create_backbone
+
+    backbone = create_backbone(**CONV).double()
+    backbone.load_state_dict(model.backbone.state_dict(), strict=False)
+    head = torch.nn.Linear(model.backbone.num_features, episode.n_way).double()
+    head.load_state_dict({"weight": model.head.weight, "bias": model.head.bias})
+    net = torch.nn.Sequential(backbone, head)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    for t in range(episode.num_tasks):
+        learner = copy.deepcopy(net)
+        inner = torch.optim.SGD(learner.parameters(), lr=model.hparams.inner_lr)
+        for _ in range(model.hparams.inner_steps):
+            inner.zero_grad()
+            loss = torch.nn.functional.cross_entropy(learner(episode.support[t]),
+                                                     episode.support_labels[t])
+            loss.backward()
+            inner.step()
+        for p, phi in zip(net.parameters(), learner.parameters(), strict=True):
+            p.grad.add_(phi.detach(), alpha=-1.0)
+    for p in net.parameters():
+        p.grad.mul_(1.0 / episode.num_tasks).add_(p.detach())
+    outer = torch.optim.SGD(net.parameters(), lr=outer_lr)
+    outer.step()
+    names = [f"backbone.{k}" for k, _ in backbone.named_parameters()] + ["head.weight",
+                                                                          "head.bias"]
+    return dict(zip(names, (p.detach() for p in net.parameters()), strict=True))
+
+
+CONV = {"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}
+
+
+def test_one_outer_step_equals_learn2learns_reptile_example_on_the_same_episode():
+    from sharebone.data.episodes import Episode
+
+    g = torch.Generator().manual_seed(0)
+    n_way, k_shot, tasks = 3, 2, 2
+    episode = Episode(
+        support=torch.rand(tasks, n_way * k_shot, 1, 16, 16, generator=g, dtype=torch.float64),
+        support_labels=torch.arange(n_way).repeat_interleave(k_shot).expand(tasks, -1),
+        query=torch.rand(tasks, n_way * 2, 1, 16, 16, generator=g, dtype=torch.float64),
+        query_labels=torch.arange(n_way).repeat_interleave(2).expand(tasks, -1),
+        classes=torch.arange(n_way).expand(tasks, -1))
+    torch.manual_seed(0)
+    model = Reptile(CONV, n_way=n_way, inner_steps=3, inner_lr=0.2, lr=0.5).double()
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    want = example_update(model, episode, outer_lr=0.5)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[0]["lr"] == 0.5  # the first step of the annealed schedule
+    model.episode_loss(episode)[0].backward()
+    optimizer.step()
+    got = dict(model.named_parameters())
+    assert set(got) == set(want)
+    moved = [n for n, v in want.items() if not torch.allclose(v, before[n])]
+    assert len(moved) > len(want) // 2  # (a conv bias before batch norm gets no gradient)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].detach(), value, rtol=1e-9, atol=1e-11, msg=name)

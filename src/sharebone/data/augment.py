@@ -3,7 +3,9 @@
 Episodes travel as uint8 and become the model's float input on its device
 (:meth:`EpisodeSampler.prepare <sharebone.data.episodes.EpisodeSampler.prepare>`). An
 :class:`EpisodeTransform` is what that step does for a split of a natural-image task: random
-resized crop or random crop with padding, horizontal flip, colour jitter, then normalisation,
+resized crop or random crop with padding, horizontal flip, a random affine map (rotation,
+shear, scale, translation: the small distortions of handwriting), colour jitter, then
+normalisation,
 for every image of a meta-batch in a handful of batched tensor operations (one
 ``grid_sample`` for all the geometry; no Python loop over images).
 
@@ -28,6 +30,9 @@ Config (per split, ``augment.<split>`` of a task family; all optional)::
     random_resized_crop: {scale: [0.08, 1.0], ratio: [0.75, 1.3333]}   # or true: these
     random_crop: {padding: 8}           # or an int: shift by up to 8 px, zeros outside
     horizontal_flip: 0.5                # probability (true: 0.5)
+    random_affine: {degrees: 10, translate: [0.1, 0.1], scale: [0.9, 1.1], shear: 10}
+                                        # torchvision's RandomAffine ranges (shear along x);
+                                        # applied after any crop and flip
     color_jitter: {brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.0}
 
 and ``normalize: {mean: [...], std: [...]}`` (values for pixels in ``[0, 1]``) for every split.
@@ -43,14 +48,15 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from sharebone.data.episodes import AUGMENT_STREAM, Episode, uniform
+from sharebone.data.episodes import AFFINE_STREAM, AUGMENT_STREAM, Episode, uniform
 from sharebone.errors import SettingError
 
 __all__ = ["AUGMENT_KEYS", "EpisodeTransform", "augment_images", "check_augment",
-           "check_normalize"]
+           "check_normalize", "check_split_augment"]
 
 #: Keys an ``augment.<split>`` block may have.
-AUGMENT_KEYS = ("random_resized_crop", "random_crop", "horizontal_flip", "color_jitter")
+AUGMENT_KEYS = ("random_resized_crop", "random_crop", "horizontal_flip", "random_affine",
+                "color_jitter")
 
 #: Random numbers drawn per image (fixed slots, so switching one operation on or off does not
 #: change the draws of the others): 10 candidate crop boxes (area, log aspect ratio), the
@@ -62,9 +68,14 @@ _SHIFT = _POSITION + 2
 _FLIP = _SHIFT + 2
 _JITTER = _FLIP + 1
 N_DRAWS = _JITTER + 4
+#: A random affine map's draws (angle, translation x and y, scale, shear) follow in columns
+#: ``N_DRAWS..``, from their own stream: adding the operation changes no other draw.
+_AFFINE = N_DRAWS
+N_AFFINE_DRAWS = 5
 
 _RRC_DEFAULTS = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3]}
 _JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
+_AFFINE_DEFAULTS = {"degrees": 0.0, "translate": [0.0, 0.0], "scale": [1.0, 1.0], "shear": 0.0}
 
 
 def _pair(value: Any, where: str, low: float, high: float | None = None) -> tuple[float, float]:
@@ -126,6 +137,9 @@ def check_augment(spec: Mapping[str, Any] | None, where: str = "augment") -> dic
     if flip:
         out["horizontal_flip"] = 0.5 if flip is True else _number(
             flip, f"{where}.horizontal_flip (a probability)", 0.0, 1.0)
+    affine = spec.get("random_affine")
+    if affine:
+        out["random_affine"] = _check_affine(affine, f"{where}.random_affine")
     jitter = spec.get("color_jitter")
     if jitter:
         if not isinstance(jitter, Mapping):
@@ -138,6 +152,41 @@ def check_augment(spec: Mapping[str, Any] | None, where: str = "augment") -> dic
         out["color_jitter"] = {
             key: _number(jitter.get(key, 0.0), f"{where}.color_jitter.{key}", 0.0,
                          0.5 if key == "hue" else math.inf) for key in _JITTER_KEYS}
+    return out
+
+
+def _check_affine(spec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise SettingError(f"{where} must be a mapping of {list(_AFFINE_DEFAULTS)}, got "
+                           f"{spec!r}.")
+    unknown = sorted(set(spec) - set(_AFFINE_DEFAULTS))
+    if unknown:
+        raise SettingError(f"{where}: unknown key(s) {unknown}; valid: "
+                           f"{list(_AFFINE_DEFAULTS)}.")
+    spec = dict(_AFFINE_DEFAULTS, **spec)
+    translate = spec["translate"]
+    if isinstance(translate, int | float) and not isinstance(translate, bool):
+        translate = [translate, translate]
+    if (not isinstance(translate, Sequence) or isinstance(translate, str) or len(translate) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+                       for v in translate)):
+        raise SettingError(f"{where}.translate must be [fx, fy], fractions of the image's side "
+                           f"in [0, 1], got {spec['translate']!r}.")
+    return {"degrees": _number(spec["degrees"], f"{where}.degrees", 0.0, 180.0),
+            "translate": [float(v) for v in translate],
+            "scale": list(_pair(spec["scale"], f"{where}.scale", 1e-6)),
+            "shear": _number(spec["shear"], f"{where}.shear (degrees)", 0.0, 89.0)}
+
+
+def check_split_augment(augment: Mapping[str, Any] | None,
+                        splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A family's ``augment`` block (split -> operations), each checked; a split the family
+    does not have is refused."""
+    out = {str(s): check_augment(a, f"augment.{s}") for s, a in (augment or {}).items() if a}
+    unknown = sorted(set(out) - set(splits))
+    if unknown:
+        raise SettingError(f"augment names split(s) {unknown}; this task has "
+                           f"{sorted(splits)}.")
     return out
 
 
@@ -194,9 +243,9 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 def _geometry(spec: dict[str, Any], draws: torch.Tensor, height: int,
               width: int) -> torch.Tensor | None:
     """Per-image affine maps ``[B, 2, 3]`` from output to input coordinates (``[-1, 1]``)."""
-    rrc, crop, flip = (spec.get(k) for k in ("random_resized_crop", "random_crop",
-                                             "horizontal_flip"))
-    if not (rrc or crop or flip):
+    rrc, crop, flip, affine = (spec.get(k) for k in ("random_resized_crop", "random_crop",
+                                                     "horizontal_flip", "random_affine"))
+    if not (rrc or crop or flip or affine):
         return None
     n = draws.shape[0]
     scale_x = torch.ones(n, dtype=draws.dtype, device=draws.device)
@@ -234,7 +283,37 @@ def _geometry(spec: dict[str, Any], draws: torch.Tensor, height: int,
     theta = torch.zeros(n, 2, 3, dtype=draws.dtype, device=draws.device)
     theta[:, 0, 0], theta[:, 0, 2] = scale_x, shift_x
     theta[:, 1, 1], theta[:, 1, 2] = scale_y, shift_y
+    if affine:
+        # Output -> affine's input -> crop's input: the crop's map after the affine's inverse.
+        inverse = _affine_inverse(affine, draws[:, _AFFINE:_AFFINE + N_AFFINE_DRAWS], height,
+                                  width)
+        theta = torch.cat([theta[:, :, :2] @ inverse[:, :, :2],
+                           theta[:, :, :2] @ inverse[:, :, 2:] + theta[:, :, 2:]], 2)
     return theta
+
+
+def _affine_inverse(affine: dict[str, Any], u: torch.Tensor, height: int,
+                    width: int) -> torch.Tensor:
+    """``[B, 2, 3]`` maps from output to input coordinates (``[-1, 1]``) of random affine maps
+    about the image centre: ``out = s R(angle) Shear_x (in) + t``, the parameters drawn as
+    torchvision's ``RandomAffine`` draws them (translation in whole pixels)."""
+    angle = torch.deg2rad((2 * u[:, 0] - 1) * affine["degrees"])
+    fx, fy = affine["translate"]
+    tx = torch.round((2 * u[:, 1] - 1) * fx * width)
+    ty = torch.round((2 * u[:, 2] - 1) * fy * height)
+    low, high = affine["scale"]
+    scale = low + (high - low) * u[:, 3]
+    shear = torch.tan(torch.deg2rad((2 * u[:, 4] - 1) * affine["shear"]))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # The forward map in pixels, M = s [[cos, -sin], [sin, cos]] [[1, -shear], [0, 1]]:
+    m = torch.stack([torch.stack([cos, -cos * shear - sin], 1),
+                     torch.stack([sin, cos - sin * shear], 1)], 1) * scale.view(-1, 1, 1)
+    # In [-1, 1] coordinates x_n = D^-1 x_px, D = diag(W/2, H/2): in_n = D^-1 M^-1 (D out_n - t).
+    d = torch.tensor([width / 2, height / 2], dtype=u.dtype, device=u.device)
+    m_inv = torch.linalg.inv(m)
+    linear = m_inv * d.view(1, 1, 2) / d.view(1, 2, 1)
+    shift = -(m_inv @ torch.stack([tx, ty], 1).unsqueeze(2)) / d.view(1, 2, 1)
+    return torch.cat([linear, shift], 2)
 
 
 def augment_images(images: torch.Tensor, draws: torch.Tensor | None, spec: Mapping[str, Any],
@@ -244,7 +323,8 @@ def augment_images(images: torch.Tensor, draws: torch.Tensor | None, spec: Mappi
 
     Args:
         draws: ``[B, N_DRAWS]`` uniform numbers in ``[0, 1)``, the random parameters of each
-            image (None when ``spec`` is empty).
+            image (``[B, N_DRAWS + N_AFFINE_DRAWS]`` with ``random_affine``; None when
+            ``spec`` is empty).
         spec: a checked ``augment`` block (:func:`check_augment`).
         normalize: ``{"mean", "std"}`` per channel (:func:`check_normalize`), or None.
     """
@@ -256,8 +336,9 @@ def augment_images(images: torch.Tensor, draws: torch.Tensor | None, spec: Mappi
         if theta is not None:
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             # Shifts by whole pixels and mirroring land on pixel centres: nearest is exact
-            # there (and cheaper); a resized crop needs bilinear.
-            mode = "bilinear" if spec.get("random_resized_crop") else "nearest"
+            # there (and cheaper); a resized crop or an affine map needs bilinear.
+            mode = "bilinear" if spec.get("random_resized_crop") or spec.get(
+                "random_affine") else "nearest"
             x = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
         jitter = spec.get("color_jitter")
         if jitter:
@@ -320,11 +401,15 @@ class EpisodeTransform:
         return bool(self.augment or self.normalize)
 
     def draws(self, index: torch.Tensor, per_item: int) -> torch.Tensor:
-        """``[len(index) * per_item, N_DRAWS]`` uniform numbers: image ``j`` of item ``index[i]``
-        is row ``i * per_item + j``."""
+        """``[len(index) * per_item, N_DRAWS]`` uniform numbers (``+ N_AFFINE_DRAWS`` columns
+        with ``random_affine``): image ``j`` of item ``index[i]`` is row ``i * per_item + j``."""
         index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
         u = uniform(self.seed, self.split, index, AUGMENT_STREAM, (per_item, N_DRAWS))
-        return u.view(-1, N_DRAWS)
+        u = u.view(-1, N_DRAWS)
+        if "random_affine" not in self.augment:
+            return u
+        affine = uniform(self.seed, self.split, index, AFFINE_STREAM, (per_item, N_AFFINE_DRAWS))
+        return torch.cat([u, affine.view(-1, N_AFFINE_DRAWS)], 1)
 
     def images(self, images: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """``[T, M, C, H, W]`` images of ``T`` items (episodes, batches) numbered ``index``."""

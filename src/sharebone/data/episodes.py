@@ -26,8 +26,9 @@ __all__ = ["Episode", "EpisodeSampler", "RaggedEpisodes", "split_id", "hash_keys
 _MASK = (1 << 64) - 1
 
 #: ``hash_keys`` streams: 0 and 1 draw an episode's classes and images, 2 its group (episodes
-#: within one group), 3 the random parameters of its data augmentation.
-GROUP_STREAM, AUGMENT_STREAM = 2, 3
+#: within one group), 3 the random parameters of its data augmentation, 4 those of its random
+#: affine maps.
+GROUP_STREAM, AUGMENT_STREAM, AFFINE_STREAM = 2, 3, 4
 
 
 def _signed(x: int) -> int:

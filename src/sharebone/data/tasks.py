@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from sharebone.data.augment import EpisodeTransform, check_split_augment
 from sharebone.data.episodes import Episode, EpisodeSampler
 from sharebone.data.families import register_family
 from sharebone.data.omniglot import PREPROCESSING as OMNIGLOT_PREPROCESSING
@@ -66,13 +67,17 @@ class OmniglotTasks:
         download: fetch missing archives from the official source (md5-checked).
         group_episodes: draw all classes of an episode from one alphabet (Lake et al. 2015's
             within-alphabet episodes), in every split (true) or in the splits listed.
+        augment: split -> augmentation (:mod:`sharebone.data.augment`, e.g. ``random_affine``
+            for the distortions of handwriting), applied on the device.
     """
 
     def __init__(self, splits: Mapping[str, Mapping[str, Any]], data_dir: str | None = None,
                  cache_dir: str | None = None, image_size: int = 28, download: bool = True,
-                 group_episodes: bool | Sequence[str] = False) -> None:
+                 group_episodes: bool | Sequence[str] = False,
+                 augment: Mapping[str, Any] | None = None) -> None:
         self.splits = {name: dict(spec) for name, spec in splits.items()}
         self.group_splits = group_splits(group_episodes, self.splits)
+        self.augment = check_split_augment(augment, list(self.splits))
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.image_size = image_size
@@ -97,12 +102,18 @@ class OmniglotTasks:
                                              download=self.download)
         return self._loaded[split]
 
+    def input_transform(self, split: str, seed: int) -> EpisodeTransform | None:
+        """What turns the split's uint8 batches into model input (None: pixels / 255)."""
+        augment = self.augment.get(split)
+        return EpisodeTransform(seed, split, augment) if augment else None
+
     def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
                 seed: int) -> EpisodeSampler:
         data = self.images(split)
         return EpisodeSampler(data.images, data.labels, n_way, k_shot, q_query, seed=seed,
                               split=split, groups=data.class_groups,
                               group_episodes=split in self.group_splits,
+                              transform=self.input_transform(split, seed),
                               class_names=data.class_names)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sharebone.data.augment import EpisodeTransform, check_augment, check_normalize
+from sharebone.data.augment import EpisodeTransform, check_normalize, check_split_augment
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.families import register_family
 from sharebone.data.image_folder.cache import CORRUPT_POLICIES, Decoding, SplitCache
@@ -104,13 +104,8 @@ class ImageFolderTasks:
         else:
             self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.group_splits = group_splits(group_episodes, self.splits)
-        self.augment = {str(s): check_augment(a, f"augment.{s}")
-                        for s, a in (augment or {}).items() if a}
+        self.augment = check_split_augment(augment, list(self.splits))
         self.normalize = check_normalize(normalize, channels)
-        unknown = sorted(set(self.augment) - set(self.splits))
-        if unknown:
-            raise SettingError(f"augment names split(s) {unknown}; this task has "
-                               f"{sorted(self.splits)}.")
         self.input_shape = (channels, image_size, image_size)
         self._loaded: dict[str, ImageSet] = {}
         self._where: dict[str, list[str]] = {}
