@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(if $(wildcard ../shared/data/omniglot/*.zip),$(abspath ../shared/data),$(abspath data))
 export SHAREBONE_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: install l2l train test test-all lint bench clean
+.PHONY: install l2l train test test-slow test-all lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ l2l: $(VENV)/.l2l
 train: install
 	$(BIN)/sharebone-train experiment=omniglot_protonet_5w1s trainer.max_epochs=1
 
+# Two workers, a test file each at a time (module fixtures are built once): about half the
+# time of one process on 2 cores. `make test-slow` runs the long tests the default deselects.
+TEST_WORKERS ?= 2
 test: install l2l
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+test-slow: install l2l
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: install l2l
 	$(BIN)/python -m pytest -q -m ""

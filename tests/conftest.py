@@ -13,6 +13,16 @@ from omegaconf import DictConfig
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker():
+    """Under pytest-xdist (``make test``: two workers on two cores) each worker computes on
+    one thread, so the two do not fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _hermetic_env(tmp_path_factory: pytest.TempPathFactory):
     """Decoded-data cache in a temp folder; W&B never tries the network from tests."""
     old = {k: os.environ.get(k) for k in ("SHAREBONE_CACHE_DIR", "WANDB_MODE", "WANDB_SILENT")}

@@ -41,6 +41,27 @@ def sharebone(cmd: str, *args: str, cwd: Path, env: dict[str, str] | None = None
                           text=True, env=env, timeout=300)
 
 
+def sharebone_here(cmd: str, *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch,
+                   capfd: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """The console script's own entry point (``sharebone.run.cli``), run in this process: the
+    same parse, checks, message and exit code as ``sharebone(...)``, without a new Python
+    importing torch and Lightning again (seconds each). One test per kind of mistake still
+    runs the installed script itself."""
+    from sharebone.run import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", [f"sharebone-{cmd}", *args])
+    capfd.readouterr()
+    code = 0
+    try:
+        {"train": cli.train, "eval": cli.evaluate}[cmd]()
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([f"sharebone-{cmd}", *args], code, out, err)
+
+
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file below ``folder``: its hash and modification time."""
     return {str(p.relative_to(folder)): (hashlib.md5(p.read_bytes()).hexdigest(),
@@ -233,8 +254,9 @@ def test_a_mistake_is_one_line_naming_the_key_exit_2(tmp_path):
     (["test.settings=[{n_way: 50, k_shot: 1}]"],
      "sharebone-train: error: test.settings[0].n_way: "),
 ])
-def test_more_mistakes_are_one_line(tmp_path, args, message):
-    out = sharebone("train", *FAST, *args, cwd=tmp_path)
+def test_more_mistakes_are_one_line(tmp_path, monkeypatch, capfd, args, message):
+    out = sharebone_here("train", *FAST, *args, cwd=tmp_path,
+                         monkeypatch=monkeypatch, capfd=capfd)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
 
@@ -251,10 +273,11 @@ def test_an_eval_mistake_is_one_line_too(finished, tmp_path):
 
 
 @pytest.mark.parametrize("trainer", ["default", "cpu", "ddp_cpu", "gpu", "ddp"])
-def test_trainer_precision_and_steps_are_keys_of_every_trainer(tmp_path, trainer):
-    out = sharebone("train", f"trainer={trainer}", "trainer.precision=bf16-mixed",
-                    "trainer.max_steps=5", "trainer.gradient_clip_val=1.0", "--cfg", "job",
-                    cwd=tmp_path)
+def test_trainer_precision_and_steps_are_keys_of_every_trainer(tmp_path, monkeypatch, capfd,
+                                                               trainer):
+    out = sharebone_here("train", f"trainer={trainer}", "trainer.precision=bf16-mixed",
+                         "trainer.max_steps=5", "trainer.gradient_clip_val=1.0", "--cfg", "job",
+                         cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert out.returncode == 0, out.stderr[-2000:]
     trainer_cfg = yaml.safe_load(out.stdout)["trainer"]
     assert trainer_cfg["precision"] == "bf16-mixed" and trainer_cfg["max_steps"] == 5
@@ -272,8 +295,10 @@ def test_trainer_precision_and_steps_are_keys_of_every_trainer(tmp_path, trainer
     (["checkpoint.every_n_train_steps=-3"],  # was: silently no step checkpoints
      "sharebone-train: error: checkpoint.every_n_train_steps must be an integer >= 0"),
 ])
-def test_settings_lightning_or_numpy_would_refuse_are_refused_first(tmp_path, args, message):
-    out = sharebone("train", *FAST, *args, cwd=tmp_path)
+def test_settings_lightning_or_numpy_would_refuse_are_refused_first(tmp_path, monkeypatch, capfd,
+                                                                    args, message):
+    out = sharebone_here("train", *FAST, *args, cwd=tmp_path,
+                         monkeypatch=monkeypatch, capfd=capfd)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not list(tmp_path.rglob("*.ckpt"))

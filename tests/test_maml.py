@@ -233,6 +233,7 @@ def test_per_task_backward_holds_one_task_graph_at_a_time(per_task):
         assert four > 3 * one, "one backward holds every task's graph until the end"
 
 
+@pytest.mark.slow  # torch.compile builds C++ kernels with inductor: minutes on 2 busy cores
 def test_compiled_backbone_gives_the_eager_meta_gradient():
     episode = conv_episode()
     # maml: compiled query pass, eager support pass; with head="proto" the prototypes are
@@ -274,6 +275,7 @@ def test_lightning_fit_save_reload_and_predict(name, tmp_path):
     torch.testing.assert_close(loaded.predict_episode(episode), model.predict_episode(episode))
 
 
+@pytest.mark.slow  # as above: an inductor compile
 def test_lightning_fit_with_a_compiled_backbone(tmp_path):
     torch.manual_seed(0)
     model = FOMAML(TINY_CONV, n_way=3, inner_lr=0.1, compile=True)
