@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -241,7 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-steps", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="ProtoNet's test-time fine-tuning steps: auto (chosen on validation) "
                         "or a count for every preset")
-    p.add_argument("--batches-per-epoch", type=int, default=100)
+    p.add_argument("--batches-per-epoch", type=int, default=100,
+                   help="steps between validations (best.ckpt is chosen on them); must "
+                        "divide --steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
@@ -257,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.task, args.settings = "synthetic_images", [(5, 1)]
         args.steps = args.steps or 3
         args.episodes, args.auto_episodes, args.val_episodes = 4, 2, 2
-        args.batches_per_epoch = 3
+        args.batches_per_epoch = args.steps
         args.override = ["backbone.hidden=8", *args.override]
     if not args.steps:
         p.error("give a budget: --steps (or --quick)")
@@ -268,6 +271,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.regimes = [s.strip() for s in args.regimes.split(",")]
     if set(args.regimes) - {"maml", "protonet"}:
         p.error("--regimes: maml and/or protonet")
+    if args.steps % args.batches_per_epoch:
+        # Validation (and so best.ckpt, which every row is scored from) runs at epoch ends.
+        p.error(f"--steps {args.steps} is not a multiple of --batches-per-epoch "
+                f"{args.batches_per_epoch}: validation runs at epoch ends, so the last "
+                f"{args.steps % args.batches_per_epoch} steps would never reach the scored "
+                f"checkpoint; give e.g. --batches-per-epoch {math.gcd(args.steps, 100)}")
     args.name = args.name or f"sharing-{args.task}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return args
 

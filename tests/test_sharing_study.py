@@ -67,3 +67,11 @@ def test_the_study_refuses_an_unknown_preset(capsys):
     with pytest.raises(SystemExit):
         _script().parse_args(["--steps", "3", "--presets", "head,films"])
     assert "--presets: unknown ['films']" in capsys.readouterr().err
+
+
+def test_the_study_refuses_steps_that_no_validation_would_see(capsys):
+    # 150 steps, validation every 100: best.ckpt would never hold the last 50.
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--steps", "150"])
+    assert "--steps 150 is not a multiple of --batches-per-epoch 100" in capsys.readouterr().err
+    assert _script().parse_args(["--steps", "150", "--batches-per-epoch", "50"]).steps == 150
