@@ -363,3 +363,18 @@ def test_a_custom_map_gives_the_same_meta_gradient_vmapped_and_looped(name):
         assert (got[k] is None) == (want[k] is None), k
         if want[k] is not None:
             torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+def test_sharebone_eval_refuses_a_shared_head_at_other_ways_before_data(tmp_path):
+    from helpers.training import fit
+
+    import sharebone.run.eval as sb_eval
+
+    model = MAML({"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}, n_way=3,
+                 sharing=preset("body"))
+    _, ckpt = fit(model, tmp_path, max_steps=1)
+    with pytest.raises(SettingError, match=r"^settings: 5-way episodes, but the map keeps "
+                                           r"head\.weight 'shared' .* trained at 3 ways"):
+        sb_eval.run(compose_train(tmp_path, [f"ckpt={ckpt}", "episodes=2",
+                                             "settings=[{n_way: 5, k_shot: 1}]"],
+                                  config_name="eval"))

@@ -151,7 +151,7 @@ def sharing_for(cfg: DictConfig) -> dict[str, Any]:
     return {"sharing": sharing.as_dict()}
 
 
-def check_shared_head_ways(regime: Any, settings: Any) -> None:
+def check_shared_head_ways(regime: Any, settings: Any, key: str = "test.settings") -> None:
     """Refuses test settings that a MAML-family head which does not adapt cannot score: met at
     another way count than it was trained for, a learned head starts every way from the same
     mean row (:func:`~sharebone.models.heads.resize_ways`), and with that row shared every
@@ -164,7 +164,7 @@ def check_shared_head_ways(regime: Any, settings: Any) -> None:
     other = sorted({s["n_way"] for s in settings if s.get("n_way") not in (None, trained)})
     if other:
         raise SettingError(
-            f"test.settings: {other[0]}-way episodes, but the map keeps head.weight "
+            f"{key}: {other[0]}-way episodes, but the map keeps head.weight "
             f"{roles['head.weight']!r} (it does not adapt) and the head was trained at "
             f"{trained} ways: every one of {other[0]} ways would start from its mean row, so "
             f"every query scores at chance. Fix: test at {trained} ways, add head.* to "
