@@ -28,7 +28,9 @@ figure.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import math
 import re
 import sys
 import time
@@ -60,8 +62,9 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return settings
 
 
-def base_overrides(args: argparse.Namespace) -> list[str]:
-    settings = ", ".join(f"{{n_way: {n}, k_shot: {k}}}" for n, k in args.settings)
+def base_overrides(args: argparse.Namespace,
+                   settings: list[tuple[int, int]] | None = None) -> list[str]:
+    settings = ", ".join(f"{{n_way: {n}, k_shot: {k}}}" for n, k in settings or args.settings)
     o = [f"task={args.task}", f"backbone={args.backbone}", f"seed={args.seed}",
          f"test.settings=[{settings}]", f"test.episodes={args.episodes}",
          f"test.auto_episodes={args.auto_episodes}", f"test.seed={args.test_seed}",
@@ -72,6 +75,18 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     if args.data_dir:
         o.append(f"data_dir={args.data_dir}")
     return o + args.override
+
+
+def scorable(cfg: Any, settings: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The settings a run can score. A MAML-family learned head that does not adapt (body,
+    norm, bias) meets other ways than it was trained at with every row its mean row: every
+    query scores alike, chance by construction, and sharebone refuses those settings."""
+    if "inner_lr" not in cfg.regime or cfg.regime.get("head", "learned") != "learned":
+        return settings
+    adapt = cfg.sharing.get("adapt")
+    if adapt is None or any(fnmatch.fnmatchcase("head.weight", p) for p in adapt):
+        return settings
+    return [(n, k) for n, k in settings if n == cfg.regime.n_way]
 
 
 def row_of(regime: str, preset: str, scores: dict[str, tuple[float, float]],
@@ -90,17 +105,24 @@ def row_of(regime: str, preset: str, scores: dict[str, tuple[float, float]],
 
 
 def train_and_score(regime: str, preset: str, extra: list[str], args: argparse.Namespace,
-                    out: Path) -> tuple[dict[str, Any], Path]:
-    """One training run (``sharebone.run.train.run``): its row and its best checkpoint."""
+                    out: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """One training run (``sharebone.run.train.run``): its row and its best checkpoint;
+    ``None, None`` when the preset can score none of the settings (:func:`scorable`)."""
     from sharebone.run.train import run
 
     run_dir = out / f"{regime}_{preset}"
-    cfg = compose_run(base_overrides(args) + [f"regime={regime}", f"sharing={preset}", *extra],
-                      run_dir)
+    more = [f"regime={regime}", f"sharing={preset}", *extra]
+    cfg = compose_run(base_overrides(args) + more, run_dir)
+    kept = scorable(cfg, args.settings)
+    if not kept:
+        return None, None
+    if kept != args.settings:
+        cfg = compose_run(base_overrides(args, kept) + more, run_dir)
     metrics = run(cfg)
     saved = json.loads((run_dir / "fewshot.json").read_text())
+    nan = float("nan")
     scores = {f"{n}w{k}s": (metrics[f"test/{n}w{k}s/acc"], metrics[f"test/{n}w{k}s/ci95"])
-              for n, k in args.settings}
+              if (n, k) in kept else (nan, nan) for n, k in args.settings}
     roles = {k.removeprefix("role_"): v for k, v in saved.items() if k.startswith("role_")}
     chosen = (saved.get("chosen_on_validation") or {}).get("chosen")
     row = row_of(regime, preset, scores, roles, saved.get("adapters", 0), chosen,
@@ -134,7 +156,11 @@ def rescore(checkpoint: Path, preset: str, args: argparse.Namespace,
 def study(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
-    def keep(row: dict[str, Any]) -> None:
+    def keep(row: dict[str, Any] | None, preset: str) -> None:
+        if row is None:
+            print(f"[study] {args.maml_regime} {preset}: skipped, its head does not adapt and "
+                  "no setting has the training ways", flush=True)
+            return
         rows.append(row)
         print(f"[study] {row['regime']:>8} {row['preset']:<10} task params "
               f"{row['task_params']:>9,}  " + "  ".join(
@@ -147,7 +173,7 @@ def study(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         for preset in args.presets:
             row, _ = train_and_score(args.maml_regime, preset,
                                      [*MAML_LIKE, "regime.test_inner_steps=auto"], args, out)
-            keep(row)
+            keep(row, preset)
     if "protonet" in args.regimes:
         trained: dict[str | None, Path] = {}
         for preset in args.presets:
@@ -158,9 +184,9 @@ def study(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                 row, trained[kind] = train_and_score("protonet", first, [*PROTONET, *auto],
                                                      args, out)
                 if first == preset:
-                    keep(row)
+                    keep(row, preset)
                     continue
-            keep(rescore(trained[kind], preset, args, out))
+            keep(rescore(trained[kind], preset, args, out), preset)
     return rows
 
 
@@ -171,7 +197,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["regime"], r["preset"], f"{r['task_params']:,}", f"{r['adapter_params']:,}"]
-        cells += [f"{100 * r[s]:.2f} ± {100 * r[f'{s}_ci95']:.2f}" for s in names]
+        cells += ["-" if math.isnan(r[s]) else f"{100 * r[s]:.2f} ± {100 * r[f'{s}_ci95']:.2f}"
+                  for s in names]
         cells.append(r["chosen"] or "-")
         lines.append("| " + " | ".join(cells) + " |")
     extra = f" ({' '.join(args.override)})" if args.override else ""
@@ -184,6 +211,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
               "fine-tuning)." + ("" if args.test_steps == "auto" else
                                  f" ProtoNet: {args.test_steps} test-time Adam steps for "
                                  "every preset (not chosen).")]
+    if any(math.isnan(r[s]) for r in rows for s in names):
+        lines.append("\n-: not scored. The preset's learned head does not adapt, and at other "
+                     "ways than it was trained at all its rows are its mean row: every query "
+                     "scores alike, chance by construction (sharebone refuses the setting).")
     return "\n".join(lines) + "\n"
 
 
@@ -197,8 +228,8 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> No
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for regime in dict.fromkeys(r["regime"] for r in rows):
-            mine = sorted((r for r in rows if r["regime"] == regime),
-                          key=lambda r: r["task_params"])
+            mine = sorted((r for r in rows if r["regime"] == regime
+                           and not math.isnan(r[name])), key=lambda r: r["task_params"])
             xs = [max(r["task_params"], 1) for r in mine]
             ax.errorbar(xs, [100 * r[name] for r in mine],
                         yerr=[100 * r[f"{name}_ci95"] for r in mine], marker="o", capsize=3,
@@ -241,7 +272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-steps", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="ProtoNet's test-time fine-tuning steps: auto (chosen on validation) "
                         "or a count for every preset")
-    p.add_argument("--batches-per-epoch", type=int, default=100)
+    p.add_argument("--batches-per-epoch", type=int, default=100,
+                   help="steps between validations (best.ckpt is chosen on them); must "
+                        "divide --steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
@@ -257,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.task, args.settings = "synthetic_images", [(5, 1)]
         args.steps = args.steps or 3
         args.episodes, args.auto_episodes, args.val_episodes = 4, 2, 2
-        args.batches_per_epoch = 3
+        args.batches_per_epoch = args.steps
         args.override = ["backbone.hidden=8", *args.override]
     if not args.steps:
         p.error("give a budget: --steps (or --quick)")
@@ -268,6 +301,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.regimes = [s.strip() for s in args.regimes.split(",")]
     if set(args.regimes) - {"maml", "protonet"}:
         p.error("--regimes: maml and/or protonet")
+    if args.steps % args.batches_per_epoch:
+        # Validation (and so best.ckpt, which every row is scored from) runs at epoch ends.
+        p.error(f"--steps {args.steps} is not a multiple of --batches-per-epoch "
+                f"{args.batches_per_epoch}: validation runs at epoch ends, so the last "
+                f"{args.steps % args.batches_per_epoch} steps would never reach the scored "
+                f"checkpoint; give e.g. --batches-per-epoch {math.gcd(args.steps, 100)}")
     args.name = args.name or f"sharing-{args.task}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return args
 

@@ -55,7 +55,7 @@ def test_a_task_pattern_gives_per_task_copies_too():
 @pytest.mark.parametrize(("regime", "sharing", "message"), [
     ("multitask", {"branch_at": "blocks.9"},
      r"sharing.branch_at='blocks.9': the backbone has no such block; branch after one of "
-     r"blocks, blocks.0, blocks.1, blocks.2, blocks.3"),
+     r"blocks.0, blocks.1, blocks.2, or branch_at=head"),
     ("multitask", {"branch_at": "blocks.3"}, r"nothing of the backbone comes after it"),
     ("multitask", {"branch_at": "blocks.2", "adapt": ["backbone.blocks.0.*"]},
      r"a new task has no branch"),

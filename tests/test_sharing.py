@@ -263,6 +263,26 @@ def _refused_before_data(monkeypatch, tmp_path, overrides: list[str]) -> str:
     return str(err.value)
 
 
+@pytest.mark.parametrize("preset", ["body", "norm", "bias"])
+def test_a_shared_head_at_other_ways_than_trained_is_refused_before_data(monkeypatch, tmp_path,
+                                                                          preset):
+    # Its 20 rows would all be the 5-way head's mean row: every query alike, exactly chance.
+    message = _refused_before_data(monkeypatch, tmp_path, [
+        "regime=maml", "backbone=conv4", f"sharing={preset}", "sampler.train.n_way=5",
+        "test.settings=[{n_way: 5, k_shot: 1}, {n_way: 20, k_shot: 1}]"])
+    assert message.startswith("test.settings: 20-way episodes, but the map keeps head.weight "
+                              "'shared'")
+    assert "Fix: test at 5 ways, add head.* to sharing.adapt" in message
+
+
+def test_a_head_that_adapts_or_is_zero_may_meet_other_ways(tmp_path):
+    settings = "test.settings=[{n_way: 5, k_shot: 1}, {n_way: 20, k_shot: 1}]"
+    for extra in (["sharing=film"], ["sharing=body", "regime.head=zero"]):
+        cfg = compose_train(tmp_path, [*FAST, "regime=maml", "backbone=conv4",
+                                       "sampler.train.n_way=5", settings, *extra])
+        assert build.sharing_for(cfg)["sharing"]["adapt"]
+
+
 def test_command_line_lists_build_and_bad_ones_are_refused_before_data(monkeypatch, tmp_path):
     cfg = compose_train(tmp_path, [*FAST, "regime=maml", "backbone=conv4",
                                    "sharing.adapt=[backbone.blocks.3.*,head.*]"])
@@ -343,3 +363,18 @@ def test_a_custom_map_gives_the_same_meta_gradient_vmapped_and_looped(name):
         assert (got[k] is None) == (want[k] is None), k
         if want[k] is not None:
             torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+def test_sharebone_eval_refuses_a_shared_head_at_other_ways_before_data(tmp_path):
+    from helpers.training import fit
+
+    import sharebone.run.eval as sb_eval
+
+    model = MAML({"name": "conv4", "in_channels": 1, "hidden": 4, "image_size": 16}, n_way=3,
+                 sharing=preset("body"))
+    _, ckpt = fit(model, tmp_path, max_steps=1)
+    with pytest.raises(SettingError, match=r"^settings: 5-way episodes, but the map keeps "
+                                           r"head\.weight 'shared' .* trained at 3 ways"):
+        sb_eval.run(compose_train(tmp_path, [f"ckpt={ckpt}", "episodes=2",
+                                             "settings=[{n_way: 5, k_shot: 1}]"],
+                                  config_name="eval"))

@@ -67,3 +67,29 @@ def test_the_study_refuses_an_unknown_preset(capsys):
     with pytest.raises(SystemExit):
         _script().parse_args(["--steps", "3", "--presets", "head,films"])
     assert "--presets: unknown ['films']" in capsys.readouterr().err
+
+
+def test_the_study_refuses_steps_that_no_validation_would_see(capsys):
+    # 150 steps, validation every 100: best.ckpt would never hold the last 50.
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--steps", "150"])
+    assert "--steps 150 is not a multiple of --batches-per-epoch 100" in capsys.readouterr().err
+    assert _script().parse_args(["--steps", "150", "--batches-per-epoch", "50"]).steps == 150
+
+
+def test_a_maml_preset_whose_head_does_not_adapt_is_scored_at_its_training_ways_only(tmp_path):
+    script = _script()
+    args = script.parse_args(["--steps", "100", "--settings", "5w1s,20w1s"])
+    scorable = {}
+    for regime, preset in [("maml", "body"), ("maml", "bias"), ("maml", "film"),
+                           ("protonet", "body")]:
+        cfg = script.compose_run(script.base_overrides(args) + [
+            f"regime={regime}", f"sharing={preset}"], tmp_path / preset)
+        scorable[regime, preset] = script.scorable(cfg, args.settings)
+    assert scorable["maml", "body"] == scorable["maml", "bias"] == [(5, 1)]
+    assert scorable["maml", "film"] == scorable["protonet", "body"] == [(5, 1), (20, 1)]
+    row = script.row_of("maml", "body", {"5w1s": (0.7, 0.02), "20w1s": (float("nan"),) * 2},
+                        {"adapt": 10}, 0, None, 1.0)
+    table = script.markdown([row], args)
+    assert "| maml | body | 10 | 0 | 70.00 ± 2.00 | - | - |" in table
+    assert "-: not scored" in table and "chance by construction" in table

@@ -32,9 +32,13 @@ NO_BRANCH = "head"
 
 def blocks_of(backbone: nn.Module) -> list[str]:
     """The module paths ``branch_at`` may name: the backbone's modules that hold parameters,
-    to two levels below the backbone (``blocks``, ``blocks.0`` ... for conv4)."""
+    to two levels below the backbone, with parameters after them (``blocks.0`` ...
+    ``blocks.2`` for conv4: its last block and the container of all four leave nothing to
+    branch)."""
+    names = [name for name, _ in backbone.named_parameters()]
     return [name for name, module in backbone.named_modules()
-            if name and name.count(".") <= 1 and any(True for _ in module.parameters())]
+            if name and name.count(".") <= 1 and any(True for _ in module.parameters())
+            and not names[-1].startswith(name + ".")]
 
 
 def after_block(backbone: nn.Module, block: str) -> list[str]:

@@ -31,7 +31,7 @@ from sharebone.errors import SettingError, check_count, user_error
 from sharebone.evaluation.fewshot import TestEpisodes, batch_size_for, test_episodes
 from sharebone.models.backbones import backbone_differences
 from sharebone.models.sharing import MAP_KEYS, SharingMap
-from sharebone.regimes import REGIMES, FewShotRegime
+from sharebone.regimes import MAML, REGIMES, FewShotRegime
 from sharebone.regimes.finetune import source_backbone
 from sharebone.regimes.shared import check_heads
 
@@ -141,13 +141,34 @@ def sharing_for(cfg: DictConfig) -> dict[str, Any]:
             f"now: {', '.join(able)}. Use sharing=none with this regime, or one of those.")
     try:
         with torch.random.fork_rng(devices=[]):
-            instantiate(cfg.regime, sharing=sharing.as_dict(), _convert_="all")
+            regime = instantiate(cfg.regime, sharing=sharing.as_dict(), _convert_="all")
     except InstantiationException as err:
         refused = user_error(err)  # Hydra wraps what the constructor raised
         if refused is None:
             raise
         raise refused from None
+    check_shared_head_ways(regime, cfg.test.get("settings") or [])
     return {"sharing": sharing.as_dict()}
+
+
+def check_shared_head_ways(regime: Any, settings: Any, key: str = "test.settings") -> None:
+    """Refuses test settings that a MAML-family head which does not adapt cannot score: met at
+    another way count than it was trained for, a learned head starts every way from the same
+    mean row (:func:`~sharebone.models.heads.resize_ways`), and with that row shared every
+    query scores alike for every way: exactly chance, by construction."""
+    roles = getattr(regime, "sharing_roles", None)
+    if not isinstance(regime, MAML) or regime.head is None or regime.head.init != "learned" \
+            or roles is None or roles.get("head.weight") == "adapt":
+        return
+    trained = regime.hparams.n_way
+    other = sorted({s["n_way"] for s in settings if s.get("n_way") not in (None, trained)})
+    if other:
+        raise SettingError(
+            f"{key}: {other[0]}-way episodes, but the map keeps head.weight "
+            f"{roles['head.weight']!r} (it does not adapt) and the head was trained at "
+            f"{trained} ways: every one of {other[0]} ways would start from its mean row, so "
+            f"every query scores at chance. Fix: test at {trained} ways, add head.* to "
+            f"sharing.adapt, or regime.head=zero|proto.")
 
 
 def partial_from(cfg: DictConfig, key: str) -> Callable[..., Any] | None:

@@ -45,6 +45,7 @@ from sharebone.memory import keep_freed_memory
 from sharebone.models.sharing import check_test_steps
 from sharebone.regimes.base import FewShotRegime
 from sharebone.regimes.loading import load_regime
+from sharebone.run.build import check_shared_head_ways
 from sharebone.run.environment import quiet_known_noise
 from sharebone.tracking import deadline as wandb_deadline
 from sharebone.tracking.eval_run import log_evaluation, start, training_run, wandb_options
@@ -380,6 +381,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = load_regime(ckpt, backbone=backbone)
     if cfg.get("inner_steps") is not None:
         set_inner_steps(model, cfg.inner_steps)
+    check_shared_head_ways(model, OmegaConf.to_container(cfg.settings, resolve=True)
+                           if cfg.get("settings") else [], key="settings")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     if cfg.get("tasks"):
