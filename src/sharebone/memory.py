@@ -64,7 +64,9 @@ def empty_huge(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torc
     """``torch.empty(shape, dtype=dtype)`` on the CPU, backed by transparent huge pages where
     the kernel offers them (Linux, ``transparent_hugepage`` ``always`` or ``madvise``): its
     2 MiB-aligned interior is ``madvise``d before anything touches it, so writing it faults in
-    512x fewer pages. Elsewhere, and for small buffers, exactly ``torch.empty``."""
+    512x fewer pages. Elsewhere, and for small buffers, exactly ``torch.empty``. Memory that
+    malloc reuses after a free (see :func:`keep_freed_memory`) keeps the pages it was first
+    faulted in with: the advice only helps fresh buffers, such as the sampler's first ones."""
     out = torch.empty(shape, dtype=dtype)
     if out.numel() * out.element_size() >= HUGE_MIN_BYTES and (madvise := _libc_madvise()):
         start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
