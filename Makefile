@@ -28,8 +28,8 @@ l2l: $(VENV)/.l2l
 train: install
 	$(BIN)/sharebone-train experiment=omniglot_protonet_5w1s trainer.max_epochs=1
 
-# Two workers, a test file each at a time (module fixtures are built once): about half the
-# time of one process on 2 cores. `make test-slow` runs the long tests the default deselects.
+# Two workers, a test file each at a time (module fixtures are built once), one thread each.
+# `make test-slow` runs the long tests the default deselects; CI (.ci/run) runs both.
 TEST_WORKERS ?= 2
 test: install l2l
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
