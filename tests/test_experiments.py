@@ -21,12 +21,7 @@ from sharebone.config import CONFIG_DIR
 from sharebone.data import omniglot
 from sharebone.run.train import run
 
-#: The Meta-Dataset presets build every class of their sources' split files (thousands, at
-#: 84 px) and train a ResNet-12: minutes each on 2 cores, so they are `slow` (`make
-#: test-slow`, which CI runs); tests/test_md_releases.py reads each release in the default run.
-EXPERIMENTS = [pytest.param(name, marks=pytest.mark.slow) if name.startswith("meta_dataset")
-               else name
-               for name in sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 #: A few steps of any preset: its regime, task, backbone and optimiser, a sliver of its budget.
 SHORT = ["logger=csv", "trainer.max_steps=2", "sampler.batches_per_epoch=2",
          "sampler.val_episodes=2", "sampler.meta_batch_size=2", "test.episodes=2"]
