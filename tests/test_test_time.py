@@ -157,8 +157,9 @@ def test_maml_auto_inner_steps_are_chosen_on_validation(tmp_path):
     out = tmp_path / "run"
     run(compose_train(out, [*TINY, "regime=maml", "regime.test_inner_steps=auto"]))
     record = json.loads((out / "fewshot.json").read_text())["chosen_on_validation"]
-    assert [t["regime.test_inner_steps"] for t in record["tried"]] == [0, 1, 2, 3, 5, 10]
+    assert [t["regime.test_inner_steps"] for t in record["tried"]] == [0, 1, 2, 3, 5, 10, 20]
     chosen = record["chosen"]["regime.test_inner_steps"]
+    assert record["at_edge"] == (["regime.test_inner_steps"] if chosen == 20 else [])
     assert load_regime(out / "checkpoints" / "best.ckpt").options.test_steps == chosen
 
 

@@ -28,11 +28,22 @@ class Choice:
     tried: list[tuple[dict[str, Any], float]]
     metric: str
     episodes: int
+    #: Keys whose choice is the last (most adaptation) of several candidates: validation may
+    #: prefer more than the grid offers.
+    at_edge: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"chosen": dict(self.chosen), "metric": self.metric, "episodes": self.episodes,
+                "at_edge": list(self.at_edge),
                 "tried": [{**values, f"val_{self.metric}": score}
                           for values, score in self.tried]}
+
+    def edge_note(self) -> str:
+        """A line for each choice at the grid's end ('' when none is)."""
+        return "\n".join(f"{k}={self.chosen[k]} is the largest candidate tried: more may score "
+                         f"higher on validation; to try it, give {k}=<value> and score the "
+                         f"checkpoint on the validation split (sharebone-eval split=val)."
+                         for k in self.at_edge)
 
     def table(self) -> str:
         keys = list(self.chosen)
@@ -65,4 +76,15 @@ def choose_on_validation(model: Any, tests: Sequence[TestEpisodes], episodes: in
     best = (max if higher else min)(tried, key=lambda item: item[1])[0]
     for key, value in best.items():
         model.set_test_setting(key, value)
-    return Choice(best, tried, model.metric_name, episodes)
+    return Choice(best, tried, model.metric_name, episodes, at_edge(auto, best))
+
+
+def at_edge(candidates: dict[str, Sequence[Any]], chosen: dict[str, Any]) -> tuple[str, ...]:
+    """The keys whose choice is the last of several candidates (the most adaptation).
+
+    Example:
+        >>> at_edge({"a": (0, 5, 10), "b": (1e-3, 1e-2), "c": (3,)}, {"a": 10, "b": 1e-3, "c": 3})
+        ('a',)
+    """
+    return tuple(k for k, values in candidates.items()
+                 if len(values) > 1 and chosen[k] == values[-1])

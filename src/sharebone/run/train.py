@@ -420,6 +420,8 @@ def choose_auto_settings(cfg: DictConfig, model: Any, parts: RunParts, loggers: 
     chosen = ", ".join(f"{k}={v}" for k, v in choice.chosen.items())
     table = (f"Chosen on {choice.episodes} validation episodes per setting: {chosen}\n"
              f"{choice.table()}")
+    if choice.at_edge:
+        table += f"\n{choice.edge_note()}"
     print(f"\n{table}\n")
     log.info("%s", table)
     if best:
