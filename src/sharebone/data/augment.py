@@ -142,27 +142,24 @@ def check_augment(spec: Mapping[str, Any] | None, where: str = "augment") -> dic
         out["random_affine"] = _check_affine(affine, f"{where}.random_affine")
     jitter = spec.get("color_jitter")
     if jitter:
-        if not isinstance(jitter, Mapping):
-            raise SettingError(f"{where}.color_jitter must be a mapping of {list(_JITTER_KEYS)}, "
-                               f"got {jitter!r}.")
-        unknown = sorted(set(jitter) - set(_JITTER_KEYS))
-        if unknown:
-            raise SettingError(f"{where}.color_jitter: unknown key(s) {unknown}; valid: "
-                               f"{list(_JITTER_KEYS)}.")
+        _check_keys(jitter, _JITTER_KEYS, f"{where}.color_jitter")
         out["color_jitter"] = {
             key: _number(jitter.get(key, 0.0), f"{where}.color_jitter.{key}", 0.0,
                          0.5 if key == "hue" else math.inf) for key in _JITTER_KEYS}
     return out
 
 
-def _check_affine(spec: Any, where: str) -> dict[str, Any]:
+def _check_keys(spec: Any, keys: Sequence[str], where: str) -> None:
+    """``spec`` is a mapping whose keys are all among ``keys``."""
     if not isinstance(spec, Mapping):
-        raise SettingError(f"{where} must be a mapping of {list(_AFFINE_DEFAULTS)}, got "
-                           f"{spec!r}.")
-    unknown = sorted(set(spec) - set(_AFFINE_DEFAULTS))
+        raise SettingError(f"{where} must be a mapping of {list(keys)}, got {spec!r}.")
+    unknown = sorted(set(spec) - set(keys))
     if unknown:
-        raise SettingError(f"{where}: unknown key(s) {unknown}; valid: "
-                           f"{list(_AFFINE_DEFAULTS)}.")
+        raise SettingError(f"{where}: unknown key(s) {unknown}; valid: {list(keys)}.")
+
+
+def _check_affine(spec: Any, where: str) -> dict[str, Any]:
+    _check_keys(spec, list(_AFFINE_DEFAULTS), where)
     spec = dict(_AFFINE_DEFAULTS, **spec)
     translate = spec["translate"]
     if isinstance(translate, int | float) and not isinstance(translate, bool):
