@@ -56,7 +56,7 @@ def meta_dataset_layout(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
     for name, alphabets in (("images_background", OMNIGLOT_BACKGROUND),
                             ("images_evaluation", [f"Eval_{i}" for i in range(5)])):
         spec = write_archive(data_dir / "omniglot", name, omniglot_zip_bytes(
-            name, dict.fromkeys(alphabets, 1), n_images=3))
+            name, dict.fromkeys(alphabets, 5), n_images=3))  # 5: episodes within an alphabet
         monkeypatch.setitem(omniglot.OMNIGLOT_ARCHIVES, name, spec)
     return data_dir
 

@@ -15,6 +15,7 @@ import functools
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -260,6 +261,11 @@ class EpisodeSampler:
             None: uint8 pixels become floats in ``[0, 1]``.
         class_names: the name of every class (indexed by label: a folder's name, an Omniglot
             ``alphabet/character``), for figures and predictions; None: ``class <label>``.
+        hierarchy: the split's class ontology, which Meta-Dataset-shaped episodes follow
+            (:class:`sharebone.data.variable.VariableEpisodeSampler`; N-way episodes draw
+            their classes uniformly, as Meta-Dataset's do): a
+            :class:`~sharebone.data.hierarchy.ClassHierarchy` (ILSVRC's WordNet graph), or
+            ``"groups"`` (``groups`` as a two-level ontology: Omniglot's alphabets).
 
     Episodes are drawn on the device that holds ``images``: :meth:`to` moves a sampler (its
     images and index tables) to a GPU, where a meta-batch then costs no host-to-device copy.
@@ -283,8 +289,13 @@ class EpisodeSampler:
                  groups: Sequence[str] | torch.Tensor | None = None,
                  group_episodes: bool = False,
                  transform: Callable[[Episode], Episode] | None = None,
-                 class_names: Sequence[str] | None = None) -> None:
+                 class_names: Sequence[str] | None = None,
+                 hierarchy: Any = None) -> None:
         self.class_names = None if class_names is None else [str(n) for n in class_names]
+        if hierarchy == "groups" and groups is None:
+            raise SettingError(f"hierarchy: groups needs the group of every class of split "
+                               f"'{split}', and none were given.")
+        self.hierarchy = hierarchy
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.shape[0] != labels.shape[0]:
             raise SettingError(f"{images.shape[0]} images but {labels.shape[0]} labels.")

@@ -121,9 +121,17 @@ def converted_sampler(sampler: Any, conversion: Any, key: str) -> EpisodeSampler
                            "(no augment/normalize of its own). Fix: give the source the "
                            "backbone's channels and image_size, or drop its augment/normalize.")
     labels = sampler.class_ids.repeat_interleave(sampler.counts)
+    groups = None
+    if sampler.class_group is not None:  # position -> group, back to label -> group (names)
+        ids = torch.zeros(int(sampler.class_ids.max()) + 1, dtype=torch.int64)
+        ids[sampler.class_ids] = sampler.class_group.cpu()
+        names = sampler.group_names
+        groups = ids if names is None else [names[i] for i in ids.tolist()]
     return EpisodeSampler(convert_uint8(sampler.images, conversion), labels, sampler.n_way,
                           sampler.k_shot, sampler.q_query, seed=sampler.seed,
-                          split=sampler.split, class_names=sampler.class_names)
+                          split=sampler.split, class_names=sampler.class_names,
+                          groups=groups, group_episodes=sampler.group_episodes,
+                          hierarchy=sampler.hierarchy)
 
 
 class MultiSourceSampler:

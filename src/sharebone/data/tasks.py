@@ -17,6 +17,7 @@ import torch
 from sharebone.data.augment import EpisodeTransform, check_split_augment
 from sharebone.data.episodes import Episode, EpisodeSampler
 from sharebone.data.families import register_family
+from sharebone.data.hierarchy import split_hierarchies
 from sharebone.data.omniglot import PREPROCESSING as OMNIGLOT_PREPROCESSING
 from sharebone.data.omniglot import load_split
 from sharebone.errors import SettingError, UnknownNameError
@@ -69,13 +70,17 @@ class OmniglotTasks:
             within-alphabet episodes), in every split (true) or in the splits listed.
         augment: split -> augmentation (:mod:`sharebone.data.augment`, e.g. ``random_affine``
             for the distortions of handwriting), applied on the device.
+        hierarchy: ``groups``: Meta-Dataset-shaped episodes take their classes from one
+            alphabet (Meta-Dataset's two-level ontology for Omniglot), in every split, or
+            ``{<split>: groups | null}``; N-way episodes are unaffected (``group_episodes``).
     """
 
     def __init__(self, splits: Mapping[str, Mapping[str, Any]], data_dir: str | None = None,
                  cache_dir: str | None = None, image_size: int = 28, download: bool = True,
                  group_episodes: bool | Sequence[str] = False,
-                 augment: Mapping[str, Any] | None = None) -> None:
+                 augment: Mapping[str, Any] | None = None, hierarchy: Any = None) -> None:
         self.splits = {name: dict(spec) for name, spec in splits.items()}
+        self.hierarchies = split_hierarchies(hierarchy, self.splits)
         self.group_splits = group_splits(group_episodes, self.splits)
         self.augment = check_split_augment(augment, list(self.splits))
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
@@ -114,7 +119,8 @@ class OmniglotTasks:
                               split=split, groups=data.class_groups,
                               group_episodes=split in self.group_splits,
                               transform=self.input_transform(split, seed),
-                              class_names=data.class_names)
+                              class_names=data.class_names,
+                              hierarchy=self.hierarchies.get(split))
 
 
 def group_splits(group_episodes: bool | Sequence[str], splits: Sequence[str]) -> set[str]:

@@ -3,7 +3,9 @@
 
 Per episode, from the split's classes:
 
-1. ways ``N ~ U{min_ways .. min(max_ways, classes)}``, then ``N`` classes uniformly;
+1. ways ``N ~ U{min_ways .. min(max_ways, classes)}``, then ``N`` classes uniformly; where
+   the split has an ontology (``hierarchy``), first a node or group, then its classes
+   (:func:`class_pools`: ILSVRC's WordNet nodes, Omniglot's alphabets);
 2. queries per class ``q = min(max_query_per_class, floor(0.5 * smallest chosen class))``;
 3. support size ``|S| = min(max_support_set_size, sum_c floor(beta * min(max_support_per_class,
    |c| - q) + 1))`` with ``beta ~ U(0, 1)``;
@@ -28,16 +30,18 @@ import torch
 
 from sharebone.data.episodes import (
     _MASK,
+    GROUP_STREAM,
     Episode,
     EpisodeSampler,
     RaggedEpisodes,
     _splitmix64_int,
     split_id,
 )
+from sharebone.data.hierarchy import ClassHierarchy
 from sharebone.errors import SettingError
 from sharebone.memory import empty_huge
 
-__all__ = ["SHAPES", "MetaDatasetShape", "VariableEpisodeSampler", "episode_source"]
+__all__ = ["SHAPES", "MetaDatasetShape", "VariableEpisodeSampler", "class_pools", "episode_source"]
 
 #: ``sampler.<split>.shape`` (and a test setting's ``shape``).
 SHAPES = ("fixed", "meta_dataset")
@@ -145,9 +149,6 @@ class VariableEpisodeSampler:
 
     def __init__(self, base: EpisodeSampler, shape: MetaDatasetShape,
                  key: str = "sampler.meta_dataset") -> None:
-        if base.group_episodes:
-            raise SettingError(f"{key}: episodes within one group (group_episodes) are not "
-                               "built for shape=meta_dataset. Fix: turn group_episodes off.")
         if base.n_classes < shape.min_ways:
             raise SettingError(
                 f"{key}.min_ways={shape.min_ways}, but split '{base.split}' has only "
@@ -160,6 +161,12 @@ class VariableEpisodeSampler:
         self._counts_np = base.counts.cpu().numpy()
         self._offsets_np = base.offsets.cpu().numpy()
         self._class_ids = base.class_ids.cpu()
+        self.pools, self.pool_ways = class_pools(base, shape.min_ways, key)
+        if self.pools is not None:  # pool -> which positions it holds, and how many
+            self._members = np.zeros((len(self.pools), base.n_classes), dtype=bool)
+            for p, pool in enumerate(self.pools):
+                self._members[p, pool] = True
+            self._pool_sizes = self._members.sum(1)
 
     # what the data module and placement ask of a source
     @property
@@ -207,13 +214,24 @@ class VariableEpisodeSampler:
         very bits)."""
         s, seed, split = self.shape, self.seed, self.split
         draws = np_uniform(seed, split, index, WAYS_STREAM, 2)
-        span = self.max_ways - s.min_ways + 1
-        ways = np.minimum(s.min_ways + (draws[:, 0] * span).astype(np.int64), self.max_ways)
+        keys = np_hash_keys(seed, split, index, 0, len(self._counts_np))
+        if self.pools is None:
+            span = self.max_ways - s.min_ways + 1
+            ways = np.minimum(s.min_ways + (draws[:, 0] * span).astype(np.int64), self.max_ways)
+        else:  # an ontology: one pool per episode, uniformly; its classes only
+            u = np_uniform(seed, split, index, GROUP_STREAM, 1)[:, 0]
+            pool = np.minimum((u * len(self.pools)).astype(np.int64), len(self.pools) - 1)
+            top = np.minimum(self._pool_sizes[pool], s.max_ways)
+            if self.pool_ways == "span":  # a node's leaves, max_ways of them at random
+                ways = top
+            else:  # a group: ways uniform up to its size
+                span = top - s.min_ways + 1
+                ways = np.minimum(s.min_ways + (draws[:, 0] * span).astype(np.int64), top)
+            keys = np.where(self._members[pool], keys, np.iinfo(np.int64).max)
         # Only as many columns as this meta-batch's largest episode: the key of way j is the
         # same whatever the number of columns (the hash counts j * columns' size + slot), so an
         # episode does not depend on the batch it is drawn in.
         hi = int(ways.max()) if len(index) else 1
-        keys = np_hash_keys(seed, split, index, 0, len(self._counts_np))
         classes = np.argsort(keys, axis=1, kind="stable")[:, :hi]
         valid = np.arange(hi)[None, :] < ways[:, None]
         counts = np.where(valid, self._counts_np[classes], 0)
@@ -283,6 +301,48 @@ class VariableEpisodeSampler:
     def __repr__(self) -> str:
         return (f"VariableEpisodeSampler(split={self.split!r}, seed={self.seed}, "
                 f"n_classes={self.base.n_classes}, shape={self.shape})")
+
+
+def class_pools(base: EpisodeSampler, min_ways: int, key: str
+                ) -> tuple[list[np.ndarray] | None, str]:
+    """The pools an episode's classes are drawn from, by the split's ontology
+    (``base.hierarchy``), and how its ways are drawn from a pool, as Meta-Dataset does
+    (``sampling.py``: ``use_dag_hierarchy``, ``use_bilevel_hierarchy``):
+
+    - a :class:`~sharebone.data.hierarchy.ClassHierarchy` (ILSVRC): a node among those
+      spanning ``min_ways`` to ``MAX_SPANNING_LEAVES`` classes; the episode takes its leaves
+      (``max_ways`` of them at random when there are more): ``"span"``;
+    - groups (``hierarchy: groups`` or ``group_episodes``; Omniglot's alphabets): a group
+      among those with at least ``min_ways`` classes, then ways uniform in ``[min_ways,
+      min(max_ways, its classes)]``: ``"uniform"``.
+
+    ``(None, "")`` without an ontology (classes uniformly from the whole split). A class
+    that no pool holds could never be drawn: refused, naming ``<key>.min_ways``."""
+    hierarchy = base.hierarchy
+    if isinstance(hierarchy, ClassHierarchy):
+        if base.class_names is None:
+            raise SettingError(f"{key}: a class hierarchy needs the names of split "
+                               f"'{base.split}''s classes, and it has none.")
+        names = [base.class_names[int(c)] for c in base.class_ids.cpu()]
+        return hierarchy.pools(names, min_ways, key=key), "span"
+    if hierarchy is not None and hierarchy != "groups":
+        raise SettingError(f"hierarchy must be a class hierarchy or 'groups', got "
+                           f"{hierarchy!r}.")
+    if hierarchy is None and not base.group_episodes:
+        return None, ""
+    group = base.class_group.cpu().numpy()
+    pools = [np.flatnonzero(group == g) for g in np.unique(group)]
+    small = [p for p in pools if len(p) < min_ways]
+    if small:
+        names = base.group_names
+        shown = ", ".join(f"{names[int(group[p[0]])] if names else int(group[p[0]])} "
+                          f"({len(p)})" for p in small[:5])
+        raise SettingError(
+            f"{key}.min_ways={min_ways}, but {len(small)} group(s) of split '{base.split}' "
+            f"have fewer classes: {shown}; their classes could never be drawn. Fix: "
+            f"{key}.min_ways <= {min(len(p) for p in small)}, leave those groups out of the "
+            "split, or sample without them (the family's hierarchy: null).")
+    return pools, "uniform"
 
 
 def episode_source(family: Any, split: str, seed: int, setting: Mapping[str, Any],

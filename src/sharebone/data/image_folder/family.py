@@ -17,8 +17,10 @@ from typing import Any
 from sharebone.data.augment import EpisodeTransform, check_normalize, check_split_augment
 from sharebone.data.episodes import EpisodeSampler
 from sharebone.data.families import register_family
+from sharebone.data.hierarchy import ClassHierarchy, split_hierarchies
 from sharebone.data.image_folder.cache import CORRUPT_POLICIES, Decoding, SplitCache
 from sharebone.data.image_folder.sources import SOURCES, Sources
+from sharebone.data.image_folder.splits import find_split_file
 from sharebone.data.images import ImageSet, check_decode_args
 from sharebone.errors import SettingError, UnknownNameError
 
@@ -56,6 +58,10 @@ class ImageFolderTasks:
             (None: all, as Meta-Dataset).
         roi: ``source: traffic_sign`` only: crop each sign to its box in ``GT-<class>.csv``
             (False: the whole image, as Meta-Dataset).
+        hierarchy: the class ontology Meta-Dataset-shaped episodes follow
+            (:func:`~sharebone.data.hierarchy.split_hierarchies`): ``groups`` (the
+            ``<group>/<class>`` level), or split -> a hierarchy file (found as split files
+            are: ILSVRC's WordNet subgraphs in ``tasks/splits/meta_dataset/ilsvrc_2012/``).
     """
 
     def __init__(self, root: str, splits: Mapping[str, Any] | None = None, image_size: int = 84,
@@ -66,7 +72,8 @@ class ImageFolderTasks:
                  group_episodes: bool | Sequence[str] = False,
                  augment: Mapping[str, Any] | None = None,
                  normalize: Mapping[str, Any] | None = None, download: bool = True,
-                 max_per_class: int | None = None, roi: bool = False) -> None:
+                 max_per_class: int | None = None, roi: bool = False,
+                 hierarchy: Any = None) -> None:
         from sharebone.data.tasks import default_cache_dir, group_splits
 
         if not root or str(root) == "???":
@@ -104,6 +111,8 @@ class ImageFolderTasks:
         else:
             self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.group_splits = group_splits(group_episodes, self.splits)
+        self.hierarchies = split_hierarchies(hierarchy, self.splits,
+                                             lambda name: find_split_file(name, self.root))
         self.augment = check_split_augment(augment, list(self.splits))
         self.normalize = check_normalize(normalize, channels)
         self.input_shape = (channels, image_size, image_size)
@@ -153,25 +162,39 @@ class ImageFolderTasks:
 
     def sampler(self, split: str, n_way: int, k_shot: int, q_query: int,
                 seed: int) -> EpisodeSampler:
-        data = self.images(split)
+        data = self.images_for_sampler(split)
         per_way = int(k_shot) + int(q_query) if all(
             isinstance(v, int) for v in (k_shot, q_query)) else None
         if per_way is not None:
             self._check_class_sizes(split, data, per_way, k_shot, q_query)
+        hierarchy = self.hierarchies.get(split)
         return EpisodeSampler(data.images, data.labels, n_way, k_shot, q_query, seed=seed,
                               split=split, groups=data.class_groups,
                               group_episodes=self._group_check(split, data),
                               transform=self.input_transform(split, seed),
-                              class_names=data.class_names)
+                              class_names=data.class_names, hierarchy=hierarchy)
+
+    def images_for_sampler(self, split: str) -> ImageSet:
+        """The split's images, after the checks that need only its class list: a class
+        the split's hierarchy file does not hold is refused before anything is decoded."""
+        hierarchy = self.hierarchies.get(split)
+        if isinstance(hierarchy, ClassHierarchy):
+            plan = self._sources.plan(split)
+            if plan.load is None:  # a folder's classes are known without decoding
+                hierarchy.check_classes([c.name for c in plan.classes],
+                                        f"task.family.hierarchy.{split}")
+        return self.images(split)
 
     def _group_check(self, split: str, data: ImageSet) -> bool:
-        if split not in self.group_splits:
-            return False
-        if not any(data.class_groups):
-            raise SettingError(
-                f"group_episodes: the classes of split '{split}' have no groups; give them a "
-                "<group>/<class> folder level or <group>/<class> lines in the split file.")
-        return True
+        for key, splits in (("group_episodes", self.group_splits),
+                            ("hierarchy", [s for s, h in self.hierarchies.items()
+                                           if h == "groups"])):
+            if split in splits and not any(data.class_groups):
+                raise SettingError(
+                    f"task.family.{key}: the classes of split '{split}' have no groups; give "
+                    "them a <group>/<class> folder level or <group>/<class> lines in the "
+                    "split file.")
+        return split in self.group_splits
 
     def _check_class_sizes(self, split: str, data: ImageSet, per_way: int, k_shot: int,
                            q_query: int) -> None:
