@@ -140,7 +140,7 @@ class ClassHierarchy:
         position = {leaf_name(n): i for i, n in enumerate(class_names)}
         self.check_classes(class_names, key)
         pools: list[np.ndarray] = []
-        for node, under in sorted(self.spans(key).items()):
+        for _node, under in sorted(self.spans(key).items()):
             ids = sorted(position[c] for c in under if c in position)
             if min_ways <= len(ids) <= max_span:
                 pools.append(np.asarray(sorted(ids, key=lambda i: str(class_names[i])),
