@@ -29,6 +29,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -255,7 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test episodes per forward pass (auto: test.batch_size's default)")
     p.add_argument("--val-episodes", type=int, default=50)
     p.add_argument("--batches-per-epoch", type=int, default=100,
-                   help="steps between validations (checkpoint selection)")
+                   help="steps between validations (best.ckpt, which every row is scored from, "
+                        "is chosen on them); must divide --steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
@@ -269,7 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.task, args.backbone = "synthetic_images", "mlp"
         args.steps = args.steps or 4
-        args.episodes, args.val_episodes, args.batches_per_epoch = 6, 4, 2
+        args.episodes, args.val_episodes = 6, 4
+        args.batches_per_epoch = math.gcd(args.steps, 2)
         args.log_every = 1
     args.name = args.name or f"compare-{args.task}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
@@ -277,6 +280,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "the W&B group and runs, and goes into the runs' Hydra overrides)")
     if not args.steps and not args.budget_seconds:
         p.error("give a budget: --steps and/or --budget-seconds (or --quick)")
+    if args.steps and args.steps % args.batches_per_epoch:
+        # Validation (and so best.ckpt, which every row is scored from) runs at epoch ends; a
+        # run that stops at max_steps mid-epoch is not validated again (one stopped by
+        # --budget-seconds is).
+        p.error(f"--steps {args.steps} is not a multiple of --batches-per-epoch "
+                f"{args.batches_per_epoch}: validation runs at epoch ends, so the last "
+                f"{args.steps % args.batches_per_epoch} steps would never reach the scored "
+                f"checkpoint; give e.g. --batches-per-epoch {math.gcd(args.steps, 100)}")
     return args
 
 

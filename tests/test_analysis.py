@@ -120,6 +120,18 @@ def test_compare_regimes_needs_a_budget():
         load_script("compare_regimes").parse_args(["--task", "omniglot_small"])
 
 
+def test_compare_regimes_refuses_steps_that_validation_would_not_see(capsys):
+    # 150 steps, validation every 100: best.ckpt, which every row is scored from, would never
+    # hold the last 50 (a run stopped by max_steps mid-epoch is not validated again).
+    script = load_script("compare_regimes")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--steps", "150"])
+    assert "--steps 150 is not a multiple of --batches-per-epoch 100" in capsys.readouterr().err
+    assert script.parse_args(["--steps", "150", "--batches-per-epoch", "50"]).steps == 150
+    assert script.parse_args(["--budget-seconds", "60"]).steps is None  # time stops validate
+    assert script.parse_args(["--quick", "--steps", "3"]).batches_per_epoch == 1
+
+
 def test_compare_regimes_refuses_a_name_that_cannot_name_runs(capsys):
     with pytest.raises(SystemExit):
         load_script("compare_regimes").parse_args(["--quick", "--name", "my comparison"])
