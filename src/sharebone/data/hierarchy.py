@@ -52,7 +52,7 @@ class ClassHierarchy:
         >>> [sorted(s) for s in h.spans().values()]
         [['husky', 'lynx', 'pug', 'tabby'], ['husky', 'pug'], ['lynx', 'tabby']]
         >>> [p.tolist() for p in h.pools(["husky", "pug", "lynx", "tabby"], min_ways=2)]
-        [[0, 1, 2, 3], [2, 3], [0, 1]]
+        [[0, 2, 1, 3], [2, 3], [0, 1]]
     """
 
     children: dict[str, tuple[str, ...]]
