@@ -132,8 +132,8 @@ class ClassHierarchy:
     def pools(self, class_names: Sequence[str], min_ways: int, key: str = "hierarchy",
               max_span: int = MAX_SPANNING_LEAVES) -> list[np.ndarray]:
         """Per eligible node (between ``min_ways`` and ``max_span`` of these classes under it;
-        nodes sorted by name, as Meta-Dataset sorts them), the positions in ``class_names``
-        of its classes, sorted by name. A class may be named ``<group>/<class>``.
+        nodes and their classes sorted by name, as Meta-Dataset sorts them), the positions in
+        ``class_names`` of its classes. A class may be named ``<group>/<class>``.
 
         Refused: a class the hierarchy does not hold (it could never be drawn), no eligible
         node, or a class under no eligible node."""
@@ -141,10 +141,9 @@ class ClassHierarchy:
         self.check_classes(class_names, key)
         pools: list[np.ndarray] = []
         for _node, under in sorted(self.spans(key).items()):
-            ids = sorted(position[c] for c in under if c in position)
+            ids = [position[c] for c in sorted(under) if c in position]  # by name
             if min_ways <= len(ids) <= max_span:
-                pools.append(np.asarray(sorted(ids, key=lambda i: str(class_names[i])),
-                                        dtype=np.int64))
+                pools.append(np.asarray(ids, dtype=np.int64))
         if not pools:
             raise SettingError(
                 f"{key}: no node of {self.source} spans between min_ways={min_ways} and "
